@@ -1,0 +1,3 @@
+"""ccproxy: an LLM gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Usage records: one row per admitted request, written off the request path."""

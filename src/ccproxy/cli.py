@@ -1,0 +1,24 @@
+"""The `ccproxy` command: a thin click group; each command lives in `ccproxy.commands.*`."""
+
+from __future__ import annotations
+
+import click
+
+from ccproxy import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ccproxy")
+def main() -> None:
+    """ccproxy: one URL and one key for Claude Code, the OpenAI and Anthropic SDKs and your apps,
+    in front of Ollama, OpenAI-compatible, Anthropic-compatible and embedded local models."""
+
+
+def _register() -> None:
+    from ccproxy.commands import serve
+
+    main.add_command(serve.serve)
+    main.add_command(serve.check)
+
+
+_register()

@@ -172,7 +172,13 @@ class TextDelta:
 
 @dataclass(slots=True)
 class ThinkingDelta:
+    """A piece of reasoning text. An Anthropic backend also sends the block's `signature` (just before
+    the block ends, with empty `thinking`) and whole `redacted_thinking` blocks (`redacted_data`);
+    dialects that cannot carry them ignore deltas whose `thinking` is empty."""
+
     thinking: str
+    signature: str | None = None
+    redacted_data: str | None = None
 
 
 @dataclass(slots=True)

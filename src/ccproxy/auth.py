@@ -1,0 +1,83 @@
+"""API-key authentication: `Authorization: Bearer <key>` or `x-api-key: <key>` -> Principal.
+
+Keys are held only as SHA-256 digests. Config keys are compared against every digest with
+`hmac.compare_digest` (constant time, no early exit); database keys are looked up by digest.
+Auth fails closed: any unexpected error while checking a key denies the request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+
+from ccproxy import errors
+from ccproxy.config import Config
+from ccproxy.services import KeyStore, Principal
+
+log = logging.getLogger("ccproxy.auth")
+
+MAX_KEY_LENGTH = 512
+MAX_CANDIDATES = 4
+
+
+def presented_keys(headers: dict[str, str]) -> list[str]:
+    """Every key the request carries, in order: Bearer tokens, then x-api-key values."""
+    keys: list[str] = []
+    for value in headers.get("authorization", "").split("\n"):
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            keys.append(token.strip())
+    for value in headers.get("x-api-key", "").split("\n"):
+        if value.strip():
+            keys.append(value.strip())
+    return keys[:MAX_CANDIDATES]
+
+
+def _principal_from_config(k) -> Principal:
+    return Principal(name=k.name, rpm=k.rpm, tpm=k.tpm, max_concurrent=k.max_concurrent,
+                     models=tuple(k.models) if k.models is not None else None, admin=k.admin)
+
+
+class Authenticator:
+    def __init__(self, config: Config, key_store: KeyStore | None = None):
+        self._config_keys = [(bytes.fromhex(k.digest()), _principal_from_config(k)) for k in config.keys]
+        admin = config.admin_digest()
+        if admin:
+            self._config_keys.append((bytes.fromhex(admin), Principal(name="admin", admin=True)))
+        self._store = key_store
+
+    @property
+    def open(self) -> bool:
+        """No keys configured at all: refused at start-up by `serve` (never an open gateway)."""
+        return not self._config_keys and self._store is None
+
+    async def authenticate(self, headers: dict[str, str]) -> Principal:
+        candidates = presented_keys(headers)
+        if not candidates:
+            raise errors.Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+        try:
+            for key in candidates:
+                principal = await self._check(key)
+                if principal is not None:
+                    return principal
+        except errors.GatewayError:
+            raise
+        except Exception:  # fail closed, whatever broke
+            log.exception("key check failed; denying the request")
+            raise errors.Overloaded("the key could not be verified right now; retry shortly") from None
+        raise errors.Forbidden("invalid API key")
+
+    async def _check(self, key: str) -> Principal | None:
+        if len(key) > MAX_KEY_LENGTH:
+            return None
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        found: Principal | None = None
+        for known, principal in self._config_keys:
+            if hmac.compare_digest(known, digest) and found is None:
+                found = principal
+        if found is not None:
+            return found
+        if self._store is not None:
+            return await self._store.lookup(digest.hex())
+        return None

@@ -1,0 +1,562 @@
+"""The OpenAI Chat Completions dialect, both directions. Pure functions: dicts in, dicts/bytes out.
+
+Client side:  parse_request, render_response, OpenAIStreamRenderer, render_error, render_models.
+Backend side: build_backend_request, parse_backend_response, OpenAIStreamParser (for any
+OpenAI-compatible server: llama.cpp, vLLM, LM Studio, hosted APIs).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from ccproxy import errors
+from ccproxy.core import (
+    Block,
+    ChatRequest,
+    ChatResponse,
+    Finish,
+    ImageBlock,
+    Message,
+    StopReason,
+    StreamEvent,
+    TextBlock,
+    TextDelta,
+    Thinking,
+    ThinkingBlock,
+    ThinkingDelta,
+    Tool,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolChoice,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+    UsageUpdate,
+)
+
+# Fields an OpenAI-compatible backend may understand that have no neutral meaning.
+_PASSTHROUGH = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+                "min_p", "repeat_penalty")
+
+FINISH_TO_STOP: dict[str, StopReason] = {
+    "stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+STOP_TO_FINISH = {
+    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+    "refusal": "content_filter", "pause_turn": "stop",
+}
+
+
+def new_tool_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+# =========================================================================== client side: parse
+
+
+def _expect(cond: bool, message: str, param: str) -> None:
+    if not cond:
+        raise errors.InvalidRequest(message, param=param)
+
+
+def _parse_image_url(part: dict[str, Any], where: str) -> ImageBlock:
+    img = part.get("image_url")
+    url = img.get("url") if isinstance(img, dict) else img
+    _expect(isinstance(url, str) and url != "", f"{where}.image_url.url must be a non-empty string", where)
+    if url.startswith("data:"):
+        header, sep, data = url.partition(",")
+        _expect(bool(sep) and header.endswith(";base64"),
+                f"{where}.image_url.url: data URLs must look like data:image/png;base64,<data>", where)
+        media = header[5:-7] or "image/png"
+        return ImageBlock(media_type=media, data=data)
+    return ImageBlock(url=url)
+
+
+def _parse_parts(content: Any, where: str, *, allow_images: bool) -> list[Block]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [TextBlock(content)] if content else []
+    _expect(isinstance(content, list), f"{where}.content must be a string or a list of parts", where)
+    out: list[Block] = []
+    for j, part in enumerate(content):
+        pw = f"{where}.content.{j}"
+        _expect(isinstance(part, dict), f"{pw} must be an object with a 'type'", pw)
+        ptype = part.get("type")
+        if ptype == "text":
+            text = part.get("text")
+            _expect(isinstance(text, str), f"{pw}.text must be a string", pw)
+            if text:
+                out.append(TextBlock(text))
+        elif ptype == "image_url" and allow_images:
+            out.append(_parse_image_url(part, pw))
+        elif ptype == "refusal":
+            out.append(TextBlock(str(part.get("refusal", ""))))
+        else:
+            raise errors.InvalidRequest(f"{pw}.type {ptype!r} is not supported here "
+                                        f"(use 'text'{' or image_url' if allow_images else ''})", param=pw)
+    return out
+
+
+def _parse_arguments(raw: Any, where: str) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        return raw
+    if raw is None or raw == "":
+        return {}
+    _expect(isinstance(raw, str), f"{where}.function.arguments must be a JSON string", where)
+    try:
+        val = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise errors.InvalidRequest(f"{where}.function.arguments is not valid JSON", param=where) from None
+    _expect(isinstance(val, dict), f"{where}.function.arguments must encode a JSON object", where)
+    return val
+
+
+def _append(messages: list[Message], role: str, blocks: list[Block], *, tool_results_first: bool = False) -> None:
+    """Append blocks as a turn of `role`, merging with the previous turn of the same role."""
+    if not blocks:
+        return
+    if messages and messages[-1].role == role:
+        prev = messages[-1].content
+        if tool_results_first and any(isinstance(b, ToolResultBlock) for b in blocks):
+            # tool results must stay ahead of the user's text in one Anthropic-style turn
+            n = sum(1 for b in prev if isinstance(b, ToolResultBlock))
+            prev[n:n] = blocks
+        else:
+            prev.extend(blocks)
+    else:
+        messages.append(Message(role, list(blocks)))  # type: ignore[arg-type]
+
+
+def parse_messages(raw: Any) -> tuple[str | None, list[Message]]:
+    _expect(isinstance(raw, list) and len(raw) > 0, "messages must be a non-empty list", "messages")
+    system: list[str] = []
+    messages: list[Message] = []
+    for i, m in enumerate(raw):
+        where = f"messages.{i}"
+        _expect(isinstance(m, dict), f"{where} must be an object with 'role' and 'content'", where)
+        role = m.get("role")
+        if role in ("system", "developer"):
+            blocks = _parse_parts(m.get("content"), where, allow_images=False)
+            system.append("".join(b.text for b in blocks if isinstance(b, TextBlock)))
+        elif role == "user":
+            _append(messages, "user", _parse_parts(m.get("content"), where, allow_images=True))
+        elif role == "assistant":
+            blocks = _parse_parts(m.get("content"), where, allow_images=False)
+            reasoning = m.get("reasoning_content") or m.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                blocks.insert(0, ThinkingBlock(reasoning))
+            calls = m.get("tool_calls") or []
+            _expect(isinstance(calls, list), f"{where}.tool_calls must be a list", where)
+            for k, c in enumerate(calls):
+                cw = f"{where}.tool_calls.{k}"
+                _expect(isinstance(c, dict) and isinstance(c.get("function"), dict),
+                        f"{cw} must be {{id, type:'function', function:{{name, arguments}}}}", cw)
+                fn = c["function"]
+                _expect(isinstance(fn.get("name"), str) and fn["name"] != "", f"{cw}.function.name is required", cw)
+                blocks.append(ToolUseBlock(str(c.get("id") or new_tool_id()), fn["name"],
+                                           _parse_arguments(fn.get("arguments"), cw)))
+            _append(messages, "assistant", blocks)
+        elif role == "tool":
+            tcid = m.get("tool_call_id")
+            _expect(isinstance(tcid, str) and tcid != "", f"{where}.tool_call_id is required for tool messages", where)
+            content = [b for b in _parse_parts(m.get("content"), where, allow_images=False) if isinstance(b, TextBlock)]
+            _append(messages, "user", [ToolResultBlock(tcid, content)], tool_results_first=True)
+        elif role == "function":
+            raise errors.InvalidRequest(f"{where}: the legacy 'function' role is not supported; use tool messages",
+                                        param=where)
+        else:
+            raise errors.InvalidRequest(f"{where}.role must be system, developer, user, assistant or tool, "
+                                        f"got {role!r}", param=f"{where}.role")
+    return ("\n\n".join(s for s in system if s) or None), messages
+
+
+def _parse_tools(raw: Any) -> list[Tool]:
+    if raw is None:
+        return []
+    _expect(isinstance(raw, list), "tools must be a list", "tools")
+    tools = []
+    for i, t in enumerate(raw):
+        fn = t.get("function") if isinstance(t, dict) else None
+        _expect(isinstance(fn, dict) and isinstance(fn.get("name"), str),
+                f"tools.{i} must be {{type:'function', function:{{name, description, parameters}}}}", f"tools.{i}")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        tools.append(Tool(fn["name"], fn.get("description"), params))
+    return tools
+
+
+def _parse_tool_choice(raw: Any, parallel: Any) -> ToolChoice | None:
+    disable_parallel = parallel is False
+    if raw is None:
+        return ToolChoice("auto", disable_parallel=True) if disable_parallel else None
+    if raw in ("auto", "none"):
+        return ToolChoice(raw, disable_parallel=disable_parallel)
+    if raw == "required":
+        return ToolChoice("any", disable_parallel=disable_parallel)
+    if isinstance(raw, dict) and isinstance(raw.get("function"), dict) and raw["function"].get("name"):
+        return ToolChoice("tool", raw["function"]["name"], disable_parallel)
+    raise errors.InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
+                                "{type:'function', function:{name}}", param="tool_choice")
+
+
+def _opt_number(body: dict[str, Any], name: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, kind):
+        raise errors.InvalidRequest(f"{name} must be a number, got {type(v).__name__}", param=name)
+    return v
+
+
+def parse_request(body: Any) -> ChatRequest:
+    _expect(isinstance(body, dict), "the request body must be a JSON object", "body")
+    model = body.get("model")
+    _expect(isinstance(model, str) and model != "", "model is required (a model alias, see GET /v1/models)", "model")
+    system, messages = parse_messages(body.get("messages"))
+    n = body.get("n")
+    _expect(n in (None, 1), "n must be 1: ccproxy returns one choice per request", "n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        _expect(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
+                "max_tokens must be a positive integer", "max_tokens")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    _expect(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+            "stop must be a string or a list of strings", "stop")
+    stream = body.get("stream", False)
+    _expect(isinstance(stream, bool), "stream must be true or false", "stream")
+    so = body.get("stream_options") or {}
+    effort = body.get("reasoning_effort")
+    thinking = Thinking(enabled=effort != "none", effort=effort) if isinstance(effort, str) else None
+    rf = body.get("response_format")
+    _expect(rf is None or isinstance(rf, dict), "response_format must be an object", "response_format")
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=_opt_number(body, "temperature"),
+        top_p=_opt_number(body, "top_p"),
+        top_k=_opt_number(body, "top_k", int),
+        stop=[s for s in (stop or []) if s],
+        stream=stream,
+        include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
+        tools=_parse_tools(body.get("tools")),
+        tool_choice=_parse_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls")),
+        thinking=thinking,
+        user=body.get("user") if isinstance(body.get("user"), str) else None,
+        seed=_opt_number(body, "seed", int),
+        response_format=rf,
+        passthrough={k: body[k] for k in _PASSTHROUGH if k in body},
+    )
+
+
+# =========================================================================== client side: render
+
+
+def _usage_dict(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.prompt_tokens + u.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cache_read_tokens},
+    }
+
+
+def _tool_call_dict(b: ToolUseBlock) -> dict[str, Any]:
+    return {"id": b.id, "type": "function",
+            "function": {"name": b.name, "arguments": orjson.dumps(b.input).decode()}}
+
+
+def render_response(resp: ChatResponse, model: str, request_id: str) -> dict[str, Any]:
+    text = "".join(b.text for b in resp.content if isinstance(b, TextBlock))
+    calls = [_tool_call_dict(b) for b in resp.content if isinstance(b, ToolUseBlock)]
+    reasoning = "".join(b.thinking for b in resp.content if isinstance(b, ThinkingBlock))
+    message: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
+    if calls:
+        message["tool_calls"] = calls
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return {
+        "id": "chatcmpl-" + request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": STOP_TO_FINISH.get(resp.stop_reason, "stop")}],
+        "usage": _usage_dict(resp.usage),
+    }
+
+
+class OpenAIStreamRenderer:
+    """Neutral stream events -> OpenAI `chat.completion.chunk` SSE frames."""
+
+    def __init__(self, model: str, request_id: str, include_usage: bool):
+        self._head = b'{"id":"chatcmpl-' + request_id.encode() + b'","object":"chat.completion.chunk","created":' \
+            + str(int(time.time())).encode() + b',"model":' + orjson.dumps(model) + b',"choices":'
+        self._include_usage = include_usage
+        self._started = False
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = orjson.dumps([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        return b"data: " + self._head + choice + b"}\n\n"
+
+    def start(self) -> bytes:
+        self._started = True
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def feed(self, ev: StreamEvent) -> bytes:
+        if isinstance(ev, TextDelta):
+            return self._chunk({"content": ev.text}) if ev.text else b""
+        if isinstance(ev, ThinkingDelta):
+            return self._chunk({"reasoning_content": ev.thinking}) if ev.thinking else b""
+        if isinstance(ev, ToolCallStart):
+            return self._chunk({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                                "function": {"name": ev.name, "arguments": ""}}]})
+        if isinstance(ev, ToolCallDelta):
+            return self._chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]})
+        if isinstance(ev, Finish):
+            out = self._chunk({}, STOP_TO_FINISH.get(ev.stop_reason, "stop"))
+            if self._include_usage:
+                out += b"data: " + self._head + b'[],"usage":' + orjson.dumps(_usage_dict(ev.usage)) + b"}\n\n"
+            return out + b"data: [DONE]\n\n"
+        return b""  # UsageUpdate: nothing to say until the end
+
+    def error(self, exc: errors.GatewayError) -> bytes:
+        _, body = render_error(exc)
+        return b"data: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n"
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+                404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                503: "overloaded_error", 504: "timeout_error"}
+_ERROR_CODES = {"unknown_model": "model_not_found", "unauthorized": "invalid_api_key",
+                "forbidden": "invalid_api_key", "rate_limited": "rate_limit_exceeded",
+                "context_overflow": "context_length_exceeded", "payload_too_large": "request_too_large"}
+
+
+def render_error(exc: errors.GatewayError) -> tuple[int, dict[str, Any]]:
+    status = exc.status
+    etype = _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+    if isinstance(exc, errors.UpstreamError) and status >= 500:
+        etype = "upstream_error" if not isinstance(exc, errors.UpstreamTimeout) else "timeout_error"
+    return status, {"error": {"message": exc.message, "type": etype,
+                              "param": getattr(exc, "param", None), "code": _ERROR_CODES.get(exc.kind, exc.kind)}}
+
+
+def render_models(aliases: list[str]) -> dict[str, Any]:
+    return {"object": "list",
+            "data": [{"id": a, "object": "model", "created": 0, "owned_by": "ccproxy"} for a in aliases]}
+
+
+# =========================================================================== backend side
+
+
+def _content_for_backend(blocks: list[Block]) -> str | list[dict[str, Any]]:
+    """Plain string when the turn is text only: llama.cpp's server rejects part lists on system
+    messages and some servers on every role; parts only when an image forces them."""
+    if all(isinstance(b, TextBlock) for b in blocks):
+        return "".join(b.text for b in blocks)  # type: ignore[union-attr]
+    parts: list[dict[str, Any]] = []
+    for b in blocks:
+        if isinstance(b, TextBlock):
+            parts.append({"type": "text", "text": b.text})
+        elif isinstance(b, ImageBlock):
+            url = b.url or f"data:{b.media_type or 'image/png'};base64,{b.data}"
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+    return parts
+
+
+def _tool_result_text(b: ToolResultBlock) -> str:
+    text = b.text()
+    if any(isinstance(c, ImageBlock) for c in b.content):
+        text += ("\n" if text else "") + "[image omitted: the backend takes text-only tool results]"
+    return ("Error: " + text) if b.is_error else text
+
+
+def build_messages(req: ChatRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if req.system:
+        out.append({"role": "system", "content": req.system})
+    pending: list[str] = []  # tool_use ids still waiting for a result
+    for m in req.messages:
+        if m.role == "assistant":
+            text = "".join(b.text for b in m.content if isinstance(b, TextBlock))
+            calls = [_tool_call_dict(b) for b in m.content if isinstance(b, ToolUseBlock)]
+            msg: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
+            if calls:
+                msg["tool_calls"] = calls
+                pending = [c["id"] for c in calls]
+            out.append(msg)
+            continue
+        answered = set()
+        for b in m.content:
+            if isinstance(b, ToolResultBlock):
+                answered.add(b.tool_use_id)
+                out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": _tool_result_text(b)})
+        # Every call needs a tool message or the backend answers 400: synthesise the missing ones.
+        for tid in pending:
+            if tid not in answered:
+                out.append({"role": "tool", "tool_call_id": tid, "content": "Error: no result was provided"})
+        pending = []
+        rest = [b for b in m.content if isinstance(b, (TextBlock, ImageBlock))]
+        if rest:
+            out.append({"role": "user", "content": _content_for_backend(rest)})
+    return out
+
+
+def build_backend_request(req: ChatRequest, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": build_messages(req), "stream": req.stream}
+    if req.stream:
+        body["stream_options"] = {"include_usage": True}
+    if req.max_tokens is not None:
+        body["max_tokens"] = req.max_tokens
+    for name in ("temperature", "top_p", "top_k", "seed", "user"):
+        v = getattr(req, name)
+        if v is not None:
+            body[name] = v
+    if req.stop:
+        body["stop"] = req.stop
+    if req.response_format:
+        body["response_format"] = req.response_format
+    tc = req.tool_choice
+    if req.tools and not (tc and tc.type == "none"):
+        tools = req.tools
+        body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                                            "parameters": t.input_schema}} for t in tools]
+        if tc:
+            body["tool_choice"] = ({"type": "function", "function": {"name": tc.name}} if tc.type == "tool"
+                                   else "required" if tc.type == "any" else "auto")
+            if tc.disable_parallel:
+                body["parallel_tool_calls"] = False
+    if req.thinking and req.thinking.effort:
+        body["reasoning_effort"] = req.thinking.effort
+    body.update(req.passthrough)
+    return body
+
+
+def _parse_usage(u: Any) -> Usage:
+    if not isinstance(u, dict):
+        return Usage()
+    cached = ((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return Usage(input_tokens=max(0, int(u.get("prompt_tokens") or 0) - cached),
+                 output_tokens=int(u.get("completion_tokens") or 0), cache_read_tokens=cached)
+
+
+def _stop_reason(choice: dict[str, Any], req_stop: list[str] | None) -> tuple[StopReason, str | None]:
+    reason = FINISH_TO_STOP.get(choice.get("finish_reason") or "stop", "end_turn")
+    # vLLM reports the matched stop string in `stop_reason`
+    matched = choice.get("stop_reason")
+    if reason == "end_turn" and isinstance(matched, str) and req_stop and matched in req_stop:
+        return "stop_sequence", matched
+    return reason, None
+
+
+def parse_backend_response(body: Any, req_stop: list[str] | None = None) -> ChatResponse:
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
+        raise errors.UpstreamError("the backend's answer has no choices (not an OpenAI chat.completion)")
+    choice = body["choices"][0]
+    msg = choice.get("message") or {}
+    content: list[Block] = []
+    reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append(ThinkingBlock(reasoning))
+    if isinstance(msg.get("content"), str) and msg["content"]:
+        content.append(TextBlock(msg["content"]))
+    for c in msg.get("tool_calls") or []:
+        fn = c.get("function") or {}
+        try:
+            args = _parse_arguments(fn.get("arguments"), "tool_call")
+        except errors.InvalidRequest:
+            args = {"raw_arguments": fn.get("arguments")}
+        content.append(ToolUseBlock(c.get("id") or new_tool_id(), fn.get("name") or "", args))
+    reason, seq = _stop_reason(choice, req_stop)
+    if reason == "end_turn" and any(isinstance(b, ToolUseBlock) for b in content):
+        reason = "tool_use"
+    return ChatResponse(content=content, stop_reason=reason, stop_sequence=seq,
+                        usage=_parse_usage(body.get("usage")), id=body.get("id"))
+
+
+class OpenAIStreamParser:
+    """Bytes of an OpenAI SSE stream (split anywhere) -> neutral events.
+
+    The Finish event is held back until the stream ends, because the usage chunk comes after the
+    finish chunk; `close()` returns it."""
+
+    def __init__(self, req_stop: list[str] | None = None):
+        self._buf = b""
+        self._req_stop = req_stop
+        self._tool_ids: dict[int, str] = {}
+        self._finish: tuple[StopReason, str | None] | None = None
+        self._usage = Usage()
+        self._saw_tool = False
+        self.done = False
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]:
+        self._buf += chunk
+        events: list[StreamEvent] = []
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                return events
+            line = self._buf[:nl].rstrip(b"\r")
+            self._buf = self._buf[nl + 1:]
+            if line.startswith(b"data:"):
+                self._line(line[5:].strip(), events)
+
+    def _line(self, data: bytes, events: list[StreamEvent]) -> None:
+        if data == b"[DONE]":
+            self.done = True
+            return
+        if not data:
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise errors.UpstreamError("the backend sent a malformed stream chunk (invalid JSON)") from None
+        if not isinstance(obj, dict):
+            raise errors.UpstreamError("the backend sent a malformed stream chunk")
+        if "error" in obj:
+            err = obj["error"]
+            msg = err.get("message") if isinstance(err, dict) else str(err)
+            raise errors.UpstreamError(f"the backend failed mid-stream: {msg}")
+        if obj.get("usage"):
+            self._usage = _parse_usage(obj["usage"])
+            events.append(UsageUpdate(self._usage))
+        for choice in obj.get("choices") or []:
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                events.append(ThinkingDelta(reasoning))
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                events.append(TextDelta(text))
+            for tc in delta.get("tool_calls") or []:
+                idx = int(tc.get("index", len(self._tool_ids)))
+                fn = tc.get("function") or {}
+                if idx not in self._tool_ids:
+                    self._tool_ids[idx] = tc.get("id") or new_tool_id()
+                    self._saw_tool = True
+                    events.append(ToolCallStart(idx, self._tool_ids[idx], fn.get("name") or ""))
+                args = fn.get("arguments")
+                if isinstance(args, dict):  # some servers send objects
+                    args = orjson.dumps(args).decode()
+                if args:
+                    events.append(ToolCallDelta(idx, args))
+            if choice.get("finish_reason"):
+                self._finish = _stop_reason(choice, self._req_stop)
+
+    def close(self) -> Finish:
+        """The stream ended: the Finish event (raises if the backend never finished)."""
+        if self._finish is None:
+            raise errors.UpstreamError("the backend's stream ended before it finished the answer")
+        reason, seq = self._finish
+        if reason == "end_turn" and self._saw_tool:
+            reason = "tool_use"
+        return Finish(reason, self._usage, seq)

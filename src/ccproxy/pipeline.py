@@ -1,0 +1,403 @@
+"""The chat request flow, the same for every client dialect:
+
+    authenticate -> read + parse body -> route (rules, alias) -> check capabilities, clamp,
+    size the context -> admit (rate limits) -> call a deployment (retrying others until the
+    first byte reaches the client) -> render (JSON or stream) -> one usage row + one log line.
+
+Dialect specifics live behind `DialectAdapter`; provider specifics behind `providers.base.Provider`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import logging
+import math
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from ccproxy import errors
+from ccproxy.asgi import (
+    ClientGone,
+    DisconnectWatcher,
+    Receive,
+    Send,
+    parse_json,
+    read_body,
+    send_bytes,
+    send_json,
+    start_stream,
+)
+from ccproxy.config import AliasConfig, ProviderConfig
+from ccproxy.core import (
+    ChatRequest,
+    ChatResponse,
+    Finish,
+    StreamEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallDelta,
+    Usage,
+    UsageUpdate,
+)
+from ccproxy.routing import Route, RequestTraits, Target
+from ccproxy.services import Principal
+from ccproxy.tokens import estimate_prompt_tokens
+from ccproxy.usage.record import UsageRecord
+
+log = logging.getLogger("ccproxy.request")
+
+PING_INTERVAL = 8.0  # seconds without output before a keep-alive goes to a streaming client
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class StreamRenderer(Protocol):
+    def start(self) -> bytes: ...
+    def feed(self, event: StreamEvent) -> bytes: ...
+    def ping(self) -> bytes: ...
+    def error(self, exc: errors.GatewayError) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DialectAdapter:
+    name: str  # "openai" | "anthropic" | "ollama": also the rate-limit header style
+    parse: Callable[[Any], ChatRequest]
+    render_response: Callable[[ChatResponse, str, str], dict[str, Any]]
+    make_renderer: Callable[[ChatRequest, str, str, int], StreamRenderer]
+    render_error: Callable[[errors.GatewayError], tuple[int, dict[str, Any]]]
+    stream_content_type: str = "text/event-stream"
+
+
+def error_response(adapter: DialectAdapter, exc: errors.GatewayError) -> tuple[int, dict[str, Any]]:
+    return adapter.render_error(exc)
+
+
+async def send_error(send: Send, adapter: DialectAdapter, exc: errors.GatewayError,
+                     headers: dict[str, str] | None = None) -> None:
+    status, body = adapter.render_error(exc)
+    await send_json(send, status, body, {**(headers or {}), **exc.headers})
+
+
+# --------------------------------------------------------------------------- request preparation
+
+
+def check_capabilities(req: ChatRequest, alias: str, cfg: AliasConfig) -> None:
+    if req.tools and not cfg.supports_tools and not (req.tool_choice and req.tool_choice.type == "none"):
+        raise errors.CapabilityMissing(
+            f"model {alias!r} does not support tools, but the request offers {len(req.tools)}; "
+            f"use an alias with supports_tools: true or send no tools", param="tools")
+    if not cfg.supports_images and req.has_images():
+        raise errors.CapabilityMissing(
+            f"model {alias!r} does not accept images; use an alias with supports_images: true "
+            f"or send text only", param="messages")
+
+
+def prepare_for(req: ChatRequest, alias: str, cfg: AliasConfig, provider: ProviderConfig,
+                prompt_tokens: int) -> ChatRequest:
+    """A copy of the request fitted to one alias: max_tokens clamped, context checked, thinking
+    dropped where the backend has none, Ollama's num_ctx sized to the prompt."""
+    changes: dict[str, Any] = {}
+    max_tokens = req.max_tokens
+    if cfg.max_output_tokens and (max_tokens is None or max_tokens > cfg.max_output_tokens):
+        max_tokens = cfg.max_output_tokens
+    if cfg.context_window:
+        if prompt_tokens >= cfg.context_window:
+            raise errors.ContextOverflow(
+                f"the prompt is about {prompt_tokens} tokens but model {alias!r} has a context window of "
+                f"{cfg.context_window} tokens; shorten the conversation or use a larger model",
+                param="messages")
+        room = cfg.context_window - prompt_tokens
+        if max_tokens is None or max_tokens > room:
+            max_tokens = room
+    changes["max_tokens"] = max_tokens
+    if req.thinking is not None and not cfg.supports_thinking:
+        changes["thinking"] = None
+    elif req.thinking is not None and req.thinking.budget_tokens and max_tokens:
+        # thinking needs budget < max_tokens; keep the client's intent within the clamp
+        budget = min(req.thinking.budget_tokens, max(1024, max_tokens - 1))
+        changes["thinking"] = dataclasses.replace(req.thinking, budget_tokens=budget)
+    if provider.type == "ollama":
+        want = prompt_tokens + (max_tokens or 1024)
+        num_ctx = int(math.ceil(want * 1.1 / 256) * 256)
+        if cfg.context_window:
+            num_ctx = min(num_ctx, cfg.context_window)
+        changes["passthrough"] = {**req.passthrough, "num_ctx": num_ctx}
+    return dataclasses.replace(req, **changes)
+
+
+def model_allowed(principal: Principal, alias: str) -> bool:
+    if principal.models is None:
+        return True
+    return any(fnmatch.fnmatchcase(alias, pattern) for pattern in principal.models)
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+class ChatFlow:
+    """One chat request from auth to usage row. Created per request."""
+
+    def __init__(self, gateway: Any, adapter: DialectAdapter, endpoint: str, headers: dict[str, str]):
+        self.gw = gateway
+        self.runtime = gateway.runtime  # pinned for the whole request (hot reload safe)
+        self.adapter = adapter
+        self.headers = headers
+        self.t0 = time.perf_counter()
+        self.request_id = uuid.uuid4().hex
+        self.record = UsageRecord(request_id=self.request_id, ts=time.time(), key_name="-", endpoint=endpoint)
+        self.resp_headers: dict[str, str] = {"x-request-id": self.request_id}
+        self.started = False  # response headers sent
+        self.output_events = 0
+        self.prompt_estimate = 0
+
+    # ---------------------------------------------------------------- entry point
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        admitted = False
+        ticket = None
+        watcher: DisconnectWatcher | None = None
+        usage = Usage()
+        try:
+            try:
+                principal = await self.gw.authenticator.authenticate(self.headers)
+                self.record.key_name = principal.name
+                limits = self.runtime.config.limits
+                body = await read_body(receive, self.headers, limits.max_body_bytes, limits.body_timeout)
+                req = self.adapter.parse(parse_json(body, limits.max_json_depth))
+                self.prompt_estimate = estimate_prompt_tokens(req)
+                traits = RequestTraits.of(req, self.headers, principal.name, self.prompt_estimate)
+                route = self.runtime.router.route(req, traits)
+                self.record.alias, self.record.rule, self.record.stream = route.alias, route.rule, req.stream
+                if route.rule:
+                    self.resp_headers["x-ccproxy-route"] = route.rule
+                if not model_allowed(principal, route.alias):
+                    raise errors.Forbidden(f"key {principal.name!r} may not use model {route.alias!r}")
+                check_capabilities(req, route.alias, route.alias_config)
+                first = route.targets[0]
+                primary = prepare_for(req, route.alias, route.alias_config,
+                                      self.runtime.config.providers[first.deployment.provider], self.prompt_estimate)
+                ticket = await self.gw.services.limiter.admit(
+                    principal, self.prompt_estimate + (primary.max_tokens or 0), self.adapter.name)
+                admitted = True
+                self.resp_headers.update(ticket.headers)
+                watcher = DisconnectWatcher(receive)
+                watcher.start()
+                if req.stream:
+                    usage = await self._stream(send, req, route, watcher)
+                else:
+                    usage = await self._complete(send, req, route, watcher)
+            except ClientGone:
+                raise asyncio.CancelledError() from None
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.gone:
+                raise  # a real cancellation (shutdown): let it propagate after bookkeeping below
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self.record.status = 499
+            self.record.error_kind = "client_disconnect"
+            usage = Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
+        except errors.GatewayError as e:
+            self.record.status = e.status
+            self.record.error_kind = e.kind
+            if not self.started:
+                await send_error(send, self.adapter, e, self.resp_headers)
+        except Exception:
+            log.exception("unexpected error in request %s", self.request_id)
+            exc = errors.GatewayError("internal gateway error; see the gateway log for request "
+                                      + self.request_id)
+            self.record.status, self.record.error_kind = 500, "internal_error"
+            if not self.started:
+                await send_error(send, self.adapter, exc, self.resp_headers)
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            self._finish(usage, admitted)
+            if ticket is not None:
+                await ticket.release(usage.prompt_tokens + usage.output_tokens)
+
+    def _finish(self, usage: Usage, admitted: bool) -> None:
+        r = self.record
+        r.latency_ms = round((time.perf_counter() - self.t0) * 1000, 3)
+        r.input_tokens, r.output_tokens = usage.input_tokens, usage.output_tokens
+        r.cache_read_tokens, r.cache_creation_tokens = usage.cache_read_tokens, usage.cache_creation_tokens
+        if admitted:
+            self.gw.services.usage.submit(r)
+        self.gw.observe(r, admitted)
+        line = {"level": "info", "msg": "request", "request_id": r.request_id, "key": r.key_name,
+                "endpoint": r.endpoint, "alias": r.alias, "rule": r.rule, "provider": r.provider,
+                "upstream_model": r.upstream_model, "stream": r.stream, "status": r.status,
+                "error": r.error_kind, "latency_ms": r.latency_ms, "ttfb_ms": r.ttfb_ms,
+                "input_tokens": r.input_tokens, "output_tokens": r.output_tokens}
+        sys.stderr.write(orjson.dumps(line).decode() + "\n")
+
+    # ---------------------------------------------------------------- attempts
+
+    def _attempts(self, req: ChatRequest, route: Route):
+        """Yield (target, prepared request, provider) in order, within the retry budget."""
+        config = self.runtime.config
+        n = 0
+        for target in route.targets:
+            if n >= max(DEFAULT_MAX_ATTEMPTS, 1):
+                return
+            try:
+                if target.alias != route.alias:
+                    check_capabilities(req, target.alias, target.alias_config)
+                prepared = prepare_for(req, target.alias, target.alias_config,
+                                       config.providers[target.deployment.provider], self.prompt_estimate)
+            except errors.InvalidRequest:
+                if target.alias == route.alias:
+                    raise
+                continue  # a fallback that cannot take this request
+            n += 1
+            yield target, prepared, self.runtime.providers[target.deployment.provider]
+
+    def _note_target(self, target: Target) -> None:
+        self.record.provider = target.deployment.provider
+        self.record.upstream_model = target.deployment.model
+        self.resp_headers["x-ccproxy-upstream-model"] = target.deployment.model
+        self.resp_headers["x-ccproxy-provider"] = target.deployment.provider
+
+    # ---------------------------------------------------------------- non-streaming
+
+    async def _complete(self, send: Send, req: ChatRequest, route: Route, watcher: DisconnectWatcher) -> Usage:
+        router = self.runtime.router
+        last: errors.GatewayError | None = None
+        for target, prepared, provider in self._attempts(req, route):
+            self._note_target(target)
+            router.started(target.deployment)
+            ok = False
+            try:
+                resp = await provider.complete(prepared, target.deployment.model)
+                ok = True
+            except errors.UpstreamError as e:
+                last = e
+                if not e.retryable:
+                    ok = True  # the backend is fine; the request was refused
+                    raise
+                continue
+            finally:
+                router.finished(target.deployment, ok)
+            body = orjson.dumps(self.adapter.render_response(resp, req.model, self.request_id))
+            watcher.stop()
+            self.started = True
+            self.record.status = 200
+            self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
+            await send_bytes(send, 200, body, "application/json", self.resp_headers)
+            return resp.usage
+        raise last or errors.UpstreamError("no deployment could take this request")
+
+    # ---------------------------------------------------------------- streaming
+
+    async def _stream(self, send: Send, req: ChatRequest, route: Route, watcher: DisconnectWatcher) -> Usage:
+        router = self.runtime.router
+        renderer: StreamRenderer | None = None
+        last: errors.GatewayError | None = None
+        usage = Usage()
+
+        async def out(data: bytes) -> None:
+            if data:
+                if self.record.ttfb_ms is None:
+                    self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async def commit() -> None:
+            nonlocal renderer
+            self.started = True
+            self.record.status = 200
+            await start_stream(send, self.adapter.stream_content_type, self.resp_headers)
+            renderer = self.adapter.make_renderer(req, req.model, self.request_id, self.prompt_estimate)
+            await out(renderer.start())
+
+        for target, prepared, provider in self._attempts(req, route):
+            self._note_target(target)
+            router.started(target.deployment)
+            ok = False
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            pump = asyncio.get_running_loop().create_task(_pump(provider.stream(prepared, target.deployment.model),
+                                                                queue))
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(PING_INTERVAL):
+                            item = await queue.get()
+                    except TimeoutError:
+                        if not self.started:
+                            await commit()
+                        assert renderer is not None
+                        await out(renderer.ping())
+                        continue
+                    if item is _END:
+                        ok = True
+                        if not self.started:
+                            await commit()
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    if not self.started:
+                        await commit()
+                    assert renderer is not None
+                    if isinstance(item, (TextDelta, ThinkingDelta, ToolCallDelta)):
+                        self.output_events += 1
+                    elif isinstance(item, Finish):
+                        usage = item.usage
+                    elif isinstance(item, UsageUpdate):
+                        usage = item.usage
+                    await out(renderer.feed(item))
+            except errors.GatewayError as e:
+                retryable = isinstance(e, errors.UpstreamError) and e.retryable
+                ok = not retryable
+                last = e
+                if self.started:
+                    # Bytes already reached the client: never retry; end with an in-band error.
+                    self.record.status = e.status
+                    self.record.error_kind = e.kind
+                    assert renderer is not None
+                    await out(renderer.error(e))
+                    watcher.stop()
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
+                if not retryable:
+                    raise
+                continue
+            finally:
+                router.finished(target.deployment, ok)
+                if not pump.done():
+                    pump.cancel()
+                    try:
+                        await pump
+                    except BaseException:  # noqa: S110 - the pump's own end is not our concern here
+                        pass
+            watcher.stop()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return usage
+        raise last or errors.UpstreamError("no deployment could take this request")
+
+
+_END = object()
+
+
+async def _pump(events: AsyncIterator[StreamEvent], queue: asyncio.Queue[Any]) -> None:
+    try:
+        async for ev in events:
+            queue.put_nowait(ev)
+        queue.put_nowait(_END)
+    except asyncio.CancelledError:
+        raise
+    except errors.GatewayError as e:
+        queue.put_nowait(e)
+    except Exception as e:  # a provider bug must still end the stream properly
+        logging.getLogger("ccproxy.provider").exception("provider stream failed")
+        queue.put_nowait(errors.UpstreamError(f"the backend stream failed: {type(e).__name__}"))
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except BaseException:  # noqa: S110
+                pass

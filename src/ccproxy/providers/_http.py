@@ -1,0 +1,117 @@
+"""Shared HTTP plumbing for providers that talk to a backend over HTTP (aiohttp).
+
+One pooled `aiohttp.ClientSession` per provider, kept open; aiohttp measured 11x httpx's
+throughput on this kind of machine in a bare proxy (8,478 vs 739 req/s), hence the choice.
+Transport failures are mapped to `ccproxy.errors` here, once, with messages that name the
+provider and never carry its key or URL credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ccproxy import errors
+from ccproxy.config import ProviderConfig
+
+
+def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=config.max_connections, limit_per_host=config.max_connections,
+                                     ttl_dns_cache=300, enable_cleanup_closed=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect,
+                                    connect=config.timeouts.connect)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(),
+                                 auto_decompress=True, skip_auto_headers=("User-Agent",))
+
+
+@contextlib.contextmanager
+def mapped_errors(provider: str) -> Iterator[None]:
+    """Convert aiohttp/asyncio failures into the gateway's errors, naming only the provider."""
+    try:
+        yield
+    except errors.GatewayError:
+        raise
+    except TimeoutError:
+        raise errors.UpstreamTimeout(f"provider '{provider}' did not answer in time", provider=provider) from None
+    except aiohttp.ClientConnectorError as e:
+        reason = e.os_error.strerror if e.os_error and e.os_error.strerror else "connection failed"
+        raise errors.UpstreamError(f"provider '{provider}' is unreachable ({reason.lower()}); is the backend "
+                                   f"running? `ccproxy check` tests every backend", provider=provider) from None
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+            ConnectionResetError):
+        raise errors.UpstreamError(f"the connection to provider '{provider}' broke", provider=provider) from None
+    except aiohttp.ClientError as e:
+        raise errors.UpstreamError(f"provider '{provider}' failed: {type(e).__name__}", provider=provider) from None
+
+
+def error_message(body: bytes) -> str:
+    """The human part of a backend's error body, whatever its dialect."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace").strip() or "no details"
+    if isinstance(obj, dict):
+        err = obj.get("error", obj.get("detail", obj))
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("msg") or err)[:1000]
+        return str(err)[:1000]
+    return str(obj)[:1000]
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    v = headers.get("retry-after")
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+async def raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
+    if resp.status < 400:
+        return
+    body = await resp.read()
+    raise errors.UpstreamStatus(f"provider '{provider}' answered {resp.status}: {error_message(body)}",
+                                status=resp.status, provider=provider, retry_after=parse_retry_after(resp.headers))
+
+
+async def post(session: aiohttp.ClientSession, url: str, *, provider: str, config: ProviderConfig,
+               body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    """POST and wait for the response headers within the first-byte timeout."""
+    with mapped_errors(provider):
+        async with asyncio.timeout(config.timeouts.first_byte):
+            resp = await session.post(url, data=body, headers=headers)
+        if resp.status >= 400:
+            try:
+                async with asyncio.timeout(config.timeouts.idle):
+                    await raise_for_status(resp, provider)
+            finally:
+                resp.release()
+        return resp
+
+
+async def read_body(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig) -> bytes:
+    with mapped_errors(provider):
+        try:
+            async with asyncio.timeout(config.timeouts.idle):
+                return await resp.read()
+        finally:
+            resp.release()
+
+
+async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig) -> AsyncIterator[bytes]:
+    """The body as it arrives; each wait for the next chunk is bounded by the idle timeout."""
+    try:
+        with mapped_errors(provider):
+            while True:
+                async with asyncio.timeout(config.timeouts.idle):
+                    chunk = await resp.content.readany()
+                if not chunk:
+                    return
+                yield chunk
+    finally:
+        resp.close()  # closing (not releasing) aborts the backend request if we stop early

@@ -1,0 +1,101 @@
+"""Provider for any OpenAI-compatible server (llama.cpp, vLLM, LM Studio, hosted APIs)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from ccproxy import errors
+from ccproxy.config import ProviderConfig
+from ccproxy.core import ChatRequest, ChatResponse, StreamEvent
+from ccproxy.dialects import openai as dialect
+from ccproxy.providers import _http
+from ccproxy.providers.base import ModelListing
+
+
+class OpenAIProvider:
+    def __init__(self, name: str, config: ProviderConfig):
+        self.name = name
+        self.config = config
+        self._base = (config.base_url or "").rstrip("/")
+        self._headers = {"content-type": "application/json"}
+        if config.api_key:
+            self._headers["authorization"] = f"Bearer {config.api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = _http.new_session(self.config)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = _http.new_session(self.config)
+        return self._session
+
+    async def _post(self, body: dict) -> aiohttp.ClientResponse:
+        return await _http.post(self.session, self._base + "/chat/completions", provider=self.name,
+                                config=self.config, body=orjson.dumps(body), headers=self._headers)
+
+    async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
+        body = dialect.build_backend_request(req, model)
+        body["stream"] = False
+        body.pop("stream_options", None)
+        resp = await self._post(body)
+        raw = await _http.read_body(resp, self.name, self.config)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise errors.UpstreamError(f"provider '{self.name}' sent a body that is not JSON",
+                                       provider=self.name) from None
+        return dialect.parse_backend_response(data, req.stop)
+
+    async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
+        body = dialect.build_backend_request(req, model)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        resp = await self._post(body)
+        parser = dialect.OpenAIStreamParser(req.stop)
+        async for chunk in _http.iter_chunks(resp, self.name, self.config):
+            for ev in parser.feed(chunk):
+                yield ev
+            if parser.done:
+                break
+        yield parser.close()
+
+    async def list_models(self) -> ModelListing:
+        try:
+            with _http.mapped_errors(self.name):
+                async with self.session.get(self._base + "/models", headers=self._headers) as resp:
+                    await _http.raise_for_status(resp, self.name)
+                    data = await resp.json(loads=orjson.loads, content_type=None)
+        except errors.GatewayError as e:
+            return ModelListing(False, [], e.message)
+        models = [m.get("id", "") for m in (data.get("data") or []) if isinstance(m, dict)]
+        return ModelListing(True, models)
+
+    async def count_tokens(self, req: ChatRequest, model: str) -> int | None:
+        """llama.cpp's server exposes /tokenize at its root (not under /v1); others return None."""
+        root = self._base[:-3] if self._base.endswith("/v1") else self._base
+        text = "\n".join([req.system or ""] + [m.text() for m in req.messages])
+        for path, payload in (("/tokenize", {"content": text}), ("/extras/tokenize", {"input": text})):
+            try:
+                with _http.mapped_errors(self.name):
+                    async with self.session.post(root + path, data=orjson.dumps(payload),
+                                                 headers=self._headers) as resp:
+                        if resp.status != 200:
+                            continue
+                        data = await resp.json(loads=orjson.loads, content_type=None)
+            except errors.GatewayError:
+                return None
+            tokens = data.get("tokens")
+            if isinstance(tokens, list):
+                return len(tokens)
+        return None

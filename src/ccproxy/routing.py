@@ -1,0 +1,212 @@
+"""Routing: from a request to an ordered list of deployments to try.
+
+1. Rules (config `rules:`, in order, first match wins) may pick an alias from traits of the request:
+   the requested model name (glob), thinking on, estimated prompt size, a named tool, images, a
+   header, or the key's name.
+2. Otherwise the requested model name is looked up among the aliases (exact, then globs).
+3. The alias's deployments are ordered by least in-flight per unit of weight, deployments in
+   cooldown last; then come the deployments of each alias in its `fallbacks`.
+
+The router keeps per-deployment health (in flight, consecutive failures, cooldown); nothing else.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ccproxy import errors
+from ccproxy.config import AliasConfig, Config, Deployment, RuleConfig, resolve_alias
+from ccproxy.core import ChatRequest
+from ccproxy.tokens import estimate_prompt_tokens
+
+
+@dataclass(slots=True)
+class DeploymentHealth:
+    in_flight: int = 0
+    failures: int = 0
+    cooldown_until: float = 0.0
+    total: int = 0
+    errors: int = 0
+
+    def cooling(self, now: float) -> bool:
+        return self.cooldown_until > now
+
+
+@dataclass(slots=True)
+class Target:
+    alias: str
+    alias_config: AliasConfig
+    deployment: Deployment
+
+
+@dataclass(slots=True)
+class Route:
+    requested: str
+    alias: str
+    alias_config: AliasConfig
+    rule: str | None
+    reason: str
+    targets: list[Target] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestTraits:
+    """What rules may look at, computed once per request."""
+
+    model: str
+    thinking: bool
+    prompt_tokens: int
+    tools: frozenset[str]
+    images: bool
+    headers: dict[str, str]
+    key: str
+
+    @classmethod
+    def of(cls, req: ChatRequest, headers: dict[str, str], key: str, prompt_tokens: int | None = None):
+        return cls(model=req.model, thinking=bool(req.thinking and req.thinking.enabled),
+                   prompt_tokens=estimate_prompt_tokens(req) if prompt_tokens is None else prompt_tokens,
+                   tools=frozenset(t.name for t in req.tools), images=req.has_images(),
+                   headers=headers, key=key)
+
+
+def rule_matches(rule: RuleConfig, t: RequestTraits) -> str | None:
+    """Why the rule matches (a readable reason), or None. Every condition given must hold."""
+    m = rule.match
+    why: list[str] = []
+    if m.model is not None:
+        if not fnmatch.fnmatchcase(t.model, m.model):
+            return None
+        why.append(f"model {t.model!r} matches {m.model!r}")
+    if m.thinking is not None:
+        if t.thinking != m.thinking:
+            return None
+        why.append(f"thinking is {'on' if t.thinking else 'off'}")
+    if m.min_prompt_tokens is not None:
+        if t.prompt_tokens < m.min_prompt_tokens:
+            return None
+        why.append(f"estimated prompt {t.prompt_tokens} tokens >= {m.min_prompt_tokens}")
+    if m.tool is not None:
+        if not any(fnmatch.fnmatchcase(name, m.tool) for name in t.tools):
+            return None
+        why.append(f"tool {m.tool!r} is offered")
+    if m.images is not None:
+        if t.images != m.images:
+            return None
+        why.append("images present" if t.images else "no images")
+    if m.header:
+        for name, pattern in m.header.items():
+            value = t.headers.get(name.lower())
+            if value is None or not fnmatch.fnmatchcase(value, pattern):
+                return None
+            why.append(f"header {name}: {value!r} matches {pattern!r}")
+    if m.key is not None:
+        if not fnmatch.fnmatchcase(t.key, m.key):
+            return None
+        why.append(f"key {t.key!r}")
+    return "; ".join(why) or "rule has no conditions"
+
+
+class Router:
+    def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None):
+        self.config = config
+        # Health survives hot reloads: the new router takes the old router's dict.
+        self.health: dict[tuple[str, str], DeploymentHealth] = health if health is not None else {}
+
+    def aliases(self) -> list[str]:
+        return list(self.config.models)
+
+    def route(self, req: ChatRequest, traits: RequestTraits) -> Route:
+        for rule in self.config.rules:
+            why = rule_matches(rule, traits)
+            if why is not None:
+                cfg = self.config.models[rule.alias]
+                return self._with_targets(Route(req.model, rule.alias, cfg, rule.name, why))
+        alias = resolve_alias(self.config.models, req.model)
+        if alias is None:
+            raise errors.UnknownModel(
+                f"model {req.model!r} is not configured here; valid models (aliases): "
+                f"{', '.join(self.config.models)}", param="model")
+        how = "exact alias" if alias == req.model else f"matches alias pattern {alias!r}"
+        return self._with_targets(Route(req.model, alias, self.config.models[alias], None, how))
+
+    def _state(self, d: Deployment) -> DeploymentHealth:
+        key = (d.provider, d.model)
+        h = self.health.get(key)
+        if h is None:
+            h = self.health[key] = DeploymentHealth()
+        return h
+
+    def _ordered(self, alias: str, cfg: AliasConfig, now: float) -> list[Target]:
+        deps = cfg.all_deployments()
+        if len(deps) > 1:
+            def score(d: Deployment) -> tuple[bool, float, float]:
+                h = self._state(d)
+                return (h.cooling(now), (h.in_flight + 1) / d.weight, random.random() / d.weight)
+            deps.sort(key=score)
+        elif deps and self._state(deps[0]).cooling(now):
+            pass  # a single deployment is still tried: better a likely failure than a certain one
+        return [Target(alias, cfg, d) for d in deps]
+
+    def _with_targets(self, route: Route) -> Route:
+        now = time.monotonic()
+        seen = {route.alias}
+        targets = self._ordered(route.alias, route.alias_config, now)
+        for fb in route.alias_config.fallbacks:
+            if fb not in seen:
+                seen.add(fb)
+                targets += self._ordered(fb, self.config.models[fb], now)
+        route.targets = targets
+        return route
+
+    # ---------------------------------------------------------------- health bookkeeping
+
+    def started(self, d: Deployment) -> None:
+        h = self._state(d)
+        h.in_flight += 1
+        h.total += 1
+
+    def finished(self, d: Deployment, ok: bool) -> None:
+        h = self._state(d)
+        h.in_flight = max(0, h.in_flight - 1)
+        if ok:
+            h.failures = 0
+            return
+        h.errors += 1
+        h.failures += 1
+        pc = self.config.providers[d.provider]
+        if h.failures >= pc.max_failures:
+            h.cooldown_until = time.monotonic() + pc.cooldown_seconds
+            h.failures = 0
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        out = []
+        for (provider, model), h in sorted(self.health.items()):
+            out.append({"provider": provider, "model": model, "in_flight": h.in_flight,
+                        "cooldown_seconds_left": round(max(0.0, h.cooldown_until - now), 1),
+                        "requests": h.total, "errors": h.errors})
+        return out
+
+    def explain(self, req: ChatRequest, traits: RequestTraits) -> dict[str, Any]:
+        checked = []
+        for rule in self.config.rules:
+            why = rule_matches(rule, traits)
+            checked.append({"rule": rule.name, "matched": why is not None, "why": why})
+            if why is not None:
+                break
+        route = self.route(req, traits)
+        return {
+            "requested_model": req.model,
+            "rules_checked": checked,
+            "rule": route.rule,
+            "alias": route.alias,
+            "reason": route.reason,
+            "estimated_prompt_tokens": traits.prompt_tokens,
+            "targets": [{"alias": t.alias, "provider": t.deployment.provider, "model": t.deployment.model,
+                         "provider_type": self.config.providers[t.deployment.provider].type}
+                        for t in route.targets],
+        }

@@ -47,7 +47,7 @@ from ccproxy.core import (
     Usage,
     UsageUpdate,
 )
-from ccproxy.routing import Route, RequestTraits, Target
+from ccproxy.routing import RequestTraits, Route, Target
 from ccproxy.services import Principal
 from ccproxy.tokens import estimate_prompt_tokens
 from ccproxy.usage.record import UsageRecord
@@ -257,6 +257,15 @@ class ChatFlow:
             n += 1
             yield target, prepared, self.runtime.providers[target.deployment.provider]
 
+    def _filled(self, usage: Usage) -> Usage:
+        """Some servers (llama-cpp-python) stream no usage: fall back to our own counts, so
+        `usage` is always present and a row never says 0 tokens for a real answer."""
+        if usage.prompt_tokens == 0:
+            usage.input_tokens = self.prompt_estimate
+        if usage.output_tokens == 0:
+            usage.output_tokens = self.output_events
+        return usage
+
     def _note_target(self, target: Target) -> None:
         self.record.provider = target.deployment.provider
         self.record.upstream_model = target.deployment.model
@@ -345,7 +354,7 @@ class ChatFlow:
                     if isinstance(item, (TextDelta, ThinkingDelta, ToolCallDelta)):
                         self.output_events += 1
                     elif isinstance(item, Finish):
-                        usage = item.usage
+                        item.usage = usage = self._filled(item.usage)
                     elif isinstance(item, UsageUpdate):
                         usage = item.usage
                     await out(renderer.feed(item))

@@ -311,6 +311,9 @@ class OpenAIStreamRenderer:
         self._started = True
         return self._chunk({"role": "assistant", "content": ""})
 
+    def ping(self) -> bytes:
+        return b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+
     def feed(self, ev: StreamEvent) -> bytes:
         if isinstance(ev, TextDelta):
             return self._chunk({"content": ev.text}) if ev.text else b""

@@ -25,7 +25,8 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
                                      ttl_dns_cache=300, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect,
                                     connect=config.timeouts.connect)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(),
+    return aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                 json_serialize=lambda o: orjson.dumps(o).decode(),
                                  auto_decompress=True, skip_auto_headers=("User-Agent",))
 
 

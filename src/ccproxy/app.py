@@ -1,0 +1,309 @@
+"""The ASGI application: endpoint table, lifespan, readiness, hot-swappable runtime.
+
+`Gateway(config)` is the ASGI app. Per request it picks the endpoint from a small table; chat
+endpoints run `pipeline.ChatFlow` with the dialect adapter of the endpoint. Everything that a
+config reload may change (config, router, providers) lives in one `Runtime` object that is
+replaced atomically; a request pins the runtime it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ccproxy import __version__, errors
+from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body, send_bytes, send_json
+from ccproxy.auth import Authenticator
+from ccproxy.config import Config
+from ccproxy.dialects import adapters
+from ccproxy.pipeline import ChatFlow, DialectAdapter, send_error
+from ccproxy.providers import make_provider
+from ccproxy.providers.base import ModelListing, Provider, TokenCounter
+from ccproxy.routing import DeploymentHealth, RequestTraits, Router
+from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
+from ccproxy.tokens import estimate_prompt_tokens
+from ccproxy.usage.record import UsageRecord
+
+log = logging.getLogger("ccproxy")
+
+READY_CACHE_SECONDS = 2.0
+READY_PROBE_TIMEOUT = 2.0
+BLOCKED_OLLAMA_PATHS = {"/api/pull", "/api/create", "/api/push", "/api/delete", "/api/copy", "/api/blobs"}
+
+
+class Runtime:
+    """Config + router + providers: the part a hot reload replaces."""
+
+    def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None,
+                 reuse: dict[str, Provider] | None = None):
+        self.config = config
+        self.router = Router(config, health)
+        reuse = reuse or {}
+        self.providers: dict[str, Provider] = {}
+        for name, pc in config.providers.items():
+            old = reuse.get(name)
+            self.providers[name] = old if old is not None and old.config == pc else make_provider(name, pc)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(p.start() for p in self.providers.values()))
+
+    async def close(self, keep: set[int] | None = None) -> None:
+        keep = keep or set()
+        await asyncio.gather(*(p.close() for p in self.providers.values() if id(p) not in keep),
+                             return_exceptions=True)
+
+
+class _Services:
+    """The defaults when the full services layer is not wired: nothing stored, nothing limited."""
+
+    def __init__(self) -> None:
+        self.usage = DiscardUsage()
+        self.limiter = UnlimitedLimiter()
+        self.keys = None
+        self.metrics = None
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+Handler = Callable[[Scope, Receive, Send, dict[str, str]], Awaitable[None]]
+
+
+class Gateway:
+    def __init__(self, config: Config, services: Any = None):
+        self.runtime = Runtime(config)
+        self.services = services if services is not None else _Services()
+        self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
+        self.draining = False
+        self.started_at = time.time()
+        self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/health"): self._health,
+            ("HEAD", "/health"): self._health,
+            ("GET", "/health/ready"): self._ready,
+            ("GET", "/"): self._root,
+            ("HEAD", "/"): self._root,
+            ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
+            ("POST", "/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
+            ("POST", "/v1/messages"): self._chat(adapters.ANTHROPIC, "/v1/messages"),
+            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("POST", "/api/chat"): self._chat(adapters.OLLAMA, "/api/chat"),
+            ("GET", "/api/tags"): self._ollama_tags,
+            ("GET", "/api/version"): self._ollama_version,
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/openapi.json"): self._openapi,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        await self.services.start()
+        await self.runtime.start()
+
+    async def shutdown(self) -> None:
+        self.draining = True
+        await self.runtime.close()
+        await self.services.close()
+
+    async def reload(self, config: Config) -> None:
+        """Swap in a new, already validated config. In-flight requests keep the old runtime."""
+        old = self.runtime
+        new = Runtime(config, old.router.health, old.providers)
+        await new.start()
+        self.runtime = new
+        self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
+        kept = {id(p) for p in new.providers.values()}
+
+        async def retire() -> None:
+            await asyncio.sleep(config.drain_seconds)
+            await old.close(keep=kept)
+
+        asyncio.get_running_loop().create_task(retire())
+
+    def observe(self, record: UsageRecord, admitted: bool) -> None:
+        metrics = getattr(self.services, "metrics", None)
+        if metrics is not None:
+            try:
+                metrics.observe(record)
+            except Exception:  # metrics must never break a request
+                log.exception("metrics observe failed")
+
+    # ---------------------------------------------------------------- ASGI entry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as e:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/")
+        headers = header_map(scope)
+        handler = self._routes.get((scope["method"], path))
+        if handler is None:
+            await self._not_found(scope, path, headers, send)
+            return
+        await handler(scope, receive, send, headers)
+
+    def _adapter_for(self, path: str, headers: dict[str, str]) -> DialectAdapter:
+        if path.startswith("/api/"):
+            return adapters.OLLAMA
+        if path.startswith("/v1/messages") or "anthropic-version" in headers:
+            return adapters.ANTHROPIC
+        return adapters.OPENAI
+
+    async def _not_found(self, scope: Scope, path: str, headers: dict[str, str], send: Send) -> None:
+        adapter = self._adapter_for(path, headers)
+        if path in BLOCKED_OLLAMA_PATHS:
+            exc: errors.GatewayError = errors.NotFound(
+                f"{path} is an Ollama administration endpoint and is never reachable through the gateway")
+        elif any(m == scope["method"] for (m, p) in self._routes if p == path) is False and \
+                any(p == path for (_, p) in self._routes):
+            exc = errors.GatewayError(f"method {scope['method']} is not allowed on {path}", status=405)
+        else:
+            exc = errors.NotFound(f"no endpoint {scope['method']} {path}; see the README for the endpoint list")
+        await send_error(send, adapter, exc)
+
+    async def _authenticated(self, headers: dict[str, str], send: Send, adapter: DialectAdapter,
+                             *, admin: bool = False) -> Principal | None:
+        try:
+            principal = await self.authenticator.authenticate(headers)
+            if admin and not principal.admin:
+                raise errors.Forbidden("this endpoint needs the admin key (admin_key in the config)")
+            return principal
+        except errors.GatewayError as e:
+            await send_error(send, adapter, e)
+            return None
+
+    # ---------------------------------------------------------------- endpoints
+
+    def _chat(self, adapter: DialectAdapter, endpoint: str) -> Handler:
+        async def handler(scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+            if self.draining:
+                await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
+                                                                  "another replica"), {"connection": "close"})
+                return
+            await ChatFlow(self, adapter, endpoint, headers).run(receive, send)
+        return handler
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        await send_json(send, 200, {"status": "ok", "version": __version__})
+
+    async def _root(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        await send_bytes(send, 200, b"ccproxy is running\n", "text/plain; charset=utf-8")
+
+    async def probe_backends(self) -> dict[str, ModelListing]:
+        now = time.monotonic()
+        if self._ready_cache and now - self._ready_cache[0] < READY_CACHE_SECONDS:
+            return self._ready_cache[1]
+        providers = self.runtime.providers
+
+        async def probe(p: Provider) -> ModelListing:
+            try:
+                async with asyncio.timeout(READY_PROBE_TIMEOUT):
+                    return await p.list_models()
+            except TimeoutError:
+                return ModelListing(False, [], "no answer within 2 s")
+            except Exception as e:
+                return ModelListing(False, [], type(e).__name__)
+
+        results = await asyncio.gather(*(probe(p) for p in providers.values()))
+        listing = dict(zip(providers, results, strict=True))
+        self._ready_cache = (now, listing)
+        return listing
+
+    async def _ready(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        listing = await self.probe_backends()
+        up = [n for n, r in listing.items() if r.reachable]
+        ok = bool(up) and not self.draining
+        body: dict[str, Any] = {"status": "ready" if ok else ("draining" if self.draining else "unavailable"),
+                                "backends_up": len(up), "backends": len(listing)}
+        try:
+            await self.authenticator.authenticate(headers)
+            body["providers"] = {n: {"reachable": r.reachable, "error": r.error} for n, r in listing.items()}
+            body["deployments"] = self.runtime.router.snapshot()
+        except errors.GatewayError:
+            pass  # details only for callers with a key
+        await send_json(send, 200 if ok else 503, body)
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        adapter = self._adapter_for("/v1/models", headers)
+        principal = await self._authenticated(headers, send, adapter)
+        if principal is None:
+            return
+        from ccproxy.pipeline import model_allowed
+        aliases = [a for a in self.runtime.router.aliases() if model_allowed(principal, a)]
+        render = adapters.ANTHROPIC_MODELS if adapter is adapters.ANTHROPIC else adapters.OPENAI_MODELS
+        await send_json(send, 200, render(aliases))
+
+    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        adapter = adapters.ANTHROPIC
+        try:
+            principal = await self.authenticator.authenticate(headers)
+            limits = self.runtime.config.limits
+            body = await read_body(receive, headers, limits.max_body_bytes, limits.body_timeout)
+            req = adapters.parse_count_tokens(parse_json(body, limits.max_json_depth))
+            traits = RequestTraits.of(req, headers, principal.name)
+            route = self.runtime.router.route(req, traits)
+            target = route.targets[0]
+            provider = self.runtime.providers[target.deployment.provider]
+            count: int | None = None
+            if isinstance(provider, TokenCounter):
+                try:
+                    count = await provider.count_tokens(req, target.deployment.model)
+                except errors.GatewayError:
+                    count = None
+            how = "backend"
+            if count is None:
+                count, how = estimate_prompt_tokens(req), "estimate"
+            await send_json(send, 200, {"input_tokens": count}, {"x-ccproxy-token-count": how})
+        except errors.GatewayError as e:
+            await send_error(send, adapter, e)
+
+    async def _ollama_tags(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        if await self._authenticated(headers, send, adapters.OLLAMA) is None:
+            return
+        await send_json(send, 200, adapters.OLLAMA_TAGS(self.runtime.router.aliases()))
+
+    async def _ollama_version(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        await send_json(send, 200, {"version": __version__})
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        if await self._authenticated(headers, send, adapters.OPENAI, admin=True) is None:
+            return
+        metrics = getattr(self.services, "metrics", None)
+        if metrics is None:
+            await send_bytes(send, 200, b"", "text/plain; version=0.0.4")
+            return
+        data, content_type = metrics.render()
+        await send_bytes(send, 200, data, content_type)
+
+    async def _openapi(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        from ccproxy.openapi import spec
+        await send_json(send, 200, spec())

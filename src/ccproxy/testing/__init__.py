@@ -1,0 +1,1 @@
+"""Test helpers shipped with ccproxy: fake backends for unit and integration tests."""

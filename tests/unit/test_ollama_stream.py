@@ -124,6 +124,13 @@ def test_garbage_line_raises() -> None:
         OllamaStreamParser().feed(b"[1]\n")
 
 
+def test_odd_shapes_do_not_crash() -> None:
+    events = run([b'{"message":"text?","done":false}\n{"message":{"tool_calls":["x",{"function":"y"}]}}\n'
+                  b'{"done":true}\n'])
+    assert isinstance(events[0], ToolCallStart) and events[0].name == ""
+    assert isinstance(events[-1], Finish)
+
+
 def test_lines_after_done_are_ignored() -> None:
     p = OllamaStreamParser()
     events = p.feed(b'{"done":true,"done_reason":"stop"}\n{"message":{"content":"late"}}\n')

@@ -251,19 +251,28 @@ def parse_chat_response(body: dict[str, Any]) -> ChatResponse:
     """A `stream:false` /api/chat answer as a neutral response."""
     if "error" in body:
         raise errors.UpstreamError(f"Ollama error: {body['error']}")
-    msg = body.get("message") or {}
+    msg = _dict(body.get("message"))
     content: list[Block] = []
     if msg.get("thinking"):
         content.append(ThinkingBlock(thinking=msg["thinking"]))
     if msg.get("content"):
         content.append(TextBlock(text=msg["content"]))
-    calls = msg.get("tool_calls") or []
+    calls = _calls(msg)
     for tc in calls:
-        fn = tc.get("function") or {}
+        fn = _dict(tc.get("function"))
         content.append(ToolUseBlock(id=tc.get("id") or new_tool_id(), name=fn.get("name", ""),
                                     input=_arguments(fn.get("arguments"))))
     return ChatResponse(content=content, stop_reason=_stop_reason(body.get("done_reason"), bool(calls)),
                         usage=_usage(body))
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _calls(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    calls = msg.get("tool_calls")
+    return [tc for tc in calls if isinstance(tc, dict)] if isinstance(calls, list) else []
 
 
 def _arguments(args: Any) -> dict[str, Any]:
@@ -353,13 +362,13 @@ class OllamaStreamParser:
         if "error" in obj:
             raise errors.UpstreamError(self._who() + f"Ollama error: {obj['error']}", provider=self.provider)
         events: list[StreamEvent] = []
-        msg = obj.get("message") or {}
+        msg = _dict(obj.get("message"))
         if msg.get("thinking"):
             events.append(ThinkingDelta(thinking=msg["thinking"]))
         if msg.get("content"):
             events.append(TextDelta(text=msg["content"]))
-        for tc in msg.get("tool_calls") or []:
-            fn = tc.get("function") or {}
+        for tc in _calls(msg):
+            fn = _dict(tc.get("function"))
             i = self._tool_calls
             self._tool_calls += 1
             self._saw_tool_calls = True
@@ -414,7 +423,10 @@ def parse_client_request(body: Any) -> ChatRequest:
             text = ""
         if not isinstance(text, str):
             raise errors.InvalidRequest(f"{where}.content must be a string", param="messages")
-        images = [_image_in(img, f"{where}.images") for img in m.get("images") or []]
+        raw_images = m.get("images") or []
+        if not isinstance(raw_images, list):
+            raise errors.InvalidRequest(f"{where}.images must be an array of base64 strings", param="messages")
+        images = [_image_in(img, f"{where}.images") for img in raw_images]
         if role == "system":
             if text:
                 system.append(text)

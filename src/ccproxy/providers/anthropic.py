@@ -1,0 +1,141 @@
+"""Provider for backends that speak the Anthropic Messages API: api.anthropic.com, another ccproxy,
+or any Anthropic-compatible server (Ollama's /v1/messages, ...).
+
+The key goes out both as `x-api-key` and as `Authorization: Bearer` (the real API reads the first,
+most gateways the second). Timeouts: `connect` for the TCP/TLS handshake, `first_byte` for the
+response headers and again for the first body chunk, `idle` between later chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from ccproxy import errors
+from ccproxy.config import ProviderConfig
+from ccproxy.core import ChatRequest, ChatResponse, StreamEvent
+from ccproxy.dialects import anthropic as dialect
+from ccproxy.providers import _http
+from ccproxy.providers.base import ModelListing
+
+ANTHROPIC_VERSION = "2023-06-01"
+_MAX_MODEL_PAGES = 20
+
+
+class AnthropicProvider:
+    def __init__(self, name: str, config: ProviderConfig):
+        self.name = name
+        self.config = config
+        base = (config.base_url or "").rstrip("/")
+        if config.api_key and "@" in base:
+            # aiohttp refuses URL credentials next to an Authorization header; the key wins.
+            base = str(URL(base).with_user(None))
+        self._base = base[:-3] if base.endswith("/v1") else base  # accept both .../v1 and the root
+        self._headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
+        if config.api_key:
+            self._headers["x-api-key"] = config.api_key
+            self._headers["authorization"] = f"Bearer {config.api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = _http.new_session(self.config)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = _http.new_session(self.config)
+        return self._session
+
+    def _request_headers(self, req: ChatRequest) -> dict[str, str]:
+        beta = req.passthrough.get("anthropic.beta")  # flags the app may forward from the client
+        if isinstance(beta, list | tuple) and beta:
+            return {**self._headers, "anthropic-beta": ",".join(str(b) for b in beta)}
+        return self._headers
+
+    async def _post(self, path: str, body: dict[str, Any], req: ChatRequest) -> aiohttp.ClientResponse:
+        return await _http.post(self.session, self._base + path, provider=self.name, config=self.config,
+                                body=orjson.dumps(body), headers=self._request_headers(req))
+
+    def _json(self, raw: bytes) -> Any:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise errors.UpstreamError(f"provider '{self.name}' sent a body that is not JSON",
+                                       provider=self.name) from None
+
+    async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
+        body = dialect.build_request(req, model)
+        body.pop("stream", None)
+        resp = await self._post("/v1/messages", body, req)
+        raw = await _http.read_body(resp, self.name, self.config)
+        return dialect.parse_response(self._json(raw), self.name)
+
+    async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
+        body = dialect.build_request(req, model)
+        body["stream"] = True
+        resp = await self._post("/v1/messages", body, req)
+        parser = dialect.AnthropicStreamParser(self.name)
+        try:
+            with _http.mapped_errors(self.name):
+                wait = self.config.timeouts.first_byte
+                while not parser.done:
+                    async with asyncio.timeout(wait):
+                        chunk = await resp.content.readany()
+                    wait = self.config.timeouts.idle
+                    events = parser.feed(chunk) if chunk else parser.close()
+                    for ev in events:
+                        yield ev
+                    if parser.error is not None:  # an `error` event after the events above
+                        raise parser.error
+        finally:
+            resp.close()  # closing (not releasing) aborts the backend request if we stop early
+
+    async def list_models(self) -> ModelListing:
+        models: list[str] = []
+        after: str | None = None
+        try:
+            for _ in range(_MAX_MODEL_PAGES):
+                params = {"limit": "1000", **({"after_id": after} if after else {})}
+                with _http.mapped_errors(self.name):
+                    async with asyncio.timeout(self.config.timeouts.first_byte):
+                        async with self.session.get(self._base + "/v1/models", headers=self._headers,
+                                                    params=params) as resp:
+                            await _http.raise_for_status(resp, self.name)
+                            data = self._json(await resp.read())
+                page = data.get("data") if isinstance(data, dict) else None
+                if not isinstance(page, list):
+                    raise errors.UpstreamError(f"provider '{self.name}' sent a model list without data",
+                                               provider=self.name)
+                models += [m["id"] for m in page if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                after = data.get("last_id")
+                if not data.get("has_more") or not isinstance(after, str):
+                    break
+        except errors.GatewayError as e:
+            return ModelListing(False, models, e.message)
+        return ModelListing(True, models)
+
+    async def count_tokens(self, req: ChatRequest, model: str) -> int | None:
+        """The backend's own count via POST /v1/messages/count_tokens; None if it has no such endpoint."""
+        body = dialect.build_request(req, model)
+        for key in ("max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata"):
+            body.pop(key, None)
+        try:
+            resp = await self._post("/v1/messages/count_tokens", body, req)
+        except errors.UpstreamStatus as e:
+            if e.status in (404, 405, 501):
+                return None
+            raise
+        data = self._json(await _http.read_body(resp, self.name, self.config))
+        n = data.get("input_tokens") if isinstance(data, dict) else None
+        return n if isinstance(n, int) and not isinstance(n, bool) else None

@@ -15,13 +15,15 @@ def main() -> None:
 
 
 def _register() -> None:
-    from ccproxy.commands import clients, init, serve
+    from ccproxy.commands import clients, init, keys, serve, usage
 
     main.add_command(serve.serve)
     main.add_command(serve.check)
     main.add_command(init.init)
     main.add_command(clients.claude)
     main.add_command(clients.env_cmd)
+    main.add_command(keys.keys)
+    main.add_command(usage.usage)
 
 
 _register()

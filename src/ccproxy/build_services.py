@@ -1,0 +1,69 @@
+"""`build_services(config)`: the stateful services for the request path, chosen by the config.
+
+    services = build_services(config)
+    await services.start()            # app startup: migrations, writer and background tasks
+    ... services.keys.lookup(digest), services.limiter.admit(...), services.usage.submit(row)
+    await services.close()            # app shutdown: flush usage, last-used times, close pools
+
+Usage and keys go to PostgreSQL when `database_url` is set, else to SQLite at `database`. The
+limiter is Redis-backed when `redis_url` is set, else in memory (exact for one replica only).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ccproxy.config import Config
+from ccproxy.keys import DbKeyStore
+from ccproxy.limits import MemoryLimiter, RedisLimiter
+from ccproxy.metrics import Metrics
+from ccproxy.services import KeyStore, Limiter, UsageSink
+from ccproxy.usage.store import Store, open_store
+from ccproxy.usage.writer import UsageWriter
+
+log = logging.getLogger("ccproxy.services")
+
+__all__ = ["Services", "build_services"]
+
+
+@dataclass(slots=True)
+class Services:
+    config: Config
+    metrics: Metrics
+    store: Store
+    usage: UsageSink
+    limiter: Limiter
+    keys: KeyStore | None
+
+    async def start(self) -> None:
+        """Open the database (applying migrations) and start the background tasks."""
+        await self.store.start()
+        await self.usage.start()
+        if isinstance(self.keys, DbKeyStore):
+            await self.keys.start()
+        if isinstance(self.limiter, RedisLimiter) and not await self.limiter.ping():
+            log.warning("rate limiter: Redis at redis_url does not answer yet; redis_failure_policy=%s",
+                        self.config.redis_failure_policy)
+
+    async def close(self) -> None:
+        """Flush queued usage rows and last-used times, then close Redis and the database."""
+        try:
+            await self.usage.close()
+            if isinstance(self.keys, DbKeyStore):
+                await self.keys.close()
+            await self.limiter.close()
+        finally:
+            await self.store.close()
+
+
+def build_services(config: Config, *, metrics: Metrics | None = None) -> Services:
+    metrics = metrics or Metrics()
+    store = open_store(config)
+    limiter: Limiter
+    if config.redis_url:
+        limiter = RedisLimiter(config.redis_url, failure_policy=config.redis_failure_policy, metrics=metrics)
+    else:
+        limiter = MemoryLimiter(metrics=metrics)
+    return Services(config=config, metrics=metrics, store=store,
+                    usage=UsageWriter(store, metrics=metrics), limiter=limiter, keys=DbKeyStore(store))

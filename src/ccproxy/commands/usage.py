@@ -1,0 +1,63 @@
+"""`ccproxy usage`: requests, errors, tokens and latency per key, alias, provider, day or status."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import click
+
+from ccproxy.commands.keys import CONFIG_HELP, cli_config, fmt_time, table, with_store
+from ccproxy.keys import parse_duration
+from ccproxy.usage.query import GROUPS, aggregate, recent
+
+FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "p50_ms", "p95_ms", "ttfb_p50_ms",
+          "tokens_per_second")
+RECENT_FIELDS = ("ts", "request_id", "key_name", "endpoint", "alias", "provider", "upstream_model",
+                 "status", "error_kind", "input_tokens", "output_tokens", "latency_ms", "ttfb_ms")
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def _render(rows: list[dict[str, Any]], fields: list[str], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(fields)
+        w.writerows([["" if r[f] is None else r[f] for f in fields] for r in rows])
+        return buf.getvalue().rstrip("\n")
+    return table([f.upper() for f in fields], [[_cell(r[f]) for f in fields] for r in rows])
+
+
+@click.command()
+@click.option("--by", type=click.Choice(GROUPS), default="key", show_default=True, help="Group rows by.")
+@click.option("--since", default="24h", show_default=True, help="How far back: 30m, 24h, 7d...")
+@click.option("--recent", "recent_n", type=click.IntRange(min=1), metavar="N",
+              help="Show the last N requests instead of totals.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
+def usage(by: str, since: str, recent_n: int | None, fmt: str, config_path: str | None) -> None:
+    """Usage totals from the usage database (p50/p95 latency, time to first byte, tokens/s)."""
+    try:
+        since_seconds = parse_duration(since)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    config = cli_config(config_path)
+    if recent_n:
+        rows = with_store(config, lambda s: recent(s, recent_n))
+        if fmt == "table":
+            rows = [{**r, "ts": fmt_time(r["ts"])} for r in rows]
+        click.echo(_render(rows, list(RECENT_FIELDS), fmt))
+        return
+    rows = with_store(config, lambda s: aggregate(s, by, since_seconds))
+    if not rows and fmt == "table":
+        click.echo(f"no requests in the last {since}")
+        return
+    click.echo(_render(rows, [by, *FIELDS], fmt))

@@ -1,0 +1,148 @@
+"""API keys kept in the database: generation, hashing, and `DbKeyStore` (the `KeyStore` impl).
+
+A key is `ccp_` + 32 url-safe random characters; only its SHA-256 hex digest is stored.
+`DbKeyStore.lookup` caches answers (found or not) for at most `ttl` seconds (0.5 by default), so a
+revocation or expiry is seen by every replica within a second; an expiry time is also checked on
+every lookup, so a cached key stops working the moment it expires. `touch` batches last-used
+times and writes them every `touch_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import secrets
+import time
+
+from ccproxy.errors import Overloaded
+from ccproxy.services import Principal
+from ccproxy.usage.store import KeyRow, Store
+
+log = logging.getLogger("ccproxy.keys")
+
+__all__ = ["KEY_PREFIX", "DbKeyStore", "digest", "generate_key", "parse_duration"]
+
+KEY_PREFIX = "ccp_"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(24)  # 24 random bytes -> 32 characters
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `15m`, `24h`, `30d`, `2w` (a bare number is seconds) -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"expected a duration such as 30m, 24h or 30d, got {text!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def principal_of(row: KeyRow) -> Principal:
+    return Principal(name=row.name, rpm=row.rpm, tpm=row.tpm, max_concurrent=row.max_concurrent,
+                     models=row.models)
+
+
+class DbKeyStore:
+    def __init__(self, store: Store, *, ttl: float = 0.5, touch_interval: float = 5.0,
+                 max_cached: int = 10_000) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.touch_interval = touch_interval
+        self.max_cached = max_cached
+        # digest -> (monotonic time the entry dies, row or None)
+        self._cache: dict[str, tuple[float, KeyRow | None]] = {}
+        self._pending: dict[str, asyncio.Future[KeyRow | None]] = {}
+        self._touched: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._last_error_log = 0.0
+
+    async def lookup(self, digest: str) -> Principal | None:
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > time.monotonic():
+            row = hit[1]
+        else:
+            row = await self._load(digest, hit[1] if hit is not None else None)
+        if row is None or row.status(time.time()) != "active":
+            return None
+        return principal_of(row)
+
+    async def _load(self, digest: str, stale: KeyRow | None) -> KeyRow | None:
+        # Single flight: concurrent lookups of one digest share one query.
+        pending = self._pending.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[KeyRow | None] = asyncio.get_running_loop().create_future()
+        self._pending[digest] = fut
+        try:
+            row = await self.store.key_by_digest(digest)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as e:
+            # Database down: a key seen before keeps its last known state; others get a 503.
+            now = time.monotonic()
+            if now - self._last_error_log >= 10.0:
+                self._last_error_log = now
+                log.error("keys: key lookup failed (%s: %s)", type(e).__name__, e)
+            if stale is not None:
+                fut.set_result(stale)
+                return stale
+            err = Overloaded("the key store is unavailable; try again shortly")
+            fut.set_exception(err)
+            fut.exception()  # nobody may be waiting: mark it retrieved
+            raise err from e
+        finally:
+            self._pending.pop(digest, None)
+        fut.set_result(row)
+        if len(self._cache) >= self.max_cached:
+            self._evict()
+        self._cache[digest] = (time.monotonic() + self.ttl, row)
+        return row
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        for d in [d for d, (dies, _) in self._cache.items() if dies <= now]:
+            del self._cache[d]
+        while len(self._cache) >= self.max_cached:
+            del self._cache[next(iter(self._cache))]
+
+    async def touch(self, name: str) -> None:
+        self._touched[name] = time.time()
+
+    async def flush_touches(self) -> None:
+        touched, self._touched = self._touched, {}
+        if not touched:
+            return
+        try:
+            await self.store.touch_keys(touched)
+        except Exception as e:
+            log.warning("keys: could not record last-used times (%s: %s)", type(e).__name__, e)
+            for name, ts in touched.items():
+                self._touched[name] = max(ts, self._touched.get(name, 0.0))
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ccproxy-key-touch")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush_touches()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.touch_interval)
+            await self.flush_touches()

@@ -1,0 +1,69 @@
+"""Prometheus metrics, in a registry of their own (never the process-global one).
+
+One `Metrics` per app. The app calls `observe(record)` once per finished request; the limiter
+(rate-limited, Redis failures) and the usage writer (queue depth, dropped rows) feed the rest, and
+the request path may use `in_flight` (inc at start, dec at the end).
+`render()` gives the body and content type for the admin-guarded `/metrics` endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ccproxy.usage.record import UsageRecord
+
+__all__ = ["UPSTREAM_ERROR_KINDS", "Metrics"]
+
+# error_kind values that mean the backend (not the client, not the gateway) failed
+UPSTREAM_ERROR_KINDS = frozenset({"upstream_error", "timeout", "upstream_status", "upstream_rate_limited"})
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("ccproxy_requests", "Finished requests",
+                                ["alias", "provider", "status"], registry=r)
+        self.latency = Histogram("ccproxy_request_duration_seconds", "Whole request duration",
+                                 ["alias", "provider"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram("ccproxy_time_to_first_byte_seconds", "Time to the first response byte",
+                              ["alias", "provider"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("ccproxy_tokens", "Tokens by direction (input/output)",
+                              ["alias", "provider", "direction"], registry=r)
+        self.in_flight = Gauge("ccproxy_requests_in_flight", "Requests being served", registry=r)
+        self.rate_limited = Counter("ccproxy_rate_limited", "Requests refused by a per-key limit",
+                                    ["key", "limit"], registry=r)
+        self.upstream_errors = Counter("ccproxy_upstream_errors", "Requests whose backend failed",
+                                       ["provider", "kind"], registry=r)
+        self.usage_queue_depth = Gauge("ccproxy_usage_queue_depth", "Usage rows waiting to be written",
+                                       registry=r)
+        self.usage_dropped = Counter("ccproxy_usage_dropped_rows",
+                                     "Usage rows dropped because the write buffer was full", registry=r)
+        self.usage_write_errors = Counter("ccproxy_usage_write_errors", "Failed usage batch writes",
+                                          registry=r)
+        self.redis_failures = Counter("ccproxy_redis_failures", "Rate-limiter calls that failed on Redis",
+                                      ["policy"], registry=r)
+
+    def watch_queue_depth(self, depth: Callable[[], int]) -> None:
+        self.usage_queue_depth.set_function(lambda: float(depth()))
+
+    def observe(self, record: UsageRecord) -> None:
+        alias, provider = record.alias or "none", record.provider or "none"
+        self.requests.labels(alias, provider, str(record.status)).inc()
+        self.latency.labels(alias, provider).observe(max(record.latency_ms, 0.0) / 1000)
+        if record.ttfb_ms is not None:
+            self.ttfb.labels(alias, provider).observe(max(record.ttfb_ms, 0.0) / 1000)
+        if record.input_tokens:
+            self.tokens.labels(alias, provider, "input").inc(record.input_tokens)
+        if record.output_tokens:
+            self.tokens.labels(alias, provider, "output").inc(record.output_tokens)
+        if record.error_kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(provider, record.error_kind).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

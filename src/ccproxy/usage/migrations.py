@@ -1,0 +1,80 @@
+"""Schema migrations, as a list of named functions (the `llm` way), for SQLite and PostgreSQL.
+
+Each migration takes the SQL flavour ("sqlite" or "postgres") and returns the statements to run.
+A store applies, in one transaction each, those whose name is not yet in `ccproxy_migrations`.
+Never edit a released migration: append a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+Migration = Callable[[str], list[str]]
+
+MIGRATIONS: list[Migration] = []
+migration = MIGRATIONS.append
+
+MIGRATIONS_TABLE = "ccproxy_migrations"
+
+
+def _types(flavor: str) -> dict[str, str]:
+    if flavor == "postgres":
+        return {"id": "BIGSERIAL PRIMARY KEY", "float": "DOUBLE PRECISION", "int": "BIGINT",
+                "bool": "BOOLEAN"}
+    return {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL", "int": "INTEGER",
+            "bool": "INTEGER"}
+
+
+@migration
+def m001_usage(flavor: str) -> list[str]:
+    t = _types(flavor)
+    return [
+        f"""CREATE TABLE usage (
+            id {t['id']},
+            request_id TEXT NOT NULL UNIQUE,
+            ts {t['float']} NOT NULL,
+            key_name TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            alias TEXT,
+            rule TEXT,
+            provider TEXT,
+            upstream_model TEXT,
+            stream {t['bool']} NOT NULL DEFAULT {'FALSE' if flavor == 'postgres' else '0'},
+            status {t['int']} NOT NULL,
+            error_kind TEXT,
+            input_tokens {t['int']} NOT NULL DEFAULT 0,
+            output_tokens {t['int']} NOT NULL DEFAULT 0,
+            cache_read_tokens {t['int']} NOT NULL DEFAULT 0,
+            cache_creation_tokens {t['int']} NOT NULL DEFAULT 0,
+            latency_ms {t['float']} NOT NULL DEFAULT 0,
+            ttfb_ms {t['float']}
+        )""",
+        "CREATE INDEX usage_ts ON usage (ts)",
+        "CREATE INDEX usage_key_ts ON usage (key_name, ts)",
+    ]
+
+
+@migration
+def m002_api_keys(flavor: str) -> list[str]:
+    t = _types(flavor)
+    return [
+        f"""CREATE TABLE api_keys (
+            id {t['id']},
+            name TEXT NOT NULL UNIQUE,
+            sha256 TEXT NOT NULL UNIQUE,
+            rpm {t['int']},
+            tpm {t['int']},
+            max_concurrent {t['int']},
+            models TEXT,
+            created_at {t['float']} NOT NULL,
+            expires_at {t['float']},
+            revoked_at {t['float']},
+            last_used_at {t['float']}
+        )""",
+    ]
+
+
+def create_table_sql(flavor: str) -> str:
+    ts = "DOUBLE PRECISION" if flavor == "postgres" else "REAL"
+    return (f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} "
+            f"(name TEXT PRIMARY KEY, applied_at {ts} NOT NULL)")

@@ -1,0 +1,136 @@
+"""PostgreSQL store: an asyncpg pool on `database_url`; migrations under an advisory lock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
+from ccproxy.usage.record import UsageRecord
+from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, usage_values
+
+_INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
+               f"VALUES ({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})")
+_SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
+_MIGRATION_LOCK = 0x63637078  # "ccpx": replicas starting together migrate one at a time
+
+
+class PostgresStore:
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 5) -> None:
+        self.dsn = dsn
+        self._min, self._max = min_size, max_size
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("PostgresStore used before start()")
+        return self._pool
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            return
+        pool = await asyncpg.create_pool(self.dsn, min_size=self._min, max_size=self._max,
+                                         command_timeout=30)
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(create_table_sql("postgres"))
+                done = {r["name"] for r in await conn.fetch(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+                for m in MIGRATIONS:
+                    if m.__name__ in done:
+                        continue
+                    for stmt in m("postgres"):
+                        await conn.execute(stmt)
+                    await conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES ($1, $2)",
+                                       m.__name__, time.time())
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    # ------------------------------------------------------------------ usage
+
+    async def insert_usage(self, rows: Sequence[UsageRecord]) -> int:
+        if not rows:
+            return 0
+        # One statement for the whole batch: unnest() keeps it a single round trip, and
+        # RETURNING counts what was really new.
+        cols = list(USAGE_COLUMNS)
+        columns = list(zip(*(usage_values(r) for r in rows), strict=True))
+        types = [_PG_TYPES[c] for c in cols]
+        sql = (f"INSERT INTO usage ({', '.join(cols)}) "
+               f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(types))}) "
+               "ON CONFLICT (request_id) DO NOTHING RETURNING 1")
+        async with self.pool.acquire() as conn:
+            inserted = await conn.fetch(sql, *[list(c) for c in columns])
+        return len(inserted)
+
+    async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        bad = [c for c in columns if c not in USAGE_COLUMNS]
+        if bad:
+            raise ValueError(f"unknown usage column(s): {', '.join(bad)}")
+        sql = f"SELECT {', '.join(columns)} FROM usage WHERE ts >= $1 ORDER BY ts, request_id"
+        async with self.pool.acquire() as conn:
+            return [tuple(r) for r in await conn.fetch(sql, float(since_ts))]
+
+    async def recent_usage(self, limit: int) -> list[dict[str, Any]]:
+        sql = (f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage "
+               "ORDER BY ts DESC, request_id DESC LIMIT $1")
+        async with self.pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(sql, int(limit))]
+
+    async def applied_migrations(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(f"SELECT name FROM {MIGRATIONS_TABLE} ORDER BY applied_at, name")
+        return [r["name"] for r in rows]
+
+    # ------------------------------------------------------------------ keys
+
+    async def create_key(self, key: KeyRow) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(_INSERT_KEY, *key.db_values())
+        except asyncpg.UniqueViolationError as e:
+            raise KeyExists(f"a key named {key.name!r} already exists") from e
+
+    async def key_by_digest(self, sha256: str) -> KeyRow | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"{_SELECT_KEY} WHERE sha256 = $1", sha256)
+        return KeyRow.from_db(tuple(row)) if row else None
+
+    async def list_keys(self) -> list[KeyRow]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(f"{_SELECT_KEY} ORDER BY name")
+        return [KeyRow.from_db(tuple(r)) for r in rows]
+
+    async def revoke_key(self, name: str, at: float) -> bool:
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(
+                "UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL", at, name)
+        return status != "UPDATE 0"
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        if not last_used:
+            return
+        async with self.pool.acquire() as conn:
+            await conn.executemany(
+                "UPDATE api_keys SET last_used_at = $1 WHERE name = $2 "
+                "AND (last_used_at IS NULL OR last_used_at < $1)",
+                [(ts, name) for name, ts in last_used.items()])
+
+
+_PG_TYPES = {
+    "request_id": "text", "ts": "float8", "key_name": "text", "endpoint": "text", "alias": "text",
+    "rule": "text", "provider": "text", "upstream_model": "text", "stream": "bool", "status": "int8",
+    "error_kind": "text", "input_tokens": "int8", "output_tokens": "int8", "cache_read_tokens": "int8",
+    "cache_creation_tokens": "int8", "latency_ms": "float8", "ttfb_ms": "float8",
+}

@@ -1,0 +1,186 @@
+"""SQLite store: WAL mode, stdlib sqlite3 used from one dedicated thread so the loop never blocks.
+
+The connection is created in, and only ever used from, a single-thread executor; every method
+is a small synchronous function run there. Several processes may share the file (the gateway and
+`ccproxy keys create`): WAL plus a busy timeout makes that safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
+from ccproxy.usage.record import UsageRecord
+from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, usage_values
+
+T = TypeVar("T")
+
+_INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)}) ON CONFLICT (request_id) DO NOTHING")
+_INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
+               f"VALUES ({', '.join('?' for _ in KEY_COLUMNS)})")
+_SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._executor is None or self._conn is None:
+            raise RuntimeError("SQLiteStore used before start()")
+        conn = self._conn
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    async def start(self) -> None:
+        if self._conn is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccproxy-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            self._conn = await loop.run_in_executor(self._executor, self._connect)
+            await self._run(_migrate)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        executor, conn = self._executor, self._conn
+        self._executor = self._conn = None
+        if executor is None:
+            return
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        executor.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ usage
+
+    async def insert_usage(self, rows: Sequence[UsageRecord]) -> int:
+        values = [usage_values(r) for r in rows]
+
+        def insert(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            with _transaction(conn):
+                conn.executemany(_INSERT_USAGE, values)
+            return conn.total_changes - before
+
+        return await self._run(insert)
+
+    async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        cols = _checked(columns)
+        sql = f"SELECT {cols} FROM usage WHERE ts >= ? ORDER BY ts, request_id"
+        rows = await self._run(lambda c: c.execute(sql, (since_ts,)).fetchall())
+        return [_fix_bools(columns, r) for r in rows]
+
+    async def recent_usage(self, limit: int) -> list[dict[str, Any]]:
+        sql = (f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage "
+               "ORDER BY ts DESC, request_id DESC LIMIT ?")
+        rows = await self._run(lambda c: c.execute(sql, (int(limit),)).fetchall())
+        return [dict(zip(USAGE_COLUMNS, _fix_bools(USAGE_COLUMNS, r), strict=True)) for r in rows]
+
+    async def applied_migrations(self) -> list[str]:
+        sql = f"SELECT name FROM {MIGRATIONS_TABLE} ORDER BY applied_at, name"
+        return [r[0] for r in await self._run(lambda c: c.execute(sql).fetchall())]
+
+    # ------------------------------------------------------------------ keys
+
+    async def create_key(self, key: KeyRow) -> None:
+        def create(conn: sqlite3.Connection) -> None:
+            try:
+                with _transaction(conn):
+                    conn.execute(_INSERT_KEY, key.db_values())
+            except sqlite3.IntegrityError as e:
+                raise KeyExists(f"a key named {key.name!r} already exists") from e
+
+        await self._run(create)
+
+    async def key_by_digest(self, sha256: str) -> KeyRow | None:
+        row = await self._run(
+            lambda c: c.execute(f"{_SELECT_KEY} WHERE sha256 = ?", (sha256,)).fetchone())
+        return KeyRow.from_db(row) if row else None
+
+    async def list_keys(self) -> list[KeyRow]:
+        rows = await self._run(lambda c: c.execute(f"{_SELECT_KEY} ORDER BY name").fetchall())
+        return [KeyRow.from_db(r) for r in rows]
+
+    async def revoke_key(self, name: str, at: float) -> bool:
+        def revoke(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                cur = conn.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (at, name))
+            return cur.rowcount > 0
+
+        return await self._run(revoke)
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        values = [(ts, name, ts) for name, ts in last_used.items()]
+
+        def touch(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany("UPDATE api_keys SET last_used_at = ? WHERE name = ? "
+                                 "AND (last_used_at IS NULL OR last_used_at < ?)", values)
+
+        await self._run(touch)
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute(create_table_sql("sqlite"))
+    for m in MIGRATIONS:
+        # One transaction per migration; BEGIN IMMEDIATE serialises concurrent starters.
+        with _transaction(conn):
+            done = conn.execute(f"SELECT 1 FROM {MIGRATIONS_TABLE} WHERE name = ?", (m.__name__,)).fetchone()
+            if done:
+                continue
+            for stmt in m("sqlite"):
+                conn.execute(stmt)
+            conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES (?, ?)",
+                         (m.__name__, time.time()))
+
+
+def _checked(columns: Sequence[str]) -> str:
+    bad = [c for c in columns if c not in USAGE_COLUMNS]
+    if bad:
+        raise ValueError(f"unknown usage column(s): {', '.join(bad)}")
+    return ", ".join(columns)
+
+
+def _fix_bools(columns: Sequence[str], row: Sequence[Any]) -> tuple[Any, ...]:
+    if "stream" not in columns:
+        return tuple(row)
+    i = list(columns).index("stream")
+    out = list(row)
+    out[i] = bool(out[i])
+    return tuple(out)

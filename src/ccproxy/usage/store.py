@@ -1,0 +1,122 @@
+"""The `Store` seam: usage rows and API keys in SQLite or PostgreSQL, behind one async Protocol.
+
+`open_store(config)` picks PostgreSQL when `database_url` is set, else SQLite at `database`.
+Timestamps are unix seconds (float) in both databases, so both return identical values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ccproxy.usage.record import UsageRecord
+
+if TYPE_CHECKING:
+    from ccproxy.config import Config
+
+__all__ = ["USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "open_store", "usage_values"]
+
+USAGE_COLUMNS: tuple[str, ...] = (
+    "request_id", "ts", "key_name", "endpoint", "alias", "rule", "provider", "upstream_model",
+    "stream", "status", "error_kind", "input_tokens", "output_tokens", "cache_read_tokens",
+    "cache_creation_tokens", "latency_ms", "ttfb_ms",
+)
+
+KEY_COLUMNS: tuple[str, ...] = (
+    "name", "sha256", "rpm", "tpm", "max_concurrent", "models", "created_at", "expires_at",
+    "revoked_at", "last_used_at",
+)
+
+
+class KeyExists(Exception):
+    """A key with this name (or digest) is already stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    name: str
+    sha256: str
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    models: tuple[str, ...] | None = None
+    created_at: float = 0.0
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
+    def status(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def db_values(self) -> tuple[Any, ...]:
+        models = json.dumps(list(self.models)) if self.models is not None else None
+        return (self.name, self.sha256, self.rpm, self.tpm, self.max_concurrent, models,
+                self.created_at, self.expires_at, self.revoked_at, self.last_used_at)
+
+    @classmethod
+    def from_db(cls, row: Sequence[Any]) -> KeyRow:
+        values = dict(zip(KEY_COLUMNS, row, strict=True))
+        if values["models"] is not None:
+            values["models"] = tuple(json.loads(values["models"]))
+        return cls(**values)
+
+
+def usage_values(r: UsageRecord) -> tuple[Any, ...]:
+    return (r.request_id, float(r.ts), r.key_name, r.endpoint, r.alias, r.rule, r.provider,
+            r.upstream_model, bool(r.stream), int(r.status), r.error_kind, int(r.input_tokens),
+            int(r.output_tokens), int(r.cache_read_tokens), int(r.cache_creation_tokens),
+            float(r.latency_ms), None if r.ttfb_ms is None else float(r.ttfb_ms))
+
+
+class Store(Protocol):
+    async def start(self) -> None:
+        """Connect and apply pending migrations; idempotent."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def insert_usage(self, rows: Sequence[UsageRecord]) -> int:
+        """Insert rows; a request_id already stored is skipped. Returns rows really inserted."""
+        ...
+
+    async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """`columns` of every row with ts >= since_ts, ordered by (ts, request_id)."""
+        ...
+
+    async def recent_usage(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` rows, newest first."""
+        ...
+
+    async def applied_migrations(self) -> list[str]: ...
+
+    async def create_key(self, key: KeyRow) -> None:
+        """Raises KeyExists if the name or digest is taken."""
+        ...
+
+    async def key_by_digest(self, sha256: str) -> KeyRow | None: ...
+
+    async def list_keys(self) -> list[KeyRow]: ...
+
+    async def revoke_key(self, name: str, at: float) -> bool:
+        """Mark the key revoked; False if there is no unrevoked key of that name."""
+        ...
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        """Set last_used_at per key name (never moves it backwards)."""
+        ...
+
+
+def open_store(config: Config) -> Store:
+    if config.database_url:
+        from ccproxy.usage.postgres import PostgresStore
+
+        return PostgresStore(config.database_url)
+    from ccproxy.usage.sqlite import SQLiteStore
+
+    return SQLiteStore(config.database)

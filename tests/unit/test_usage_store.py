@@ -1,0 +1,138 @@
+"""SQLiteStore: migrations, idempotent inserts, aggregates with exact numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ccproxy.usage.migrations import MIGRATIONS
+from ccproxy.usage.query import aggregate, percentile, recent
+from ccproxy.usage.record import UsageRecord
+from ccproxy.usage.sqlite import SQLiteStore
+from ccproxy.usage.store import KeyExists, KeyRow
+
+NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+
+
+def seed_rows() -> list[UsageRecord]:
+    """Ten rows over two keys, two aliases, two days; one error, one without ttfb, one too old."""
+
+    def r(i: int, **kw) -> UsageRecord:
+        base = dict(request_id=f"req-{i}", ts=NOW - 3600 + i, key_name="alice", endpoint="/v1/messages",
+                    alias="coding", provider="ollama", upstream_model="qwen", status=200,
+                    input_tokens=100, output_tokens=50, latency_ms=1000.0, ttfb_ms=200.0)
+        base.update(kw)
+        return UsageRecord(**base)
+
+    return [
+        r(0, latency_ms=100.0, ttfb_ms=10.0),
+        r(1, latency_ms=200.0, ttfb_ms=20.0),
+        r(2, latency_ms=300.0, ttfb_ms=None, output_tokens=30),
+        r(3, latency_ms=400.0, ttfb_ms=40.0, status=502, error_kind="upstream_error", output_tokens=0),
+        r(4, key_name="bob", alias="fast", provider="openai", latency_ms=50.0, ttfb_ms=5.0,
+          input_tokens=10, output_tokens=90),
+        r(5, key_name="bob", alias="fast", provider="openai", latency_ms=150.0, ttfb_ms=15.0,
+          input_tokens=20, output_tokens=0, status=499, error_kind="client_disconnect"),
+        r(6, key_name="bob", alias="fast", provider="openai", ts=NOW - 86400 - 10, latency_ms=999.0),
+        r(7, latency_ms=500.0, ttfb_ms=100.0, stream=True),
+        r(8, ts=NOW - 30 * 86400),  # outside a 24h window
+        r(9, key_name="carol", alias=None, provider=None, status=400, error_kind="invalid_request",
+          input_tokens=0, output_tokens=0, latency_ms=2.0, ttfb_ms=None),
+    ]
+
+
+# Expected for since = 24h + 60 s (so row 6, a day earlier, is in and row 8 is out).
+EXPECTED_BY_KEY = [
+    {"key": "alice", "requests": 5, "errors": 1, "input_tokens": 500, "output_tokens": 180,
+     "p50_ms": 300.0, "p95_ms": 480.0, "ttfb_p50_ms": 30.0, "tokens_per_second": 185.57},  # 180 tok / 0.97 s
+    {"key": "bob", "requests": 3, "errors": 1, "input_tokens": 130, "output_tokens": 140,
+     "p50_ms": 150.0, "p95_ms": 914.1, "ttfb_p50_ms": 15.0, "tokens_per_second": 165.88},  # 140 tok / 0.844 s
+    {"key": "carol", "requests": 1, "errors": 1, "input_tokens": 0, "output_tokens": 0,
+     "p50_ms": 2.0, "p95_ms": 2.0, "ttfb_p50_ms": None, "tokens_per_second": None},
+]
+SINCE = 86400 + 60
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = SQLiteStore(tmp_path / "sub" / "usage.db")
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_migrations_recorded_and_idempotent(store: SQLiteStore, tmp_path: Path) -> None:
+    names = [m.__name__ for m in MIGRATIONS]
+    assert await store.applied_migrations() == names
+    await store.start()  # already started: no-op
+    again = SQLiteStore(store.path)
+    await again.start()  # a second process on the same file
+    assert await again.applied_migrations() == names
+    await again.close()
+    import sqlite3
+
+    mode = sqlite3.connect(store.path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+async def test_insert_is_idempotent_on_request_id(store: SQLiteStore) -> None:
+    rows = seed_rows()
+    assert await store.insert_usage(rows) == len(rows)
+    assert await store.insert_usage(rows[:3]) == 0  # a retried batch
+    assert await store.insert_usage([*rows[:2], UsageRecord("new", NOW, "x", "/api/chat")]) == 1
+    assert len(await recent(store, 100)) == len(rows) + 1
+
+
+async def test_aggregate_by_key_exact(store: SQLiteStore) -> None:
+    await store.insert_usage(seed_rows())
+    assert await aggregate(store, "key", SINCE, now=NOW) == EXPECTED_BY_KEY
+
+
+async def test_aggregate_other_groups(store: SQLiteStore) -> None:
+    await store.insert_usage(seed_rows())
+    by_alias = await aggregate(store, "alias", SINCE, now=NOW)
+    assert [(g["alias"], g["requests"]) for g in by_alias] == [("coding", 5), ("fast", 3), (None, 1)]
+    by_status = await aggregate(store, "status", SINCE, now=NOW)
+    assert [(g["status"], g["requests"], g["errors"]) for g in by_status] == [
+        (200, 6, 0), (400, 1, 1), (499, 1, 1), (502, 1, 1)]
+    by_day = await aggregate(store, "day", SINCE, now=NOW)
+    assert [(g["day"], g["requests"]) for g in by_day] == [("2023-11-13", 1), ("2023-11-14", 8)]
+    by_provider = await aggregate(store, "provider", 10 * 86400 * 10, now=NOW)
+    assert [(g["provider"], g["requests"]) for g in by_provider] == [("ollama", 6), ("openai", 3), (None, 1)]
+    with pytest.raises(ValueError):
+        await aggregate(store, "model", SINCE)
+
+
+async def test_recent_newest_first(store: SQLiteStore) -> None:
+    await store.insert_usage(seed_rows())
+    rows = await recent(store, 3)
+    assert [r["request_id"] for r in rows] == ["req-9", "req-7", "req-5"]
+    assert rows[1]["stream"] is True and rows[0]["ttfb_ms"] is None
+
+
+async def test_usage_rows_rejects_unknown_columns(store: SQLiteStore) -> None:
+    with pytest.raises(ValueError):
+        await store.usage_rows(0, ["ts; DROP TABLE usage"])
+
+
+async def test_keys_roundtrip(store: SQLiteStore) -> None:
+    k = KeyRow(name="a", sha256="ab" * 32, rpm=5, models=("coding", "fast"), created_at=NOW)
+    await store.create_key(k)
+    with pytest.raises(KeyExists):
+        await store.create_key(k)
+    assert await store.key_by_digest("ab" * 32) == k
+    assert await store.key_by_digest("cd" * 32) is None
+    await store.touch_keys({"a": NOW + 5})
+    await store.touch_keys({"a": NOW + 1})  # never backwards
+    assert (await store.list_keys())[0].last_used_at == NOW + 5
+    assert await store.revoke_key("a", NOW + 10)
+    assert not await store.revoke_key("a", NOW + 11)
+    assert (await store.key_by_digest("ab" * 32)).status(NOW + 20) == "revoked"  # type: ignore[union-attr]
+
+
+def test_percentile_matches_percentile_cont() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([7.0], 0.95) == 7.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([100.0, 200.0, 300.0, 400.0, 500.0], 0.95) == pytest.approx(480.0)

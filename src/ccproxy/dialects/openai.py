@@ -220,7 +220,9 @@ def parse_request(body: Any) -> ChatRequest:
     system, messages = parse_messages(body.get("messages"))
     n = body.get("n")
     _expect(n in (None, 1), "n must be 1: ccproxy returns one choice per request", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:  # an explicit null must not hide max_tokens
+        max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         _expect(isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
                 "max_tokens must be a positive integer", "max_tokens")
@@ -365,7 +367,7 @@ def _content_for_backend(blocks: list[Block]) -> str | list[dict[str, Any]]:
     """Plain string when the turn is text only: llama.cpp's server rejects part lists on system
     messages and some servers on every role; parts only when an image forces them."""
     if all(isinstance(b, TextBlock) for b in blocks):
-        return "".join(b.text for b in blocks)  # type: ignore[union-attr]
+        return "\n".join(b.text for b in blocks)  # type: ignore[union-attr]  # merged turns keep a boundary
     parts: list[dict[str, Any]] = []
     for b in blocks:
         if isinstance(b, TextBlock):
@@ -390,7 +392,7 @@ def build_messages(req: ChatRequest) -> list[dict[str, Any]]:
     pending: list[str] = []  # tool_use ids still waiting for a result
     for m in req.messages:
         if m.role == "assistant":
-            text = "".join(b.text for b in m.content if isinstance(b, TextBlock))
+            text = "\n".join(b.text for b in m.content if isinstance(b, TextBlock))
             calls = [_tool_call_dict(b) for b in m.content if isinstance(b, ToolUseBlock)]
             msg: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
             if calls:

@@ -143,6 +143,15 @@ def _document(block: dict[str, Any], where: str) -> list[TextBlock]:
     raise _bad(f"{where}: document blocks are only supported with text sources (no PDF)", where)
 
 
+def _search_result(b: dict[str, Any]) -> list[TextBlock]:
+    texts = [c.get("text") for c in b.get("content") or [] if isinstance(c, dict)]
+    text = "\n".join(t for t in texts if isinstance(t, str) and t)
+    title = b.get("title")
+    if isinstance(title, str) and title and text:
+        text = f"{title}\n\n{text}"
+    return [TextBlock(text)] if text.strip() else []
+
+
 def _tool_result_content(raw: Any, where: str) -> list[TextBlock | ImageBlock]:
     if raw is None:
         return []
@@ -165,8 +174,7 @@ def _tool_result_content(raw: Any, where: str) -> list[TextBlock | ImageBlock]:
         elif kind == "document":
             out.extend(_document(b, w))
         elif kind == "search_result":
-            texts = [c.get("text", "") for c in b.get("content") or [] if isinstance(c, dict)]
-            out.append(TextBlock("\n".join(t for t in texts if isinstance(t, str))))
+            out.extend(_search_result(b))
         else:
             raise _bad(f"{w}.type: a tool_result may hold text, image or document blocks, got {kind!r}", w)
     return out
@@ -185,6 +193,8 @@ def _block(b: Any, role: str, where: str) -> list[Block]:
         return [_image(b, where)]
     if kind == "document":
         return list(_document(b, where))
+    if kind == "search_result":
+        return list(_search_result(b))
     if kind == "tool_use":
         if role != "assistant":
             raise _bad(f"{where}: tool_use blocks are only allowed in assistant messages", where)
@@ -245,9 +255,10 @@ def _system_text(raw: Any, where: str) -> str:
         raise _bad(f"{where}: expected a string or a list of text blocks", where)
     parts = []
     for i, b in enumerate(raw):
-        if not isinstance(b, dict) or b.get("type") != "text":
+        # text blocks, or any newer system block kind that carries its text the same way
+        if not isinstance(b, dict) or not isinstance(b.get("text"), str):
             raise _bad(f"{where}.{i}: expected a text block", f"{where}.{i}")
-        parts.append(_text(b, f"{where}.{i}"))
+        parts.append(b["text"])
     return "\n\n".join(p for p in parts if p.strip())
 
 

@@ -87,8 +87,10 @@ class AliasConfig(_Strict):
     context_window: int | None = Field(None, ge=1)
     max_output_tokens: int | None = Field(None, ge=1)
     supports_tools: bool = True
-    supports_images: bool = True
-    supports_thinking: bool = True
+    supports_images: bool = False
+    supports_thinking: bool = False
+    strip_tools: bool = Field(False, description="send no tool definitions (small models cannot call tools); "
+                              "tool calls in the history become plain text")
 
     @model_validator(mode="after")
     def _one_target(self) -> AliasConfig:

@@ -40,7 +40,7 @@ def default_key() -> str:
 
 def demo_config_dict(key: str) -> dict[str, Any]:
     alias = {"provider": "embedded", "model": "smollm2-135m-instruct", "context_window": DEMO_CONTEXT,
-             "max_output_tokens": DEMO_MAX_OUTPUT, "supports_tools": True, "supports_images": False,
+             "max_output_tokens": DEMO_MAX_OUTPUT, "strip_tools": True, "supports_images": False,
              "supports_thinking": False}
     return {
         "listen": "127.0.0.1:8081",

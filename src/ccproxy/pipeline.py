@@ -40,10 +40,14 @@ from ccproxy.core import (
     ChatRequest,
     ChatResponse,
     Finish,
+    Message,
     StreamEvent,
+    TextBlock,
     TextDelta,
     ThinkingDelta,
     ToolCallDelta,
+    ToolResultBlock,
+    ToolUseBlock,
     Usage,
     UsageUpdate,
 )
@@ -90,7 +94,8 @@ async def send_error(send: Send, adapter: DialectAdapter, exc: errors.GatewayErr
 
 
 def check_capabilities(req: ChatRequest, alias: str, cfg: AliasConfig) -> None:
-    if req.tools and not cfg.supports_tools and not (req.tool_choice and req.tool_choice.type == "none"):
+    tools_off = cfg.strip_tools or (req.tool_choice is not None and req.tool_choice.type == "none")
+    if req.tools and not cfg.supports_tools and not tools_off:
         raise errors.CapabilityMissing(
             f"model {alias!r} does not support tools, but the request offers {len(req.tools)}; "
             f"use an alias with supports_tools: true or send no tools", param="tools")
@@ -124,6 +129,10 @@ def prepare_for(req: ChatRequest, alias: str, cfg: AliasConfig, provider: Provid
         # thinking needs budget < max_tokens; keep the client's intent within the clamp
         budget = min(req.thinking.budget_tokens, max(1024, max_tokens - 1))
         changes["thinking"] = dataclasses.replace(req.thinking, budget_tokens=budget)
+    if cfg.strip_tools and (req.tools or any(isinstance(b, (ToolUseBlock, ToolResultBlock))
+                                             for m in req.messages for b in m.content)):
+        changes["tools"], changes["tool_choice"] = [], None
+        changes["messages"] = [Message(m.role, [_tool_block_as_text(b) for b in m.content]) for m in req.messages]
     if provider.type == "ollama":
         want = prompt_tokens + (max_tokens or 1024)
         num_ctx = int(math.ceil(want * 1.1 / 256) * 256)
@@ -131,6 +140,14 @@ def prepare_for(req: ChatRequest, alias: str, cfg: AliasConfig, provider: Provid
             num_ctx = min(num_ctx, cfg.context_window)
         changes["passthrough"] = {**req.passthrough, "num_ctx": num_ctx}
     return dataclasses.replace(req, **changes)
+
+
+def _tool_block_as_text(b: Any) -> Any:
+    if isinstance(b, ToolUseBlock):
+        return TextBlock(f"[called tool {b.name} with {orjson.dumps(b.input).decode()}]")
+    if isinstance(b, ToolResultBlock):
+        return TextBlock(f"[tool {'error' if b.is_error else 'result'}: {b.text()}]")
+    return b
 
 
 def model_allowed(principal: Principal, alias: str) -> bool:
@@ -332,8 +349,8 @@ class ChatFlow:
             router.started(target.deployment)
             ok = False
             queue: asyncio.Queue[Any] = asyncio.Queue()
-            pump = asyncio.get_running_loop().create_task(_pump(_call_stream(provider, prepared, target.deployment.model),
-                                                                queue))
+            events = _call_stream(provider, prepared, target.deployment.model)
+            pump = asyncio.get_running_loop().create_task(_pump(events, queue))
             try:
                 while True:
                     try:

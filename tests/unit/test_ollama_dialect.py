@@ -237,7 +237,7 @@ def test_render_error_statuses() -> None:
 
 
 def test_render_tags() -> None:
-    aliases = {"coding": AliasConfig(provider="p", model="m", supports_images=False),
+    aliases = {"coding": AliasConfig(provider="p", model="m", supports_images=False, supports_thinking=True),
                "claude-*": AliasConfig(provider="p", model="m")}
     got = ollama.render_tags(aliases, modified_at="2025-01-01T00:00:00Z")
     assert [m["name"] for m in got["models"]] == ["coding"]

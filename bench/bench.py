@@ -116,6 +116,7 @@ http {{
 
 
 _children: list[subprocess.Popen] = []
+_tmpdirs: list[Path] = []
 
 
 def _kill_all() -> None:
@@ -140,6 +141,8 @@ def _kill_all() -> None:
 
 def _on_signal(signum, _frame):
     _kill_all()
+    for d in _tmpdirs:
+        shutil.rmtree(d, ignore_errors=True)
     print(f"\ninterrupted (signal {signum}); everything started was stopped", file=sys.stderr)
     os._exit(128 + signum)
 
@@ -388,15 +391,23 @@ def lua_script(t: Target, path: Path) -> Path:
 def wrk(t: Target, script: Path, conns: int, threads: int, seconds: float) -> dict:
     argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
             "--latency", "-s", str(script), t.url]
+    # own process group, registered, so an interrupt stops it at once (its -d bounds it anyway)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    _children.append(p)
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+        out, err = p.communicate(timeout=seconds + 30)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
         return {"error": "wrk did not finish in time"}
-    m = re.search(r"^BENCH (.*)$", cp.stdout, re.M)
+    finally:
+        _children.remove(p)
+    m = re.search(r"^BENCH (.*)$", out, re.M)
     if not m:
-        return {"error": f"wrk failed (rc {cp.returncode}): {(cp.stderr or cp.stdout)[-300:]}"}
+        return {"error": f"wrk failed (rc {p.returncode}): {(err or out)[-300:]}"}
     r = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
-    b = re.search(r"^BENCHBODY (.*)$", cp.stdout, re.M)
+    b = re.search(r"^BENCHBODY (.*)$", out, re.M)
     r["first_bad_body"] = b.group(1)[:200] if b else ""
     errors = (r["non2xx"] + r["badbody"] + r["err_connect"] + r["err_read"] + r["err_write"]
               + r["err_timeout"])
@@ -640,6 +651,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="ccproxy-bench-"))
     os.chmod(tmp, 0o755)  # nginx workers may run as nobody
+    _tmpdirs.append(tmp)
     atexit.register(shutil.rmtree, tmp, True)
     meta = {"started": dt.datetime.now().isoformat(timespec="seconds"), "duration_s": dur,
             "latency_duration_s": lat_dur, "warmup_s": warm, "wrk_threads": a.wrk_threads,

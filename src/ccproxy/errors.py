@@ -116,6 +116,8 @@ class UpstreamStatus(UpstreamError):
         retryable = status >= 500 or status in (408, 429)
         super().__init__(message, provider=provider, retryable=retryable, status=status, **kw)
         self.retry_after = retry_after
+        if retry_after is not None:  # the client's SDK honours it, as the backend asked
+            self.headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))
         if status >= 500 or status in (408, 429):
             self.kind = "upstream_error" if status != 429 else "upstream_rate_limited"
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -40,7 +41,9 @@ def mapped_errors(provider: str) -> Iterator[None]:
     except TimeoutError:
         raise errors.UpstreamTimeout(f"provider '{provider}' did not answer in time", provider=provider) from None
     except aiohttp.ClientConnectorError as e:
-        reason = e.os_error.strerror if e.os_error and e.os_error.strerror else "connection failed"
+        # Not the OS text: aiohttp's reads "Connect call failed ('host', port)", and the host stays private.
+        errno = e.os_error.errno if isinstance(e.os_error, OSError) else None
+        reason = os.strerror(errno) if isinstance(errno, int) and errno > 0 else "connection failed"
         raise errors.UpstreamError(f"provider '{provider}' is unreachable ({reason.lower()}); is the backend "
                                    f"running? `ccproxy check` tests every backend", provider=provider) from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,

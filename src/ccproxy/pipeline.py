@@ -189,6 +189,10 @@ class ChatFlow:
                 limits = self.runtime.config.limits
                 body = await read_body(receive, self.headers, limits.max_body_bytes, limits.body_timeout)
                 req = self.adapter.parse(parse_json(body, limits.max_json_depth))
+                beta = self.headers.get("anthropic-beta")
+                if beta and self.adapter.name == "anthropic":
+                    # forwarded to Anthropic-compatible backends only (providers/anthropic.py)
+                    req.passthrough["anthropic.beta"] = [f.strip() for f in beta.split(",") if f.strip()]
                 self.prompt_estimate = estimate_prompt_tokens(req)
                 traits = RequestTraits.of(req, self.headers, principal.name, self.prompt_estimate)
                 route = self.runtime.router.route(req, traits)

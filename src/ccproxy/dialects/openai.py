@@ -442,7 +442,8 @@ def build_backend_request(req: ChatRequest, model: str) -> dict[str, Any]:
                 body["parallel_tool_calls"] = False
     if req.thinking and req.thinking.effort:
         body["reasoning_effort"] = req.thinking.effort
-    body.update(req.passthrough)
+    # only OpenAI fields: other dialects keep their own extras under "anthropic.*" / "num_ctx"
+    body.update((k, v) for k, v in req.passthrough.items() if k in _PASSTHROUGH)
     return body
 
 

@@ -79,6 +79,11 @@ async def raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
     if resp.status < 400:
         return
     body = await resp.read()
+    if resp.status in (401, 403):
+        # The backend refused the gateway's own credentials: a gateway configuration problem, not
+        # the client's key (passing 401 through would make clients think their key is bad).
+        raise errors.UpstreamError(f"provider '{provider}' rejected the gateway's credentials ({resp.status}): "
+                                   f"check its api_key in the config", provider=provider)
     raise errors.UpstreamStatus(f"provider '{provider}' answered {resp.status}: {error_message(body)}",
                                 status=resp.status, provider=provider, retry_after=parse_retry_after(resp.headers))
 

@@ -185,7 +185,6 @@ async def test_count_tokens(backend: Backend, provider: AnthropicProvider) -> No
 
 
 @pytest.mark.parametrize(("status", "etype", "retryable"), [(400, "invalid_request_error", False),
-                                                            (401, "authentication_error", False),
                                                             (500, "api_error", True),
                                                             (529, "overloaded_error", True)])
 async def test_error_status(backend: Backend, provider: AnthropicProvider, status: int, etype: str,
@@ -198,6 +197,20 @@ async def test_error_status(backend: Backend, provider: AnthropicProvider, statu
         assert info.value.status == status and info.value.retryable is retryable
         assert "backend says no" in info.value.message and info.value.provider == "up"
         assert_no_secret(info.value)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_backend_refusing_our_credentials_is_a_gateway_error(backend: Backend, provider: AnthropicProvider,
+                                                                   status: int) -> None:
+    """A backend 401/403 is about the gateway's provider key, never the client's: 502, retryable."""
+    error = {"type": "error", "error": {"type": "authentication_error", "message": "bad key"}}
+    backend.routes["/v1/messages"] = json_route(error, status=status)
+    with pytest.raises(errors.UpstreamError) as info:
+        await provider.complete(REQ, "m")
+    assert not isinstance(info.value, errors.UpstreamStatus)
+    assert info.value.status == 502 and info.value.retryable
+    assert "credentials" in info.value.message
+    assert_no_secret(info.value)
 
 
 async def test_rate_limited_carries_retry_after(backend: Backend, provider: AnthropicProvider) -> None:

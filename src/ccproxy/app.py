@@ -31,6 +31,8 @@ log = logging.getLogger("ccproxy")
 
 READY_CACHE_SECONDS = 2.0
 READY_PROBE_TIMEOUT = 2.0
+RETIRE_GRACE = 2.0  # seconds before a replaced runtime may close (non-chat endpoints finish)
+RETIRE_POLL = 0.5
 BLOCKED_OLLAMA_PATHS = {"/api/pull", "/api/create", "/api/push", "/api/delete", "/api/copy", "/api/blobs"}
 
 
@@ -41,6 +43,7 @@ class Runtime:
                  reuse: dict[str, Provider] | None = None):
         self.config = config
         self.router = Router(config, health)
+        self.active = 0  # chat requests pinned to this runtime; a retired runtime closes when it is 0
         reuse = reuse or {}
         self.providers: dict[str, Provider] = {}
         for name, pc in config.providers.items():
@@ -84,6 +87,7 @@ class Gateway:
         self.in_flight = 0
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self._health,
             ("HEAD", "/health"): self._health,
@@ -117,16 +121,26 @@ class Gateway:
         """Swap in a new, already validated config. In-flight requests keep the old runtime."""
         old = self.runtime
         new = Runtime(config, old.router.health, old.providers)
-        await new.start()
+        try:
+            await new.start()
+        except BaseException:
+            await new.close(keep={id(p) for p in old.providers.values()})  # the old runtime keeps serving
+            raise
         self.runtime = new
         self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
         kept = {id(p) for p in new.providers.values()}
 
         async def retire() -> None:
-            await asyncio.sleep(config.drain_seconds)
+            # In-flight chat requests finish on the old runtime however long they stream; other
+            # endpoints use it for a moment only (RETIRE_GRACE).
+            await asyncio.sleep(RETIRE_GRACE)
+            while old.active > 0:
+                await asyncio.sleep(RETIRE_POLL)
             await old.close(keep=kept)
 
-        asyncio.get_running_loop().create_task(retire())
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)  # a strong reference: the loop keeps only weak ones
+        task.add_done_callback(self._retiring.discard)
 
     def observe(self, record: UsageRecord, admitted: bool) -> None:
         metrics = getattr(self.services, "metrics", None)
@@ -220,9 +234,12 @@ class Gateway:
             metrics = getattr(self.services, "metrics", None)
             if metrics is not None:
                 metrics.in_flight.inc()
+            flow = ChatFlow(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
+            flow.runtime.active += 1
             try:
-                await ChatFlow(self, adapter, endpoint, headers).run(receive, send)
+                await flow.run(receive, send)
             finally:
+                flow.runtime.active -= 1
                 self.in_flight -= 1
                 if metrics is not None:
                     metrics.in_flight.dec()

@@ -165,6 +165,13 @@ class Limits(_Strict):
     max_headers: int = Field(100, ge=8)
 
 
+class RetryConfig(_Strict):
+    max_attempts: int = Field(3, ge=1, description="deployments tried per request, the first included")
+    deadline_seconds: float = Field(120.0, gt=0, description="no new attempt (retry or fallback) starts this "
+                                    "many seconds after the request arrived; the attempt in progress runs "
+                                    "under its provider's timeouts")
+
+
 class Config(_Strict):
     listen: str = DEFAULT_LISTEN
     metrics_listen: str | None = None
@@ -178,6 +185,7 @@ class Config(_Strict):
     redis_url: str | None = None
     redis_failure_policy: Literal["open", "closed"] = "open"
     limits: Limits = Limits()
+    retry: RetryConfig = RetryConfig()
     drain_seconds: float = Field(30.0, ge=0)
     log_prompts: bool = False
     tls_cert: str | None = None

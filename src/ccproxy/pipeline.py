@@ -60,7 +60,6 @@ from ccproxy.usage.record import UsageRecord
 log = logging.getLogger("ccproxy.request")
 
 PING_INTERVAL = 8.0  # seconds without output before a keep-alive goes to a streaming client
-DEFAULT_MAX_ATTEMPTS = 3
 
 
 class StreamRenderer(Protocol):
@@ -261,11 +260,21 @@ class ChatFlow:
     # ---------------------------------------------------------------- attempts
 
     def _attempts(self, req: ChatRequest, route: Route):
-        """Yield (target, prepared request, provider) in order, within the retry budget."""
+        """Yield (target, prepared request, provider) in order, within the retry budget
+        (`retry.max_attempts`) and deadline (`retry.deadline_seconds` from the request's arrival:
+        no new attempt starts after it). Deployments in cooldown are skipped while others remain."""
         config = self.runtime.config
+        router = self.runtime.router
+        remaining = list(route.targets)
+        deadline = self.t0 + config.retry.deadline_seconds
         n = 0
-        for target in route.targets:
-            if n >= max(DEFAULT_MAX_ATTEMPTS, 1):
+        while n < config.retry.max_attempts:
+            target = router.next_target(remaining)
+            if target is None:
+                return
+            if n and time.perf_counter() >= deadline:
+                log.warning("retry deadline of %ss passed; no further attempt", config.retry.deadline_seconds,
+                            extra={"fields": {"request_id": self.request_id}})
                 return
             try:
                 if target.alias != route.alias:
@@ -288,6 +297,11 @@ class ChatFlow:
             usage.output_tokens = self.output_events
         return usage
 
+    def _attempt_failed(self, target: Target, e: errors.GatewayError) -> None:
+        log.warning("attempt failed, trying the next deployment if any: %s", e.message,
+                    extra={"fields": {"request_id": self.request_id, "provider": target.deployment.provider,
+                                      "upstream_model": target.deployment.model, "error": e.kind}})
+
     def _note_target(self, target: Target) -> None:
         self.record.provider = target.deployment.provider
         self.record.upstream_model = target.deployment.model
@@ -303,6 +317,7 @@ class ChatFlow:
             self._note_target(target)
             router.started(target.deployment)
             ok = False
+            retry_after: float | None = None
             try:
                 resp = await _call_complete(provider, prepared, target.deployment.model)
                 ok = True
@@ -311,9 +326,11 @@ class ChatFlow:
                 if not e.retryable:
                     ok = True  # the backend is fine; the request was refused
                     raise
+                retry_after = getattr(e, "retry_after", None)
+                self._attempt_failed(target, e)
                 continue
             finally:
-                router.finished(target.deployment, ok)
+                router.finished(target.deployment, ok, retry_after)
             if resp.usage.output_tokens == 0:
                 self.output_events = math.ceil(sum(len(getattr(b, "text", "")) for b in resp.content) / 4)
             resp.usage = self._filled(resp.usage)
@@ -352,6 +369,7 @@ class ChatFlow:
             self._note_target(target)
             router.started(target.deployment)
             ok = False
+            retry_after: float | None = None
             queue: asyncio.Queue[Any] = asyncio.Queue()
             events = _call_stream(provider, prepared, target.deployment.model)
             pump = asyncio.get_running_loop().create_task(_pump(events, queue))
@@ -398,9 +416,11 @@ class ChatFlow:
                     return Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
                 if not retryable:
                     raise
+                retry_after = getattr(e, "retry_after", None)
+                self._attempt_failed(target, e)
                 continue
             finally:
-                router.finished(target.deployment, ok)
+                router.finished(target.deployment, ok, retry_after)
                 if not pump.done():
                     pump.cancel()
                     try:

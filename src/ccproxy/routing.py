@@ -6,6 +6,12 @@
 2. Otherwise the requested model name is looked up among the aliases (exact, then globs).
 3. The alias's deployments are ordered by least in-flight per unit of weight, deployments in
    cooldown last; then come the deployments of each alias in its `fallbacks`.
+4. The pipeline tries them with `next_target`: deployments in cooldown are skipped while any other
+   remains, and tried last (better a likely failure than a certain one).
+
+A deployment goes into cooldown after `max_failures` consecutive failures (for `cooldown_seconds`),
+or at once for as long as a backend's `Retry-After` asks (capped at MAX_RETRY_AFTER); it comes back
+on its own when the time is up.
 
 The router keeps per-deployment health (in flight, consecutive failures, cooldown); nothing else.
 """
@@ -23,6 +29,7 @@ from ccproxy.config import AliasConfig, Config, Deployment, RuleConfig, resolve_
 from ccproxy.core import ChatRequest
 from ccproxy.tokens import estimate_prompt_tokens
 
+MAX_RETRY_AFTER = 3600.0  # a backend's Retry-After never benches a deployment for longer
 
 @dataclass(slots=True)
 class DeploymentHealth:
@@ -169,13 +176,31 @@ class Router:
         h.in_flight += 1
         h.total += 1
 
-    def finished(self, d: Deployment, ok: bool) -> None:
+    def next_target(self, remaining: list[Target]) -> Target | None:
+        """Remove and return the next target to try: the first one not in cooldown, or, when all
+        are cooling, the first one. Health is read now, so failures earlier in the same request count."""
+        if not remaining:
+            return None
+        now = time.monotonic()
+        for i, t in enumerate(remaining):
+            if not self._state(t.deployment).cooling(now):
+                return remaining.pop(i)
+        return remaining.pop(0)
+
+    def finished(self, d: Deployment, ok: bool, retry_after: float | None = None) -> None:
+        """Bookkeeping after an attempt. `retry_after` (seconds, from a failed backend's Retry-After
+        header) puts the deployment in cooldown for that long at once."""
         h = self._state(d)
         h.in_flight = max(0, h.in_flight - 1)
         if ok:
             h.failures = 0
             return
         h.errors += 1
+        if retry_after is not None and retry_after > 0:
+            until = time.monotonic() + min(retry_after, MAX_RETRY_AFTER)
+            h.cooldown_until = max(h.cooldown_until, until)
+            h.failures = 0
+            return
         h.failures += 1
         pc = self.config.providers[d.provider]
         if h.failures >= pc.max_failures:
@@ -187,6 +212,7 @@ class Router:
         out = []
         for (provider, model), h in sorted(self.health.items()):
             out.append({"provider": provider, "model": model, "in_flight": h.in_flight,
+                        "cooling": h.cooling(now), "consecutive_failures": h.failures,
                         "cooldown_seconds_left": round(max(0.0, h.cooldown_until - now), 1),
                         "requests": h.total, "errors": h.errors})
         return out

@@ -11,9 +11,12 @@ reloads the config: validated first, swapped atomically, the old one kept on any
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import threading
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -34,12 +37,28 @@ class GatewayServer(uvicorn.Server):
         self.config_path = config_path
         self._mtime = self._stat()
         self._reloading = False
+        self._reload_lock = asyncio.Lock()
 
     def _stat(self) -> float | None:
         try:
             return os.stat(self.config_path).st_mtime if self.config_path else None
         except OSError:
             return None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn captures SIGINT/SIGTERM only; without this, SIGHUP's default action ends the process.
+        sighup = getattr(signal, "SIGHUP", None)
+        if sighup is None or threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(sighup, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(sighup, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         loop = asyncio.get_event_loop()
@@ -69,7 +88,14 @@ class GatewayServer(uvicorn.Server):
         if not self.config_path:
             log.warning("reload ignored: the gateway runs the built-in config, not a file")
             return False
+        async with self._reload_lock:  # one at a time; a SIGHUP during a reload runs after it
+            return await self._reload(why)
+
+    async def _reload(self, why: str) -> bool:
+        assert self.config_path is not None
         self._reloading = True
+        # The mtime of the file as it is read: a write during the reload triggers another one.
+        mtime = self._stat()
         try:
             new = load_config(self.config_path)
             old = self.gateway.runtime.config
@@ -87,7 +113,7 @@ class GatewayServer(uvicorn.Server):
             return False
         finally:
             self._reloading = False
-            self._mtime = self._stat()
+            self._mtime = mtime
 
 
 async def startup_report(gateway) -> None:

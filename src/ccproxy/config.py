@@ -51,6 +51,8 @@ class ProviderConfig(_Strict):
     n_parallel: int = Field(2, ge=1)
     n_threads: int | None = Field(None, ge=1)
     queue_size: int = Field(8, ge=0, description="requests that may wait for a free slot")
+    context_length: int | None = Field(None, ge=256, description="raise the model's trained context length "
+                                       "to this (llama.cpp caps each slot at it)")
     # cooldown after consecutive failures (routing)
     max_failures: int = Field(3, ge=1)
     cooldown_seconds: float = Field(30.0, ge=0)

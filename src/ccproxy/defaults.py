@@ -19,7 +19,7 @@ HOME = Path(os.environ.get("CCPROXY_HOME", Path.home() / ".ccproxy"))
 KEY_FILE = HOME / "default-key"
 DEMO_CONTEXT = 16384  # per request; SmolLM2 was trained on 8k but Claude Code's prompt needs ~12k
 DEMO_SLOTS = 2
-DEMO_MAX_OUTPUT = 512  # a 135M model rambles; keep answers short and fast
+DEMO_MAX_OUTPUT = 256  # a 135M model rambles to the limit; keep answers short and fast
 
 
 def default_key() -> str:
@@ -46,7 +46,8 @@ def demo_config_dict(key: str) -> dict[str, Any]:
         "listen": "127.0.0.1:8081",
         "keys": [{"name": "default", "key": key, "admin": True}],
         "providers": {"embedded": {"type": "embedded", "n_ctx": DEMO_CONTEXT * DEMO_SLOTS,
-                                   "n_parallel": DEMO_SLOTS, "queue_size": 16}},
+                                   "n_parallel": DEMO_SLOTS, "queue_size": 16,
+                                   "context_length": DEMO_CONTEXT}},
         "models": {"default": alias, "smollm2": alias, "claude-*": alias, "gpt-*": alias},
         "database": str(HOME / "usage.db"),
         "demo": True,

@@ -60,6 +60,10 @@ from ccproxy.usage.record import UsageRecord
 log = logging.getLogger("ccproxy.request")
 
 PING_INTERVAL = 8.0  # seconds without output before a keep-alive goes to a streaming client
+# While another deployment could still take a stream, the first keep-alive (which starts the response,
+# after which nothing is retried) waits for the backend's first byte up to its first_byte timeout, but
+# no longer than this: so a stalled backend falls back instead of ending in an in-band error.
+FALLBACK_HOLD = 60.0
 
 
 class StreamRenderer(Protocol):
@@ -106,9 +110,15 @@ def check_capabilities(req: ChatRequest, alias: str, cfg: AliasConfig) -> None:
 
 def prepare_for(req: ChatRequest, alias: str, cfg: AliasConfig, provider: ProviderConfig,
                 prompt_tokens: int) -> ChatRequest:
-    """A copy of the request fitted to one alias: max_tokens clamped, context checked, thinking
-    dropped where the backend has none, Ollama's num_ctx sized to the prompt."""
+    """A copy of the request fitted to one alias: tools stripped where asked, max_tokens clamped,
+    context checked, thinking dropped where the backend has none, Ollama's num_ctx sized."""
     changes: dict[str, Any] = {}
+    if cfg.strip_tools and (req.tools or any(isinstance(b, (ToolUseBlock, ToolResultBlock))
+                                             for m in req.messages for b in m.content)):
+        changes["tools"], changes["tool_choice"] = [], None
+        changes["messages"] = [Message(m.role, [_tool_block_as_text(b) for b in m.content]) for m in req.messages]
+        req = dataclasses.replace(req, **changes)
+        prompt_tokens = estimate_prompt_tokens(req)  # the definitions are not sent: do not count them
     max_tokens = req.max_tokens
     if cfg.max_output_tokens and (max_tokens is None or max_tokens > cfg.max_output_tokens):
         max_tokens = cfg.max_output_tokens
@@ -128,10 +138,6 @@ def prepare_for(req: ChatRequest, alias: str, cfg: AliasConfig, provider: Provid
         # thinking needs budget < max_tokens; keep the client's intent within the clamp
         budget = min(req.thinking.budget_tokens, max(1024, max_tokens - 1))
         changes["thinking"] = dataclasses.replace(req.thinking, budget_tokens=budget)
-    if cfg.strip_tools and (req.tools or any(isinstance(b, (ToolUseBlock, ToolResultBlock))
-                                             for m in req.messages for b in m.content)):
-        changes["tools"], changes["tool_choice"] = [], None
-        changes["messages"] = [Message(m.role, [_tool_block_as_text(b) for b in m.content]) for m in req.messages]
     if provider.type == "ollama":
         want = prompt_tokens + (max_tokens or 1024)
         num_ctx = int(math.ceil(want * 1.1 / 256) * 256)
@@ -173,6 +179,7 @@ class ChatFlow:
         self.started = False  # response headers sent
         self.output_events = 0
         self.prompt_estimate = 0
+        self.more_attempts = False  # another deployment may still be tried (see _attempts)
 
     # ---------------------------------------------------------------- entry point
 
@@ -286,6 +293,8 @@ class ChatFlow:
                     raise
                 continue  # a fallback that cannot take this request
             n += 1
+            self.more_attempts = bool(remaining) and n < config.retry.max_attempts and \
+                time.perf_counter() < deadline
             yield target, prepared, self.runtime.providers[target.deployment.provider]
 
     def _filled(self, usage: Usage) -> Usage:
@@ -373,10 +382,13 @@ class ChatFlow:
             queue: asyncio.Queue[Any] = asyncio.Queue()
             events = _call_stream(provider, prepared, target.deployment.model)
             pump = asyncio.get_running_loop().create_task(_pump(events, queue))
+            hold = PING_INTERVAL
+            if self.more_attempts:
+                hold = max(PING_INTERVAL, min(provider.config.timeouts.first_byte + 0.5, FALLBACK_HOLD))
             try:
                 while True:
                     try:
-                        async with asyncio.timeout(PING_INTERVAL):
+                        async with asyncio.timeout(PING_INTERVAL if self.started else hold):
                             item = await queue.get()
                     except TimeoutError:
                         if not self.started:

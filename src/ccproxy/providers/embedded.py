@@ -106,6 +106,10 @@ def default_threads() -> int:
 def _load_xllamacpp(config: ProviderConfig, model_path: str) -> Engine:
     import xllamacpp  # optional dependency, imported only when an embedded provider starts
 
+    if config.context_length:
+        from ccproxy.defaults import HOME
+        from ccproxy.providers.embedded_model import with_context_length
+        model_path = with_context_length(model_path, config.context_length, str(HOME / "models"))
     p = xllamacpp.CommonParams()
     p.model.path = model_path
     p.n_ctx = config.n_ctx

@@ -29,7 +29,7 @@ import httpx2 as httpx
 import pytest
 from aiohttp import web
 
-from ccproxy import app
+from ccproxy import app, pipeline
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
 
@@ -279,6 +279,30 @@ async def test_stall_beyond_first_byte_falls_back(upstream: Upstream, client: Cl
     assert served_by(resp) == "ok-backup"
     assert 0.25 < time.monotonic() - t0 < 3
     assert upstream.calls == ["stall", "ok-backup"]
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_stream_keepalive_waits_for_first_byte_while_a_fallback_remains(
+        upstream: Upstream, client: Client, monkeypatch: pytest.MonkeyPatch, dialect: str) -> None:
+    # keep-alives every 0.1 s would start the response (and end all retrying) long before the
+    # stalled backend's first-byte timeout (0.3 s): with a fallback left, the start waits for it
+    monkeypatch.setattr(pipeline, "PING_INTERVAL", 0.1)
+    await client.open(make_config(upstream, stalls={"provider": "fast", "model": "stall", "fallbacks": ["backup"]}))
+    resp = await client.chat("stalls", stream=True, dialect=dialect)
+    assert served_by(resp) == "ok-backup"
+    assert "error" not in resp.text
+    assert upstream.calls == ["stall", "ok-backup"]
+
+
+async def test_stream_keepalive_starts_at_once_when_nothing_else_is_left(
+        upstream: Upstream, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "PING_INTERVAL", 0.1)
+    await client.open(make_config(upstream, alone={"provider": "fast", "model": "stall"}))
+    resp = await client.chat("alone", stream=True, dialect="anthropic")
+    assert resp.status_code == 200  # the keep-alive started the response; the timeout is in-band
+    names = [e for e, _ in sse_events(resp.text)]
+    assert names[0] == "message_start" and "ping" in names and names[-1] == "error"
+    assert "did not answer in time" in resp.text
 
 
 @pytest.mark.parametrize("stream", [False, True])

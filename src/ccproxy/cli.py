@@ -25,7 +25,6 @@ def _register() -> None:
     main.add_command(keys.keys)
     main.add_command(usage.usage)
     main.add_command(__import__("ccproxy.commands.route", fromlist=["route"]).route)
-    main.add_command(__import__("ccproxy.commands.route", fromlist=["route"]).route)
 
 
 _register()

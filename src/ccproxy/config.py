@@ -174,13 +174,6 @@ class RetryConfig(_Strict):
                                     "under its provider's timeouts")
 
 
-class RetryConfig(_Strict):
-    max_attempts: int = Field(3, ge=1, description="deployments tried per request, the first included")
-    deadline_seconds: float = Field(120.0, gt=0, description="no new attempt (retry or fallback) starts this "
-                                    "many seconds after the request arrived; the attempt in progress runs "
-                                    "under its provider's timeouts")
-
-
 class Config(_Strict):
     listen: str = DEFAULT_LISTEN
     metrics_listen: str | None = None
@@ -194,7 +187,6 @@ class Config(_Strict):
     redis_url: str | None = None
     redis_failure_policy: Literal["open", "closed"] = "open"
     limits: Limits = Limits()
-    retry: RetryConfig = RetryConfig()
     retry: RetryConfig = RetryConfig()
     drain_seconds: float = Field(30.0, ge=0)
     log_prompts: bool = False

@@ -25,6 +25,7 @@ from ccproxy.providers.base import ModelListing, Provider, TokenCounter
 from ccproxy.routing import DeploymentHealth, RequestTraits, Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
 from ccproxy.tokens import estimate_prompt_tokens
+from ccproxy.ui import Dashboard
 from ccproxy.usage.record import UsageRecord
 
 log = logging.getLogger("ccproxy")
@@ -105,6 +106,8 @@ class Gateway:
             ("GET", "/metrics"): self._metrics,
             ("GET", "/openapi.json"): self._openapi,
         }
+        self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
+        self._routes.update(self.ui.routes())
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -24,6 +24,7 @@ def _register() -> None:
     main.add_command(clients.env_cmd)
     main.add_command(keys.keys)
     main.add_command(usage.usage)
+    main.add_command(__import__("ccproxy.commands.dashboard", fromlist=["dashboard"]).dashboard)
     main.add_command(__import__("ccproxy.commands.route", fromlist=["route"]).route)
 
 

@@ -238,6 +238,16 @@ class MemoryLimiter:
         if st.idle():
             del self._keys[name]
 
+    def usage_by_key(self) -> dict[str, dict[str, int]]:
+        """Read-only view for the dashboard: per key name with state, the requests and tokens counted
+        in the current window (rpm / tpm as the limits see them) and the requests in flight."""
+        now = self.clock()
+        floor = math.floor(now) - self.window
+        return {name: {"requests": sum(1 for t in st.requests if t > now - self.window),
+                       "tokens": sum(v for s, v in st.tokens.items() if s > floor),
+                       "in_flight": st.in_flight}
+                for name, st in list(self._keys.items())}
+
     async def close(self) -> None:
         self._keys.clear()
 

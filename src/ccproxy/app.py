@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ccproxy import __version__, errors
+from ccproxy import __version__, errors, redact
 from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
@@ -42,6 +42,7 @@ class Runtime:
 
     def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None,
                  reuse: dict[str, Provider] | None = None):
+        redact.use_config(config)  # its secrets never leave the gateway (errors, logs)
         self.config = config
         self.router = Router(config, health)
         self.active = 0  # chat requests pinned to this runtime; a retired runtime closes when it is 0

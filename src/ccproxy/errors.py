@@ -16,10 +16,13 @@
         └── UpstreamStatus        4xx/5xx passed through from the backend
 
 `kind` is a short stable string used in usage rows and metrics. Messages must never contain a
-secret: providers build them from provider names, never from URLs with credentials or keys.
+secret: providers build them from provider names, never from URLs with credentials or keys; and
+whatever a backend's own text carries, every configured secret is redacted here (ccproxy.redact).
 """
 
 from __future__ import annotations
+
+from ccproxy.redact import redact
 
 
 class GatewayError(Exception):
@@ -27,6 +30,7 @@ class GatewayError(Exception):
     kind: str = "internal_error"
 
     def __init__(self, message: str, *, status: int | None = None, headers: dict[str, str] | None = None):
+        message = redact(message)  # a backend's text may echo a secret (ccproxy.redact)
         super().__init__(message)
         self.message = message
         if status is not None:

@@ -3,8 +3,9 @@
 A key is `ccp_` + 32 url-safe random characters; only its SHA-256 hex digest is stored.
 `DbKeyStore.lookup` caches answers (found or not) for at most `ttl` seconds (0.5 by default), so a
 revocation or expiry is seen by every replica within a second; an expiry time is also checked on
-every lookup, so a cached key stops working the moment it expires. `touch` batches last-used
-times and writes them every `touch_interval` seconds.
+every lookup, so a cached key stops working the moment it expires. A successful lookup (and
+`touch`) records the key's last-used time; those are written in batches every `touch_interval`
+seconds and on close.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ class DbKeyStore:
             row = hit[1]
         else:
             row = await self._load(digest, hit[1] if hit is not None else None)
-        if row is None or row.status(time.time()) != "active":
+        now = time.time()
+        if row is None or row.status(now) != "active":
             return None
+        self._touched[row.name] = now  # `last used` for `ccproxy keys list`, written in batches
         return principal_of(row)
 
     async def _load(self, digest: str, stale: KeyRow | None) -> KeyRow | None:

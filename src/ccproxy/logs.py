@@ -1,4 +1,5 @@
-"""JSON log lines on stderr: one object per line, for the gateway's own events and uvicorn's."""
+"""JSON log lines on stderr: one object per line, for the gateway's own events and uvicorn's.
+Every line passes through `ccproxy.redact.redact`, so no configured secret is ever logged."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 import time
 
 import orjson
+
+from ccproxy.redact import redact
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,7 +21,7 @@ class JsonFormatter(logging.Formatter):
             line.update(extra)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        return redact(orjson.dumps(line, default=str).decode())
 
 
 def setup(level: str = "info") -> None:

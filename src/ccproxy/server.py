@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -131,14 +132,72 @@ async def startup_report(gateway) -> None:
                         else "model not found on the backend", extra={"fields": {"alias": r.alias}})
 
 
+class MetricsServer(uvicorn.Server):
+    """The listener on `metrics_listen`: GET /metrics without a key, nothing else. It runs inside
+    the gateway's event loop and stops after the gateway has drained; the gateway owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def metrics_app(gateway):
+    """A tiny ASGI app serving only the gateway's /metrics (for a scraper on a private address)."""
+    from ccproxy.asgi import send_bytes
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD"):
+            metrics = getattr(gateway.services, "metrics", None)
+            data, content_type = metrics.render() if metrics is not None else (b"", "text/plain; version=0.0.4")
+            await send_bytes(send, 200, data, content_type)
+        else:
+            await send_bytes(send, 404, b"only GET /metrics is served on metrics_listen\n",
+                             "text/plain; charset=utf-8")
+    return app
+
+
+def _listen_socket(listen: str) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, int(port)), family=family, backlog=128)
+
+
 def run(config: Config, config_path: str | None) -> int:
     from ccproxy.commands.serve import build_gateway
 
+    metrics_server: MetricsServer | None = None
+    metrics_sock: socket.socket | None = None
+    metrics_task: asyncio.Task[None] | None = None
     gateway = build_gateway(config)
-    original_startup = gateway.startup
+    if config.metrics_listen:
+        try:
+            metrics_sock = _listen_socket(config.metrics_listen)
+        except OSError as e:
+            log.error("cannot listen on metrics_listen %s: %s", config.metrics_listen, e.strerror or e)
+            return 1
+        metrics_server = MetricsServer(uvicorn.Config(
+            metrics_app(gateway), lifespan="off", http="httptools", log_config=None, access_log=False,
+            server_header=False, date_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=1))
+    original_startup, original_shutdown = gateway.startup, gateway.shutdown
+
+    async def shutdown() -> None:
+        try:
+            await original_shutdown()
+        finally:
+            if metrics_server is not None and metrics_task is not None:
+                metrics_server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(metrics_task, 5)
 
     async def startup() -> None:
+        nonlocal metrics_task
         await original_startup()
+        if metrics_server is not None and metrics_sock is not None:
+            metrics_task = asyncio.get_running_loop().create_task(metrics_server.serve(sockets=[metrics_sock]))
+            log.info("metrics (no key needed) on http://%s/metrics", config.metrics_listen)
         if config.demo:
             from ccproxy.defaults import KEY_FILE
             log.warning("running the built-in DEMO config: a 135M-parameter model embedded in-process. "
@@ -152,6 +211,7 @@ def run(config: Config, config_path: str | None) -> int:
         asyncio.get_running_loop().create_task(startup_report(gateway))
 
     gateway.startup = startup  # type: ignore[method-assign]
+    gateway.shutdown = shutdown  # type: ignore[method-assign]
     limits = config.limits
     uv_config = uvicorn.Config(
         gateway, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",

@@ -117,6 +117,13 @@ def open_store(config: Config) -> Store:
         from ccproxy.usage.postgres import PostgresStore
 
         return PostgresStore(config.database_url)
+    from pathlib import Path
+
     from ccproxy.usage.sqlite import SQLiteStore
 
-    return SQLiteStore(config.database)
+    # A relative path is relative to the config file (as the gateway, run from its directory, sees
+    # it), so `ccproxy usage --config DIR/ccproxy.yaml` reads the gateway's database from anywhere.
+    path = Path(config.database)
+    if not path.is_absolute() and config.database != ":memory:" and config.source and Path(config.source).is_file():
+        path = Path(config.source).parent / path
+    return SQLiteStore(path)

@@ -1,0 +1,64 @@
+"""Secret redaction: the one place that scrubs the configured secrets out of text leaving the gateway.
+
+A backend may echo what it received (its api_key in an error body, a header dump), and a library
+may put a URL with its password in an exception. Two choke points use `redact()`: every
+`GatewayError` message (what clients see in any dialect, in-band stream errors included, and what
+the logs print) and every JSON log line. Each secret is replaced by `[redacted]`.
+
+`use_config(config)` runs whenever a config is put to use (start-up, reload, CLI commands): it
+adds the provider api_keys, the client and admin keys of the file, and the passwords in
+`database_url`, `redis_url` and provider URLs. Secrets are only ever added, so a provider still
+draining with its old key after a reload stays covered.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from ccproxy.config import Config
+
+__all__ = ["MASK", "add_secrets", "redact", "secrets_of", "use_config"]
+
+MASK = "[redacted]"
+MIN_LENGTH = 6  # shorter values would mangle ordinary words; no real secret is that short
+
+_secrets: tuple[str, ...] = ()
+_lock = threading.Lock()
+
+
+def _url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def secrets_of(config: Config) -> list[str]:
+    found: list[str | None] = [config.admin_key, _url_password(config.database_url), _url_password(config.redis_url)]
+    found += [k.key for k in config.keys]
+    for p in config.providers.values():
+        found += [p.api_key, _url_password(p.base_url)]
+    return [s for s in found if s]
+
+
+def add_secrets(values: list[str]) -> None:
+    global _secrets
+    with _lock:
+        new = {v for v in values if v and len(v) >= MIN_LENGTH} | set(_secrets)
+        _secrets = tuple(sorted(new, key=len, reverse=True))  # longest first: no partial leftovers
+
+
+def use_config(config: Config) -> None:
+    add_secrets(secrets_of(config))
+
+
+def redact(text: str) -> str:
+    for s in _secrets:
+        if s in text:
+            text = text.replace(s, MASK)
+    return text

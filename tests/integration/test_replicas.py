@@ -257,6 +257,7 @@ async def test_cli_key_works_everywhere_and_revocation_is_seen_within_a_second(c
     assert gone.returncode == 0, gone.stderr
     t0 = time.monotonic()
     refused_after: dict[int, float] = {}
+    still_served = 0  # a replica's cache may say "active" for up to its ttl: those are admitted (and get rows)
     while len(refused_after) < 3 and time.monotonic() - t0 < 3:
         for i, gw in enumerate(cluster.gws):
             if i not in refused_after:
@@ -264,10 +265,13 @@ async def test_cli_key_works_everywhere_and_revocation_is_seen_within_a_second(c
                 if status == 403:
                     assert b"invalid API key" in body
                     refused_after[i] = time.monotonic() - t0
+                else:
+                    assert status == 200, body
+                    still_served += 1
         await asyncio.sleep(0.05)
     assert sorted(refused_after) == [0, 1, 2] and max(refused_after.values()) <= 1.0, refused_after
 
-    await cluster.wait_rows(6, "key_name = 'dbkey'")
+    await cluster.wait_rows(6 + still_served, "key_name = 'dbkey'")
     assert cluster.gws[0].terminate() == 0  # flushes its batched last-used times on the way out
     listed = cli("keys", "list", "--format", "json", "--config", cluster.config_path)
     [info] = json.loads(listed.stdout)

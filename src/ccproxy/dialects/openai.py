@@ -394,7 +394,8 @@ def build_messages(req: ChatRequest) -> list[dict[str, Any]]:
         if m.role == "assistant":
             text = "\n".join(b.text for b in m.content if isinstance(b, TextBlock))
             calls = [_tool_call_dict(b) for b in m.content if isinstance(b, ToolUseBlock)]
-            msg: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
+            # "" rather than null beside tool_calls: llama-cpp-python (and Ollama) reject a null content
+            msg: dict[str, Any] = {"role": "assistant", "content": text}
             if calls:
                 msg["tool_calls"] = calls
                 pending = [c["id"] for c in calls]

@@ -297,11 +297,12 @@ class ChatFlow:
                 time.perf_counter() < deadline
             yield target, prepared, self.runtime.providers[target.deployment.provider]
 
-    def _filled(self, usage: Usage) -> Usage:
+    def _filled(self, usage: Usage, sent: ChatRequest | None = None) -> Usage:
         """Some servers (llama-cpp-python) stream no usage: fall back to our own counts, so
-        `usage` is always present and a row never says 0 tokens for a real answer."""
+        `usage` is always present and a row never says 0 tokens for a real answer. `sent` is the
+        request as prepared for the backend: strip_tools may have dropped most of the prompt."""
         if usage.prompt_tokens == 0:
-            usage.input_tokens = self.prompt_estimate
+            usage.input_tokens = self.prompt_estimate if sent is None else estimate_prompt_tokens(sent)
         if usage.output_tokens == 0:
             usage.output_tokens = self.output_events
         return usage
@@ -342,7 +343,7 @@ class ChatFlow:
                 router.finished(target.deployment, ok, retry_after)
             if resp.usage.output_tokens == 0:
                 self.output_events = math.ceil(sum(len(getattr(b, "text", "")) for b in resp.content) / 4)
-            resp.usage = self._filled(resp.usage)
+            resp.usage = self._filled(resp.usage, prepared)
             body = orjson.dumps(self.adapter.render_response(resp, req.model, self.request_id))
             watcher.stop()
             self.started = True
@@ -409,7 +410,7 @@ class ChatFlow:
                     if isinstance(item, (TextDelta, ThinkingDelta, ToolCallDelta)):
                         self.output_events += 1
                     elif isinstance(item, Finish):
-                        item.usage = usage = self._filled(item.usage)
+                        item.usage = usage = self._filled(item.usage, prepared)
                     elif isinstance(item, UsageUpdate):
                         usage = item.usage
                     await out(renderer.feed(item))

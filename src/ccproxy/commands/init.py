@@ -35,7 +35,10 @@ def _get_json(url: str, headers: dict[str, str] | None = None) -> dict:
 
 def discover_ollama(url: str) -> Discovered:
     base = url.rstrip("/")
-    data = _get_json(base + "/api/tags")
+    try:
+        data = _get_json(base + "/api/tags")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise click.ClickException(f"no Ollama /api/tags at {url}: {e}") from None
     d = Discovered("ollama", "ollama", base)
     for m in data.get("models") or []:
         name = m.get("name") or m.get("model")
@@ -73,7 +76,7 @@ def render_config(found: list[Discovered], key: str, listen: str) -> str:
     out = [
         "# ccproxy configuration, written by `ccproxy init`. Reference: README.md (Configuration).\n",
         "# Check it against what runs with `ccproxy check`; serve it with `ccproxy serve`.\n\n",
-        f"listen: {listen}\n\n",
+        f"listen: {json.dumps(listen)}\n\n",  # quoted: an IPv6 [::1]:8081 is not a plain YAML scalar
         "# Who may call the gateway. This file holds a key in clear text: keep it private (mode 0600),\n",
         "# or replace `key:` with `sha256: <hex digest>` / `key: ${ENV_VAR}`.\n",
         "keys:\n",
@@ -83,9 +86,9 @@ def render_config(found: list[Discovered], key: str, listen: str) -> str:
     for d in found:
         line = f"  {d.provider}: {{type: {d.type}"
         if d.type != "anthropic" or d.base_url:
-            line += f", base_url: {d.base_url}"
+            line += f", base_url: {json.dumps(d.base_url)}"  # quoted: http://[::1]:11434 breaks a flow map
         if d.api_key_env:
-            line += f", api_key: ${{{d.api_key_env}}}"
+            line += f', api_key: "${{{d.api_key_env}}}"'  # quoted: a bare { inside a flow map is YAML syntax
         out.append(line + "}\n")
     out.append("\n# Aliases clients ask for -> backend models. Globs (claude-haiku-*) match dated names.\n")
     out.append("models:\n")

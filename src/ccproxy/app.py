@@ -9,6 +9,7 @@ replaced atomically; a request pins the runtime it started with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,36 @@ READY_PROBE_TIMEOUT = 2.0
 RETIRE_GRACE = 2.0  # seconds before a replaced runtime may close (non-chat endpoints finish)
 RETIRE_POLL = 0.5
 BLOCKED_OLLAMA_PATHS = {"/api/pull", "/api/create", "/api/push", "/api/delete", "/api/copy", "/api/blobs"}
+
+
+CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
+CORS_EXPOSE_HEADERS = ("x-request-id, retry-after, x-ccproxy-route, x-ccproxy-provider, x-ccproxy-upstream-model, "
+                       "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-limit-tokens, "
+                       "x-ratelimit-remaining-tokens")
+
+
+async def _cors_preflight(origin: str, headers: dict[str, str], send: Send) -> None:
+    """Answer a CORS preflight from a configured origin (`cors_origins`)."""
+    allow_headers = headers.get("access-control-request-headers") or "authorization, content-type, x-api-key"
+    await send({"type": "http.response.start", "status": 204, "headers": [
+        (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"origin"),
+        (b"access-control-allow-methods", CORS_ALLOW_METHODS.encode()),
+        (b"access-control-allow-headers", allow_headers.encode("latin-1")),
+        (b"access-control-max-age", b"600"), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _with_cors(send: Send, origin: str) -> Send:
+    """`send` that adds the CORS response headers for an allowed origin."""
+    extra = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"origin"),
+             (b"access-control-expose-headers", CORS_EXPOSE_HEADERS.encode())]
+
+    async def cors_send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return cors_send
 
 
 class Runtime:
@@ -184,11 +215,37 @@ class Gateway:
         if len(path) > 1 and path.endswith("/"):
             path = path.rstrip("/")
         headers = header_map(scope)
+        config = self.runtime.config
+        if config.cors_origins:
+            origin = headers.get("origin")
+            if origin is not None and (origin in config.cors_origins or "*" in config.cors_origins):
+                if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                    await _cors_preflight(origin, headers, send)
+                    return
+                send = _with_cors(send, origin)
+        limits = config.limits
+        raw = scope["headers"]
+        if len(raw) > limits.max_headers or sum(len(k) + len(v) + 4 for k, v in raw) > limits.max_header_bytes:
+            # uvicorn refuses these itself (httpguard.py); this covers other servers and in-process use
+            exc = errors.GatewayError(f"the request headers exceed the limits of {limits.max_headers} headers and "
+                                      f"{limits.max_header_bytes} bytes (limits.max_headers, limits.max_header_bytes)",
+                                      status=431, headers={"connection": "close"})
+            exc.kind = "headers_too_large"
+            await send_error(send, self._adapter_for(path, headers), exc)
+            return
         handler = self._routes.get((scope["method"], path))
         if handler is None:
             await self._not_found(scope, path, headers, send)
             return
-        await handler(scope, receive, send, headers)
+        try:
+            await handler(scope, receive, send, headers)
+        except Exception:
+            # Endpoints answer their own errors; this is the last line (a bug): a JSON 500 in the
+            # client's dialect, never a stack trace, and never a success.
+            log.exception("unexpected error on %s %s", scope["method"], path)
+            with contextlib.suppress(Exception):  # fails if the response had already started
+                await send_error(send, self._adapter_for(path, headers),
+                                 errors.GatewayError("internal gateway error; see the gateway log"))
 
     def _adapter_for(self, path: str, headers: dict[str, str]) -> DialectAdapter:
         if path.startswith("/api/"):
@@ -276,6 +333,9 @@ class Gateway:
         return listing
 
     async def _ready(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        if self.draining:  # at once: no backend probe while shutting down
+            await send_json(send, 503, {"status": "draining"}, {"connection": "close"})
+            return
         listing = await self.probe_backends()
         up = [n for n, r in listing.items() if r.reachable]
         ok = bool(up) and not self.draining

@@ -45,8 +45,9 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int, timeo
         except ValueError:
             raise errors.InvalidRequest("Content-Length is not a number") from None
         if n > limit:
+            # refused before reading any of it; the connection closes, as the body is not drained
             raise errors.PayloadTooLarge(f"request body is {n} bytes; the limit is {limit} bytes "
-                                         "(limits.max_body_bytes)")
+                                         "(limits.max_body_bytes)", headers={"connection": "close"})
     chunks: list[bytes] = []
     size = 0
     more = True
@@ -60,7 +61,7 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int, timeo
                 size += len(chunk)
                 if size > limit:
                     raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes "
-                                                 "(limits.max_body_bytes)")
+                                                 "(limits.max_body_bytes)", headers={"connection": "close"})
                 chunks.append(chunk)
                 more = msg.get("more_body", False)
     except TimeoutError:

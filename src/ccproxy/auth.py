@@ -53,7 +53,11 @@ class Authenticator:
         return not self._config_keys and self._store is None
 
     async def authenticate(self, headers: dict[str, str]) -> Principal:
-        candidates = presented_keys(headers)
+        try:
+            candidates = presented_keys(headers)
+        except Exception:  # fail closed here too
+            log.exception("reading the presented key failed; denying the request")
+            raise errors.Overloaded("the key could not be verified right now; retry shortly") from None
         if not candidates:
             raise errors.Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
         try:

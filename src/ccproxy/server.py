@@ -24,6 +24,7 @@ import uvicorn
 
 from ccproxy import __version__
 from ccproxy.config import Config, ConfigError, load_config
+from ccproxy.httpguard import guarded_protocol
 
 log = logging.getLogger("ccproxy")
 
@@ -214,9 +215,10 @@ def run(config: Config, config_path: str | None) -> int:
     gateway.shutdown = shutdown  # type: ignore[method-assign]
     limits = config.limits
     uv_config = uvicorn.Config(
-        gateway, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",
+        gateway, host=config.host, port=config.port, loop="uvloop", http=guarded_protocol(limits), lifespan="on",
         log_config=None, access_log=False, server_header=False, date_header=False,
-        timeout_graceful_shutdown=int(config.drain_seconds) or None, timeout_keep_alive=5,
+        # a float: 0 means "do not wait" (int(0.5) or None would have meant "wait forever")
+        timeout_graceful_shutdown=config.drain_seconds, timeout_keep_alive=5,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=limits.max_header_bytes, backlog=2048,
         ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
     )

@@ -184,6 +184,8 @@ def _block(b: Any, role: str, where: str) -> list[Block]:
     if not isinstance(b, dict):
         raise _bad(f"{where}: expected a content block object, got {type(b).__name__}", where)
     kind = b.get("type")
+    if not isinstance(kind, str):
+        raise _bad(f"{where}.type: expected a string", f"{where}.type")
     if kind == "text":
         text = _text(b, where)
         return [TextBlock(text)] if text.strip() else []

@@ -470,6 +470,8 @@ def parse_client_request(body: Any) -> ChatRequest:
     req = ChatRequest(model=model, messages=messages, system="\n\n".join(system) or None,
                       stream=body.get("stream") is not False)
     _options_in(req, body.get("options") or {})
+    if not isinstance(body.get("tools") or [], list):
+        raise errors.InvalidRequest("tools must be a list", param="tools")
     req.tools = [_tool_in(t, i) for i, t in enumerate(body.get("tools") or [])]
     think = body.get("think")
     if think is not None and think is not False:
@@ -528,11 +530,18 @@ def _options_in(req: ChatRequest, o: Any) -> None:
     n = o.get("num_predict")
     if isinstance(n, int) and n > 0:
         req.max_tokens = n
+    for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int), ("seed", int)):
+        v = o.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
+            raise errors.InvalidRequest(f"options.{name} must be a number", param=f"options.{name}")
     req.temperature = o.get("temperature")
     req.top_p = o.get("top_p")
     req.top_k = o.get("top_k")
     req.seed = o.get("seed")
     stop = o.get("stop")
+    if stop is not None and not isinstance(stop, str) and \
+            not (isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+        raise errors.InvalidRequest("options.stop must be a string or a list of strings", param="options.stop")
     req.stop = [stop] if isinstance(stop, str) else list(stop or [])
     for key, val in o.items():
         if key not in ("num_predict", "temperature", "top_p", "top_k", "seed", "stop") and val is not None:

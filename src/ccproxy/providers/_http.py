@@ -112,13 +112,40 @@ async def read_body(resp: aiohttp.ClientResponse, provider: str, config: Provide
             resp.release()
 
 
+BROKEN_POLL_SECONDS = 0.5
+
+
+def _connection_gone(resp: aiohttp.ClientResponse) -> bool:
+    """The body is unfinished but its connection is closed. aiohttp's C parser, on a broken chunked
+    framing (garbage from the backend), closes the transport without failing the body reader, which
+    would then wait for the idle timeout."""
+    conn = resp.connection
+    if conn is None:
+        return not resp.content.is_eof()
+    proto = conn.protocol
+    return proto is None or proto.transport is None
+
+
 async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig) -> AsyncIterator[bytes]:
     """The body as it arrives; each wait for the next chunk is bounded by the idle timeout."""
+    idle = config.timeouts.idle
     try:
         with mapped_errors(provider):
             while True:
-                async with asyncio.timeout(config.timeouts.idle):
-                    chunk = await resp.content.readany()
+                waited = 0.0
+                while True:  # in slices, to notice a connection that broke without waking the reader
+                    step = min(BROKEN_POLL_SECONDS, idle - waited)
+                    try:
+                        async with asyncio.timeout(step):
+                            chunk = await resp.content.readany()
+                        break
+                    except TimeoutError:
+                        waited += step
+                        if waited >= idle:
+                            raise
+                        if _connection_gone(resp):
+                            raise errors.UpstreamError(f"the connection to provider '{provider}' broke",
+                                                       provider=provider) from None
                 if not chunk:
                     return
                 yield chunk

@@ -1,0 +1,184 @@
+"""Property tests: the request parsers and translators never fail except with a 4xx GatewayError.
+
+Arbitrary JSON (and JSON shaped like each dialect's request, with arbitrary values in its fields)
+goes through `parse_json`, the three client parsers, then the three backend translators and the
+prompt estimate. A parser may reject a body (InvalidRequest and friends: 4xx); anything else
+(a KeyError, a TypeError, a 5xx) is a bug. Inputs that once failed are kept as `@example`s and in
+tests/fixtures/regressions/parsers.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from ccproxy import errors
+from ccproxy.asgi import parse_json
+from ccproxy.core import ChatRequest
+from ccproxy.dialects import anthropic, ollama, openai
+from ccproxy.tokens import estimate_prompt_tokens
+
+REGRESSIONS = Path(__file__).resolve().parents[1] / "fixtures/regressions/parsers.json"
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --------------------------------------------------------------------------- strategies
+
+scalars = st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64) \
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=25)
+
+
+def _maybe(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly a well-typed value, sometimes any JSON at all (so parsing goes deep before it breaks)."""
+    return st.one_of(value, value, value, json_values)
+
+
+roles = st.sampled_from(["system", "developer", "user", "assistant", "tool", "user", "assistant", "function",
+                         "model", ""])
+part_types = st.sampled_from(["text", "text", "image_url", "image", "input_audio", "tool_use", "tool_result",
+                              "thinking", "redacted_thinking", "document", "search_result", "file", ""])
+short = st.text(max_size=12)
+sources = st.fixed_dictionaries({"type": _maybe(st.sampled_from(["base64", "url", "text", "content"]))}, optional={
+    "media_type": _maybe(st.sampled_from(["image/png", "image/jpeg", "application/pdf", "text/plain"])),
+    "data": _maybe(st.sampled_from(["aGVsbG8=", "iVBORw0KGgo=", "", "!!"])), "url": _maybe(short),
+    "content": json_values})
+parts = st.fixed_dictionaries({"type": _maybe(part_types)}, optional={
+    "text": _maybe(short), "image_url": _maybe(st.fixed_dictionaries({"url": _maybe(st.sampled_from(
+        ["data:image/png;base64,iVBORw0KGgo=", "http://x/y.png", "data:,", "data:image/png;base64,@@"]))})),
+    "source": _maybe(sources), "id": _maybe(short), "name": _maybe(short),
+    "input": _maybe(st.dictionaries(short, json_values, max_size=2)), "tool_use_id": _maybe(short),
+    "content": json_values, "is_error": _maybe(st.booleans()), "thinking": _maybe(short),
+    "signature": _maybe(short), "data": json_values, "cache_control": json_values, "title": json_values})
+contents = st.one_of(short, st.lists(_maybe(parts), max_size=4), json_values)
+tool_calls = st.lists(_maybe(st.fixed_dictionaries({"id": _maybe(short), "type": _maybe(st.just("function")),
+                                                    "function": _maybe(st.fixed_dictionaries({
+                                                        "name": _maybe(short),
+                                                        "arguments": _maybe(st.sampled_from(
+                                                            ['{"a": 1}', "{", "", "[]", "null"]) | short
+                                                            | st.dictionaries(short, json_values, max_size=2))}))})),
+                      max_size=3)
+message = st.fixed_dictionaries({"role": _maybe(roles), "content": contents}, optional={
+    "tool_calls": _maybe(tool_calls), "tool_call_id": _maybe(short), "tool_name": _maybe(short),
+    "name": json_values, "images": _maybe(st.lists(_maybe(st.sampled_from(["aGVsbG8=", "", "%%"])), max_size=2)),
+    "thinking": json_values})
+messages = st.lists(_maybe(message), min_size=1, max_size=5)
+tools = st.lists(_maybe(st.fixed_dictionaries({}, optional={
+    "type": _maybe(st.sampled_from(["function", "custom", "web_search_20250305", "bash_20250124"])),
+    "function": _maybe(st.fixed_dictionaries({"name": _maybe(short)},
+                                             optional={"parameters": json_values, "description": json_values})),
+    "name": _maybe(short), "input_schema": _maybe(st.just({"type": "object"})), "description": json_values})),
+    max_size=3)
+numbers = st.integers(-5, 10**7) | st.floats(allow_nan=False, allow_infinity=False)
+stops = st.lists(short, max_size=5) | short
+options = st.fixed_dictionaries({}, optional={
+    "temperature": _maybe(numbers), "num_predict": _maybe(numbers), "top_p": _maybe(numbers), "stop": _maybe(stops),
+    "num_ctx": _maybe(numbers), "seed": _maybe(numbers), "top_k": _maybe(numbers)})
+extras = {"stream": _maybe(st.booleans()), "max_tokens": _maybe(st.integers(-5, 10**7)),
+          "temperature": _maybe(numbers), "top_p": _maybe(numbers), "top_k": _maybe(numbers),
+          "stop": _maybe(stops), "stop_sequences": _maybe(stops), "tools": _maybe(tools),
+          "tool_choice": _maybe(st.sampled_from(["auto", "none", "required", "any"]) | st.fixed_dictionaries(
+              {"type": _maybe(st.sampled_from(["auto", "any", "tool", "none", "function"]))},
+              optional={"name": _maybe(short), "function": json_values,
+                        "disable_parallel_tool_use": json_values})),
+          "system": contents, "thinking": _maybe(st.fixed_dictionaries(
+              {"type": _maybe(st.sampled_from(["enabled", "disabled", "adaptive"]))},
+              optional={"budget_tokens": _maybe(numbers)})),
+          "metadata": json_values, "options": _maybe(options), "format": _maybe(st.just("json") | json_values),
+          "response_format": _maybe(st.fixed_dictionaries({"type": _maybe(st.sampled_from(
+              ["text", "json_object", "json_schema"]))}, optional={"json_schema": json_values})),
+          "max_completion_tokens": _maybe(st.integers(-5, 10**7) | st.none()),
+          "reasoning_effort": _maybe(st.sampled_from(["low", "medium", "high", "minimal"])),
+          "stream_options": _maybe(st.fixed_dictionaries({"include_usage": _maybe(st.booleans())})),
+          "n": json_values, "seed": json_values, "keep_alive": json_values, "think": _maybe(st.booleans()),
+          "output_config": json_values, "parallel_tool_calls": json_values, "user": json_values}
+request_like = st.fixed_dictionaries({"model": _maybe(st.text(min_size=1, max_size=10)), "messages": _maybe(messages)},
+                                     optional=extras)
+bodies = st.one_of(request_like, request_like, request_like, json_values)
+
+# --------------------------------------------------------------------------- the property
+
+PARSERS = {"openai": openai.parse_request, "anthropic": anthropic.parse_request,
+           "anthropic_count": anthropic.parse_count_tokens, "ollama": ollama.parse_client_request}
+
+
+def _translate(req: ChatRequest) -> None:
+    estimate_prompt_tokens(req)
+    openai.build_backend_request(req, "backend-model")
+    anthropic.build_request(req, "backend-model")
+    ollama.build_chat_request(req, "backend-model", num_ctx=4096)
+
+
+def check(parser: str, body: Any) -> None:
+    try:
+        req = PARSERS[parser](body)
+    except errors.GatewayError as e:
+        assert 400 <= e.status < 500, f"{parser}: {type(e).__name__} {e.status}: {e.message}"
+        return
+    assert isinstance(req, ChatRequest)
+    try:
+        _translate(req)
+    except errors.GatewayError as e:  # a translator may refuse what its backend cannot take, as a 4xx
+        assert 400 <= e.status < 500, f"{parser} -> translate: {type(e).__name__} {e.status}: {e.message}"
+
+
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+@SETTINGS
+@given(body=bodies)
+@example(body={"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]})
+@example(body={"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "image"}]}]})
+@example(body={"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f",
+                                                                                              "arguments": "{"}}]}]})
+@example(body={"model": "m", "max_tokens": 10**7, "messages": []})
+@example(body={"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": 5})  # found by this test
+@example(body={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": {"a": {}}}]}]})
+@example(body={"model": "m", "messages": [{"role": "user", "content": "x"}], "options": {"temperature": [[True]]},
+               "thinking": {"type": "enabled"}})
+def test_parsers_fail_only_with_4xx(parser: str, body: Any) -> None:
+    check(parser, body)
+
+
+@SETTINGS
+@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()),
+       depth=st.integers(min_value=4, max_value=70))
+@example(raw=b"[" * 100 + b"]" * 100, depth=64)
+@example(raw=b'{"a":' * 70 + b"1" + b"}" * 70, depth=64)
+@example(raw=b"\xff\xfe", depth=64)
+@example(raw=b"", depth=64)
+@example(raw=b"1e999999", depth=64)
+@example(raw=b'"\\ud800"', depth=64)
+def test_parse_json_fails_only_with_400(raw: bytes, depth: int) -> None:
+    try:
+        parse_json(raw, depth)
+    except errors.GatewayError as e:
+        assert e.status == 400
+
+
+def test_parse_json_refuses_deep_nesting_without_recursion_errors() -> None:
+    with pytest.raises(errors.InvalidRequest, match="nested deeper"):
+        parse_json(b"[" * 200 + b"]" * 200, 64)
+    assert isinstance(parse_json(b"[" * 64 + b"]" * 64, 64), list)
+    with pytest.raises(errors.InvalidRequest):  # past orjson's own recursion limit: still a 400
+        parse_json(b"[" * 100_000 + b"]" * 100_000, 64)
+
+
+def _regressions() -> list[tuple[str, Any]]:
+    data = json.loads(REGRESSIONS.read_text())
+    return [(case["parser"], case["body"]) for case in data["cases"]]
+
+
+@pytest.mark.parametrize("parser, body", _regressions())
+def test_kept_regressions(parser: str, body: Any) -> None:
+    if parser == "parse_json":
+        try:
+            parse_json(body.encode("utf-8", "surrogatepass") if isinstance(body, str) else orjson.dumps(body), 64)
+        except errors.GatewayError as e:
+            assert e.status == 400
+        return
+    check(parser, body)

@@ -41,6 +41,7 @@ from ccproxy.core import (
     ChatResponse,
     Finish,
     Message,
+    StopReason,
     StreamEvent,
     TextBlock,
     TextDelta,
@@ -145,6 +146,16 @@ def prepare_for(req: ChatRequest, alias: str, cfg: AliasConfig, provider: Provid
             num_ctx = min(num_ctx, cfg.context_window)
         changes["passthrough"] = {**req.passthrough, "num_ctx": num_ctx}
     return dataclasses.replace(req, **changes)
+
+
+def capped_stop_reason(reason: StopReason, asked: ChatRequest, sent: ChatRequest) -> StopReason:
+    """An answer cut by the alias's own `max_output_tokens` (below what the client asked for) is
+    reported as a normal end, not `max_tokens`: the client's limit was not reached, and Claude Code
+    treats a `max_tokens` stop under its own limit as an error and keeps asking to resume."""
+    if reason == "max_tokens" and sent.max_tokens is not None and (
+            asked.max_tokens is None or sent.max_tokens < asked.max_tokens):
+        return "end_turn"
+    return reason
 
 
 def _tool_block_as_text(b: Any) -> Any:
@@ -344,6 +355,7 @@ class ChatFlow:
             if resp.usage.output_tokens == 0:
                 self.output_events = math.ceil(sum(len(getattr(b, "text", "")) for b in resp.content) / 4)
             resp.usage = self._filled(resp.usage, prepared)
+            resp.stop_reason = capped_stop_reason(resp.stop_reason, req, prepared)
             body = orjson.dumps(self.adapter.render_response(resp, req.model, self.request_id))
             watcher.stop()
             self.started = True
@@ -411,6 +423,7 @@ class ChatFlow:
                         self.output_events += 1
                     elif isinstance(item, Finish):
                         item.usage = usage = self._filled(item.usage, prepared)
+                        item.stop_reason = capped_stop_reason(item.stop_reason, req, prepared)
                     elif isinstance(item, UsageUpdate):
                         usage = item.usage
                     await out(renderer.feed(item))

@@ -366,7 +366,7 @@ async def test_backend_timeout_504(client: httpx.AsyncClient) -> None:
     assert resp.status_code == 504
     err = error_of(resp)
     assert err["type"] == "timeout_error"
-    assert "provider 'slowup' did not answer in time" in err["message"]
+    assert "provider 'slowup' sent no first byte within 0.4 s" in err["message"]
 
 
 async def test_backend_timeout_504_while_streaming(client: httpx.AsyncClient) -> None:

@@ -92,8 +92,12 @@ async def post(session: aiohttp.ClientSession, url: str, *, provider: str, confi
                body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
     """POST and wait for the response headers within the first-byte timeout."""
     with mapped_errors(provider):
-        async with asyncio.timeout(config.timeouts.first_byte):
-            resp = await session.post(url, data=body, headers=headers)
+        try:
+            async with asyncio.timeout(config.timeouts.first_byte):
+                resp = await session.post(url, data=body, headers=headers)
+        except TimeoutError:
+            raise errors.UpstreamTimeout(f"provider '{provider}' sent no first byte within "
+                                         f"{config.timeouts.first_byte:g} s", provider=provider) from None
         if resp.status >= 400:
             try:
                 async with asyncio.timeout(config.timeouts.idle):
@@ -142,7 +146,8 @@ async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: Provi
                     except TimeoutError:
                         waited += step
                         if waited >= idle:
-                            raise
+                            raise errors.UpstreamTimeout(f"provider '{provider}' sent no stream chunk within "
+                                                         f"{idle:g} s", provider=provider) from None
                         if _connection_gone(resp):
                             raise errors.UpstreamError(f"the connection to provider '{provider}' broke",
                                                        provider=provider) from None
@@ -151,3 +156,43 @@ async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: Provi
                 yield chunk
     finally:
         resp.close()  # closing (not releasing) aborts the backend request if we stop early
+
+
+class HttpProvider:
+    """What every HTTP backend shares: its name and config, one pooled session kept open between
+    `start()` and `close()`, and the JSON decoding of answers."""
+
+    def __init__(self, name: str, config: ProviderConfig):
+        self.name = name
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = new_session(self.config)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session(self.config)
+        return self._session
+
+    def _json(self, raw: bytes) -> Any:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise errors.UpstreamError(f"provider '{self.name}' sent a body that is not JSON",
+                                       provider=self.name) from None
+
+    async def _get_json(self, url: str, headers: dict[str, str] | None = None) -> Any:
+        """GET a small JSON document (model lists) within the first-byte timeout."""
+        with mapped_errors(self.name):
+            async with asyncio.timeout(self.config.timeouts.first_byte):
+                async with self.session.get(url, headers=headers) as resp:
+                    await raise_for_status(resp, self.name)
+                    return self._json(await resp.read())

@@ -27,10 +27,9 @@ ANTHROPIC_VERSION = "2023-06-01"
 _MAX_MODEL_PAGES = 20
 
 
-class AnthropicProvider:
+class AnthropicProvider(_http.HttpProvider):
     def __init__(self, name: str, config: ProviderConfig):
-        self.name = name
-        self.config = config
+        super().__init__(name, config)
         base = (config.base_url or "").rstrip("/")
         if config.api_key and "@" in base:
             # aiohttp refuses URL credentials next to an Authorization header; the key wins.
@@ -40,22 +39,6 @@ class AnthropicProvider:
         if config.api_key:
             self._headers["x-api-key"] = config.api_key
             self._headers["authorization"] = f"Bearer {config.api_key}"
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = _http.new_session(self.config)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = _http.new_session(self.config)
-        return self._session
 
     def _request_headers(self, req: ChatRequest) -> dict[str, str]:
         beta = req.passthrough.get("anthropic.beta")  # flags the app may forward from the client
@@ -66,13 +49,6 @@ class AnthropicProvider:
     async def _post(self, path: str, body: dict[str, Any], req: ChatRequest) -> aiohttp.ClientResponse:
         return await _http.post(self.session, self._base + path, provider=self.name, config=self.config,
                                 body=orjson.dumps(body), headers=self._request_headers(req))
-
-    def _json(self, raw: bytes) -> Any:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise errors.UpstreamError(f"provider '{self.name}' sent a body that is not JSON",
-                                       provider=self.name) from None
 
     async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
         body = dialect.build_request(req, model)

@@ -15,30 +15,13 @@ from ccproxy.providers import _http
 from ccproxy.providers.base import ModelListing
 
 
-class OpenAIProvider:
+class OpenAIProvider(_http.HttpProvider):
     def __init__(self, name: str, config: ProviderConfig):
-        self.name = name
-        self.config = config
+        super().__init__(name, config)
         self._base = (config.base_url or "").rstrip("/")
         self._headers = {"content-type": "application/json"}
         if config.api_key:
             self._headers["authorization"] = f"Bearer {config.api_key}"
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = _http.new_session(self.config)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = _http.new_session(self.config)
-        return self._session
 
     async def _post(self, body: dict) -> aiohttp.ClientResponse:
         return await _http.post(self.session, self._base + "/chat/completions", provider=self.name,
@@ -49,12 +32,7 @@ class OpenAIProvider:
         body["stream"] = False
         body.pop("stream_options", None)
         resp = await self._post(body)
-        raw = await _http.read_body(resp, self.name, self.config)
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise errors.UpstreamError(f"provider '{self.name}' sent a body that is not JSON",
-                                       provider=self.name) from None
+        data = self._json(await _http.read_body(resp, self.name, self.config))
         return dialect.parse_backend_response(data, req.stop)
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
@@ -72,13 +50,11 @@ class OpenAIProvider:
 
     async def list_models(self) -> ModelListing:
         try:
-            with _http.mapped_errors(self.name):
-                async with self.session.get(self._base + "/models", headers=self._headers) as resp:
-                    await _http.raise_for_status(resp, self.name)
-                    data = await resp.json(loads=orjson.loads, content_type=None)
+            data = await self._get_json(self._base + "/models", self._headers)
         except errors.GatewayError as e:
             return ModelListing(False, [], e.message)
-        models = [m.get("id", "") for m in (data.get("data") or []) if isinstance(m, dict)]
+        models = [m.get("id", "") for m in (data.get("data") or []) if isinstance(m, dict)] \
+            if isinstance(data, dict) else []
         return ModelListing(True, models)
 
     async def count_tokens(self, req: ChatRequest, model: str) -> int | None:

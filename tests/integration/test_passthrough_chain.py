@@ -66,6 +66,8 @@ def records(gw, endpoint: str = "/v1/messages") -> list[dict[str, Any]]:
 
 
 def assert_b_saw_only_a_provider_key(b) -> None:
+    # B writes its request line just after the last byte of its answer: wait for it, don't race it
+    b.wait_for_log('"msg":"request"', timeout=10)
     recs = records(b)
     assert recs, b.describe_logs()
     assert {r["key"] for r in recs} == {"gateway-a"}, recs  # never `leaked-client-key`

@@ -209,3 +209,38 @@ class Finish:
 
 
 StreamEvent = TextDelta | ThinkingDelta | ToolCallStart | ToolCallDelta | UsageUpdate | Finish
+
+
+def response_from_events(events: list[StreamEvent]) -> ChatResponse:
+    """Assemble a whole response from a stream's events (the last Finish gives reason and usage)."""
+    import orjson  # local: keep this module's import light for the type-only users
+
+    text: list[str] = []
+    thinking: list[str] = []
+    tools: dict[int, tuple[str, str, list[str]]] = {}
+    finish = Finish("end_turn", Usage())
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+        elif isinstance(ev, ThinkingDelta):
+            thinking.append(ev.thinking)
+        elif isinstance(ev, ToolCallStart):
+            tools[ev.index] = (ev.id, ev.name, [])
+        elif isinstance(ev, ToolCallDelta) and ev.index in tools:
+            tools[ev.index][2].append(ev.arguments)
+        elif isinstance(ev, Finish):
+            finish = ev
+    content: list[Block] = []
+    if thinking:
+        content.append(ThinkingBlock("".join(thinking)))
+    if text:
+        content.append(TextBlock("".join(text)))
+    for _, (tid, name, parts) in sorted(tools.items()):
+        raw = "".join(parts)
+        try:
+            args = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            args = {"raw_arguments": raw}
+        content.append(ToolUseBlock(tid, name, args if isinstance(args, dict) else {"value": args}))
+    return ChatResponse(content=content, stop_reason=finish.stop_reason, stop_sequence=finish.stop_sequence,
+                        usage=finish.usage)

@@ -13,23 +13,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 
-import orjson
-
 from ccproxy.core import (
-    Block,
     ChatRequest,
     ChatResponse,
     Finish,
     StreamEvent,
-    TextBlock,
     TextDelta,
-    ThinkingBlock,
-    ThinkingDelta,
-    ToolCallDelta,
-    ToolCallStart,
-    ToolUseBlock,
     Usage,
     UsageUpdate,
+    response_from_events,
 )
 
 
@@ -79,32 +71,4 @@ def without_stop(req: ChatRequest) -> ChatRequest:
 
 async def collect(events: AsyncIterator[StreamEvent]) -> ChatResponse:
     """Assemble a whole response from a stream."""
-    content: list[Block] = []
-    text: list[str] = []
-    thinking: list[str] = []
-    tools: dict[int, tuple[str, str, list[str]]] = {}
-    finish = Finish("end_turn", Usage())
-    async for ev in events:
-        if isinstance(ev, TextDelta):
-            text.append(ev.text)
-        elif isinstance(ev, ThinkingDelta):
-            thinking.append(ev.thinking)
-        elif isinstance(ev, ToolCallStart):
-            tools[ev.index] = (ev.id, ev.name, [])
-        elif isinstance(ev, ToolCallDelta) and ev.index in tools:
-            tools[ev.index][2].append(ev.arguments)
-        elif isinstance(ev, Finish):
-            finish = ev
-    if thinking:
-        content.append(ThinkingBlock("".join(thinking)))
-    if text:
-        content.append(TextBlock("".join(text)))
-    for _, (tid, name, parts) in sorted(tools.items()):
-        raw = "".join(parts)
-        try:
-            args = orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
-            args = {"raw_arguments": raw}
-        content.append(ToolUseBlock(tid, name, args if isinstance(args, dict) else {"value": args}))
-    return ChatResponse(content=content, stop_reason=finish.stop_reason, stop_sequence=finish.stop_sequence,
-                        usage=finish.usage)
+    return response_from_events([ev async for ev in events])

@@ -27,6 +27,7 @@ from ccproxy.core import (
     ToolChoice,
     ToolResultBlock,
     ToolUseBlock,
+    UsageUpdate,
 )
 from ccproxy.providers.base import Provider
 from ccproxy.providers.embedded import EmbeddedProvider, _to_openai_request
@@ -109,7 +110,8 @@ def test_conversion_text_system_and_sampling() -> None:
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"], body["seed"]) == (
         20, 0.2, 0.9, 40, 7)
-    assert body["stop"] == ["END"] and body["min_p"] == 0.05 and "logprobs" not in body
+    # the shared OpenAI builder passes llama.cpp's sampling extras (min_p, logprobs) through
+    assert body["stop"] == ["END"] and body["min_p"] == 0.05 and body["logprobs"] is True
     assert "tools" not in body and "system" not in body
 
 
@@ -122,7 +124,7 @@ def test_conversion_tool_turns() -> None:
     ], tools=[Tool("get_weather", "Weather for a city", {"type": "object", "properties": {"city": {}}})],
         tool_choice=ToolChoice("tool", "get_weather", disable_parallel=True))
     body = _to_openai_request(req, "m")
-    assert body["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
+    assert body["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
     assert body["messages"][2:] == [{"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
                                     {"role": "tool", "tool_call_id": "call_2", "content": "Error: boom"},
@@ -158,9 +160,9 @@ async def test_stream_events_and_usage(tmp_path: Any) -> None:
     provider = await started(FakeEngine(), tmp_path)
     events = [ev async for ev in provider.stream(request(), "any")]
     assert events[:2] == [TextDelta("Hel"), TextDelta("lo")]
-    assert len(events) == 3 and isinstance(events[2], Finish)
-    assert events[2].stop_reason == "end_turn"
-    assert (events[2].usage.input_tokens, events[2].usage.cache_read_tokens, events[2].usage.output_tokens) == (
+    assert len(events) == 4 and isinstance(events[2], UsageUpdate) and isinstance(events[3], Finish)
+    assert events[3].stop_reason == "end_turn"
+    assert (events[3].usage.input_tokens, events[3].usage.cache_read_tokens, events[3].usage.output_tokens) == (
         8, 4, 2)
     await provider.close()
 

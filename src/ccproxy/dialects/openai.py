@@ -529,6 +529,11 @@ class OpenAIStreamParser:
             raise errors.UpstreamError("the backend sent a malformed stream chunk (invalid JSON)") from None
         if not isinstance(obj, dict):
             raise errors.UpstreamError("the backend sent a malformed stream chunk")
+        events.extend(self.feed_chunk(obj))
+
+    def feed_chunk(self, obj: dict[str, Any]) -> list[StreamEvent]:
+        """One decoded `chat.completion.chunk` -> neutral events (engines that hand out dicts)."""
+        events: list[StreamEvent] = []
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else str(err)
@@ -558,6 +563,7 @@ class OpenAIStreamParser:
                     events.append(ToolCallDelta(idx, args))
             if choice.get("finish_reason"):
                 self._finish = _stop_reason(choice, self._req_stop)
+        return events
 
     def close(self) -> Finish:
         """The stream ended: the Finish event (raises if the backend never finished)."""

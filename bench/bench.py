@@ -117,6 +117,7 @@ http {{
 
 _children: list[subprocess.Popen] = []
 _tmpdirs: list[Path] = []
+_services: list = []  # RedisServer / PostgresServer (tests/integration/_procs.py), for --services
 
 
 def _kill_all() -> None:
@@ -137,6 +138,12 @@ def _kill_all() -> None:
         except (ProcessLookupError, PermissionError):
             pass
     _children.clear()
+    while _services:  # after the gateways that use them
+        svc = _services.pop()
+        try:
+            svc.close() if hasattr(svc, "_tmp") else svc.stop(timeout=8)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            svc.kill()
 
 
 def _on_signal(signum, _frame):
@@ -285,9 +292,14 @@ def make_targets(nginx_port: int, gw: dict[str, int]) -> list[Target]:
 # ----------------------------------------------------------------------------- preflight + TTFB (aiohttp)
 
 
+_limit_headers: dict[str, dict[str, str]] = {}  # gateway -> rate-limit headers of its last preflight
+
+
 async def _one(session, t: Target) -> tuple[int, float, float, bytes]:
     t0 = time.perf_counter()
     async with session.post(t.url, data=json.dumps(t.body), headers=t.headers) as r:
+        _limit_headers[t.name] = {k.lower(): v for k, v in r.headers.items()
+                                  if "ratelimit" in k.lower() and "request" in k.lower()}
         first = await r.content.readany()
         t1 = time.perf_counter()
         rest = await r.content.read()
@@ -432,13 +444,28 @@ def start_nginx(tmp: Path) -> tuple[int, str | None]:
     return port, err
 
 
-def ccproxy_config(tmp: Path, port: int, nginx_port: int) -> Path:
-    cfg = tmp / "ccproxy-bench.yaml"
+# The bench key has limits far above any load here, so every request is admitted but the limiter
+# really runs (ccproxy skips it for keys without limits).  --no-key-limits drops them (as before).
+KEY_LIMITS = "rpm: 100000000, tpm: 10000000000"
+
+# ccproxy variants of --services: name -> which of the started services its config uses.
+VARIANTS = {"ccproxy+redis": ("redis",), "ccproxy+redis+pg": ("redis", "pg")}
+
+
+def sqlite_path(tmp: Path, name: str) -> Path:
+    return tmp / ("usage.db" if name == "ccproxy" else f"usage-{name.replace('+', '-')}.db")
+
+
+def ccproxy_config(tmp: Path, port: int, nginx_port: int, name: str = "ccproxy",
+                   extra: dict | None = None, key_limits: bool = True) -> Path:
+    cfg = tmp / f"{name}-bench.yaml"
+    limits = f", {KEY_LIMITS}" if key_limits else ""
+    more = "".join(f"{k}: {json.dumps(v)}\n" for k, v in (extra or {}).items())
     cfg.write_text(f"""# written by bench/bench.py
 listen: {HOST}:{port}
-keys: [{{name: bench, key: {KEY}}}]
-database: {tmp}/usage.db
-providers:
+keys: [{{name: bench, key: {KEY}{limits}}}]
+database: {sqlite_path(tmp, name)}
+{more}providers:
   json: {{type: openai, base_url: http://{HOST}:{nginx_port}/json/v1}}
   sse:  {{type: openai, base_url: http://{HOST}:{nginx_port}/sse/v1}}
 models:
@@ -448,7 +475,8 @@ models:
     return cfg
 
 
-def start_ccproxy(tmp: Path, nginx_port: int) -> tuple[int, subprocess.Popen | None, str | None]:
+def start_ccproxy(tmp: Path, nginx_port: int, name: str = "ccproxy", extra: dict | None = None,
+                  key_limits: bool = True) -> tuple[int, subprocess.Popen | None, str | None]:
     exe = ROOT / ".venv" / "bin" / "ccproxy"
     if not exe.exists():
         return 0, None, "n/a (.venv/bin/ccproxy missing: run `uv sync`)"
@@ -456,18 +484,116 @@ def start_ccproxy(tmp: Path, nginx_port: int) -> tuple[int, subprocess.Popen | N
     if not re.search(r"^\s+serve\b", help_.stdout, re.M):
         return 0, None, "n/a (`ccproxy serve` not available yet)"
     port = free_port()
-    cfg = ccproxy_config(tmp, port, nginx_port)
+    cfg = ccproxy_config(tmp, port, nginx_port, name, extra, key_limits)
     argv = [str(exe), "serve", "--config", str(cfg)]
     serve_help = subprocess.run([*argv[:2], "--help"], capture_output=True, text=True, timeout=60).stdout
     if "--log-level" in serve_help:  # no per-request logging, like LiteLLM at LITELLM_LOG=ERROR
         argv += ["--log-level", "warning"]
-    p = start("ccproxy", argv, env={"PYTHONUNBUFFERED": "1"})
+    p = start(name, argv, env={"PYTHONUNBUFFERED": "1"})
     # Any HTTP answer means it is listening; the per-target preflight checks the real routes.
-    err = wait_http("ccproxy", p, f"http://{HOST}:{port}/v1/models", 60, ok=lambda s: s < 600,
+    err = wait_http(name, p, f"http://{HOST}:{port}/v1/models", 60, ok=lambda s: s < 600,
                     headers={"Authorization": f"Bearer {KEY}"})
     if err:
-        return port, p, f"n/a ({err})\n{log_tail('ccproxy')}"
+        return port, p, f"n/a ({err})\n{log_tail(name)}"
     return port, p, None
+
+
+# ----------------------------------------------------------------------------- Redis + PostgreSQL (--services)
+
+
+def start_services(tmp: Path) -> tuple[dict, str | None]:
+    """Redis and a PostgreSQL cluster on free loopback ports, with the integration tests' helpers."""
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    try:
+        from _procs import MissingDependency, PostgresServer, RedisServer, StartupError
+    except ImportError as e:
+        return {}, f"n/a (tests/integration/_procs.py not importable: {e})"
+    svc: dict = {}
+    try:
+        redis = RedisServer(tmp / "redis")
+        _services.append(redis)
+        redis.start()
+        svc["redis"] = redis
+        pg = PostgresServer()  # as root: a postgres-owned cluster in /tmp (see _procs.py)
+        _services.append(pg)
+        pg.start(timeout=60)
+        svc["pg"] = pg
+    except (MissingDependency, StartupError, OSError) as e:
+        return svc, f"n/a ({str(e).splitlines()[0][:150]})"
+    return svc, None
+
+
+def variant_extra(name: str, svc: dict, index: int) -> dict:
+    uses = VARIANTS[name]
+    extra = {}
+    if "redis" in uses:  # one Redis database per variant, so their rate-limit logs stay apart
+        extra["redis_url"] = svc["redis"].url.rsplit("/", 1)[0] + f"/{index}"
+        extra["redis_failure_policy"] = "closed"  # a broken Redis shows as 503s, never as fast
+    if "pg" in uses:
+        extra["database_url"] = svc["pg"].url
+    return extra
+
+
+def redis_commands(svc) -> dict | None:
+    """Calls per command from INFO commandstats (commands run inside Lua scripts included)."""
+    try:
+        with socket.create_connection((HOST, svc.port), timeout=2) as s:
+            s.sendall(b"INFO commandstats\r\n")
+            data = s.recv(65536)
+            m = re.match(rb"\$(\d+)\r\n", data)
+            need = int(m.group(1)) + len(m.group(0)) + 2 if m else 0
+            while len(data) < need:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    return {k.decode(): int(v) for k, v in re.findall(rb"cmdstat_([\w|]+):calls=(\d+)", data)}
+
+
+def usage_rows(name: str, tmp: Path, svc: dict) -> tuple[dict[int, int] | None, str]:
+    """{status: rows} in the usage store of gateway `name`, and where that store is."""
+    if name in VARIANTS and "pg" in VARIANTS[name]:
+        pg = svc["pg"]
+        where = "PostgreSQL"
+        argv = [str(pg.bindir / "psql"), "-h", HOST, "-p", str(pg.port), "-U", pg.user, "-d", pg.database,
+                "-XtAF", " ", "-c", "SELECT status, count(*) FROM usage GROUP BY status"]
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return None, f"{where} ({e})"
+        if r.returncode != 0:
+            return None, f"{where} (psql: {r.stderr.strip()[:100]})"
+        return {int(a): int(b) for a, b in (ln.split() for ln in r.stdout.split("\n") if ln.strip())}, where
+    import sqlite3
+    path = sqlite_path(tmp, name)
+    where = f"SQLite {path.name}"
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
+            return dict(db.execute("SELECT status, count(*) FROM usage GROUP BY status").fetchall()), where
+    except sqlite3.Error as e:
+        return None, f"{where} ({e})"
+
+
+def check_usage(name: str, tmp: Path, svc: dict, made: dict) -> dict:
+    """Wait for the usage writer to catch up, then compare rows with the requests wrk saw answered."""
+    deadline, last, rows, where = time.monotonic() + 10, None, None, ""
+    while time.monotonic() < deadline:  # the writer flushes every 0.2 s; stop when the count settles
+        rows, where = usage_rows(name, tmp, svc)
+        total = sum(rows.values()) if rows else None
+        if total is not None and total == last and total >= made["ok2xx"]:
+            break
+        last = total
+        time.sleep(0.5)
+    total = sum(rows.values()) if rows else 0
+    ok_rows = sum(v for k, v in (rows or {}).items() if 200 <= k < 300)
+    # Every 2xx the client got must have its 2xx row.  Requests cut off when wrk stops add rows
+    # (499, or 200 when the answer was already on its way), so rows may exceed responses.
+    return {"store": where, "rows": total if rows is not None else None, "rows_by_status": rows,
+            "limiter_headers": _limit_headers.get(name, {}),
+            "answered": made["answered"], "answered_2xx": made["ok2xx"], "non2xx": made["non2xx"],
+            "missing": max(0, made["ok2xx"] - ok_rows) if rows is not None else None}
 
 
 LITELLM_VENV = BENCH / ".venv-litellm"
@@ -547,6 +673,10 @@ def fmt(v, unit: str = "", nd: int = 2) -> str:
     return f"{v}{unit}"
 
 
+def _delta(r: dict, base: dict, k: str) -> float | None:
+    return round(r[k] - base[k], 3) if r.get(k) is not None and base.get(k) is not None else None
+
+
 def ratio(a, b) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -611,6 +741,38 @@ def print_table(targets: list[Target], ratios: list[dict], rss: dict, meta: dict
             print(f"  {r['scenario']:<14} rps x{fmt(r['rps_ratio'], nd=1)}{mark(r['rps_target_met'])}"
                   f"    added-latency ratio {fmt(r['added_latency_ratio'], nd=3)}"
                   f"{mark(r['latency_target_met'])}")
+    svc = meta.get("services")
+    if svc:
+        print("\nccproxy with Redis limits / PostgreSQL usage vs the default (in-memory limiter, SQLite usage)")
+        if svc.get("na"):
+            print(f"  {svc['na']}")
+        def ms(v):
+            return "-" if v is None else f"{v:+.3f} ms"
+        for r in svc.get("vs_default", []):
+            print(f"  {r['target']:<17} {r['scenario']:<13} {fmt(r['rps_ratio'], nd=2)}x of default rps, "
+                  f"{ms(r['d_p50_ms'])} p50, {ms(r['d_p99_ms'])} p99 (@1, vs default ccproxy)")
+    checks = meta.get("usage_check", {})
+    if checks:
+        print("\nadmission and usage rows (after the writer caught up):")
+        for name, c in checks.items():
+            rows = "-" if c["rows"] is None else f"{c['rows']:,}"
+            by = ", ".join(f"{k}: {v:,}" for k, v in sorted((c["rows_by_status"] or {}).items()))
+            verdict = ("ok" if c["missing"] == 0 and c["non2xx"] == 0
+                       else f"MISSING {c['missing']:,} rows" if c["missing"] else
+                       "ROWS NOT READ" if c["missing"] is None else f"{c['non2xx']:,} NON-2XX")
+            h = c["limiter_headers"]
+            rem = h.get("x-ratelimit-remaining-requests") or h.get("anthropic-ratelimit-requests-remaining")
+            lim = f"limiter on ({rem} rpm left)" if rem else "no rate-limit headers: limiter off"
+            print(f"  {name:<17} {c['answered']:,} responses, {c['non2xx']:,} non-2xx, {lim}; "
+                  f"{c['store']}: {rows} rows ({by}) — {verdict}")
+        cmds = (svc or {}).get("redis_commands")
+        if cmds:
+            n = max(1, sum(checks[v]["answered"] for v in checks if v in VARIANTS))
+            scripts = sum(v for k, v in cmds.items() if k.startswith(("eval", "fcall")))
+            total = sum(v for k, v in cmds.items() if k not in ("info", "ping"))
+            top = ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])[:6])
+            print(f"  Redis, per response of the Redis variants: {scripts / n:.2f} script calls (round "
+                  f"trips), {total / n:.2f} commands in all ({top})")
     if rss:
         print("\nRSS after the run (process tree):")
         for k, v in rss.items():
@@ -632,6 +794,13 @@ def main() -> int:
                     help="LiteLLM worker processes (default 1, same as ccproxy's one process)")
     ap.add_argument("--ttfb-requests", type=int, help="sequential streams for TTFB (default 300, quick 40)")
     ap.add_argument("--only", help="comma list of scenarios: chat-json,chat-sse,messages-json,messages-sse")
+    ap.add_argument("--services", action="store_true",
+                    help="also start Redis and PostgreSQL and measure ccproxy+redis (redis_url) and "
+                         "ccproxy+redis+pg (redis_url + database_url) against the default ccproxy")
+    ap.add_argument("--services-scenarios", default="chat-json,messages-sse",
+                    help="scenarios for the --services variants (default chat-json,messages-sse)")
+    ap.add_argument("--no-key-limits", action="store_true",
+                    help="no rpm/tpm on the bench key, so ccproxy skips its limiter (older runs' setup)")
     ap.add_argument("--output", default=str(RESULTS / "latest.json"))
     a = ap.parse_args()
 
@@ -656,7 +825,8 @@ def main() -> int:
     meta = {"started": dt.datetime.now().isoformat(timespec="seconds"), "duration_s": dur,
             "latency_duration_s": lat_dur, "warmup_s": warm, "wrk_threads": a.wrk_threads,
             "ttfb_requests": n_ttfb, "litellm_workers": a.litellm_workers, "cpus": os.cpu_count(),
-            "python": platform.python_version(), "host": platform.node()}
+            "python": platform.python_version(), "host": platform.node(),
+            "key_limits": None if a.no_key_limits else KEY_LIMITS}
     try:
         meta["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                             capture_output=True, text=True).stdout.strip()
@@ -675,15 +845,39 @@ def main() -> int:
     gw: dict[str, int] = {}
     gw_na: dict[str, str] = {}
     procs: dict[str, subprocess.Popen] = {}
+    svc: dict = {}
+    if a.services and a.no_ccproxy:
+        print("--services needs ccproxy; ignored with --no-ccproxy", file=sys.stderr)
     if not a.no_ccproxy:
         print("starting ccproxy ...", flush=True)
-        port, p, err = start_ccproxy(tmp, nginx_port)
+        port, p, err = start_ccproxy(tmp, nginx_port, key_limits=not a.no_key_limits)
         gw["ccproxy"] = port
         if p:
             procs["ccproxy"] = p
         if err:
             gw_na["ccproxy"] = err.splitlines()[0]
             print(f"  ccproxy: {err}", flush=True)
+        if a.services:
+            print("starting Redis and PostgreSQL ...", flush=True)
+            svc, svc_err = start_services(tmp)
+            meta["services"] = {"na": svc_err, "redis_url": getattr(svc.get("redis"), "url", None),
+                                "database_url": getattr(svc.get("pg"), "url", None)}
+            for i, name in enumerate(VARIANTS):
+                gw[name] = 0
+                if svc_err:
+                    gw_na[name] = svc_err
+                    continue
+                print(f"starting {name} ...", flush=True)
+                port, p, err = start_ccproxy(tmp, nginx_port, name, variant_extra(name, svc, i + 1),
+                                             key_limits=not a.no_key_limits)
+                gw[name] = port
+                if p:
+                    procs[name] = p
+                if err:
+                    gw_na[name] = err.splitlines()[0]
+                    print(f"  {name}: {err}", flush=True)
+            if svc_err:
+                print(f"  services: {svc_err}", flush=True)
     if not a.no_litellm:
         print(f"starting LiteLLM ({a.litellm_workers} worker) ...", flush=True)
         port, p, err = start_litellm(tmp, nginx_port, a.litellm_workers)
@@ -708,17 +902,28 @@ def main() -> int:
         keep |= {s.replace("messages", "chat") for s in keep}  # the direct reference for added latency
         targets = [t for t in targets
                    if t.scenario in keep and (t.name == "direct" or t.scenario in a.only.split(","))]
+    if a.services:
+        targets = [t for t in targets
+                   if t.name not in VARIANTS or t.scenario in a.services_scenarios.split(",")]
+    made: dict[str, dict] = {}  # per gateway: responses wrk/aiohttp saw, for the usage-row check
     t_start = time.monotonic()
     for i, t in enumerate(targets):
         print(f"[{i + 1}/{len(targets)}] {t.label:<24}", end=" ", flush=True)
         t.na = gw_na.get(t.name) or asyncio.run(preflight(t))
+        m = made.setdefault(t.name, {"answered": 0, "ok2xx": 0, "non2xx": 0})
+        m["answered"] += 1  # the preflight (a failed one made the target n/a)
+        m["ok2xx"] += 0 if t.na else 1
         if t.na:
             print(t.na, flush=True)
             continue
         script = lua_script(t, tmp / f"{t.name}-{t.scenario}.lua")
-        wrk(t, script, 16, a.wrk_threads, warm)  # warm-up, not recorded
+        w = wrk(t, script, 16, a.wrk_threads, warm)  # warm-up, not recorded
         hi = wrk(t, script, 16, a.wrk_threads, dur)
         lo = wrk(t, script, 1, 1, lat_dur)
+        for x in (w, hi, lo):
+            m["answered"] += x.get("requests", 0)
+            m["ok2xx"] += x.get("requests", 0) - x.get("non2xx", 0)
+            m["non2xx"] += x.get("non2xx", 0)
         t.result = {"rps": hi.get("rps"), "rps_run": hi,
                     "p50_ms": round(lo["p50"] / 1000, 3) if "p50" in lo else None,
                     "p99_ms": round(lo["p99"] / 1000, 3) if "p99" in lo else None,
@@ -731,6 +936,8 @@ def main() -> int:
             t.result["note"] = f"{hi['errors'] + lo['errors']} errored responses (<1%)"
         if t.stream and not t.na:
             t.result |= asyncio.run(ttfb(t, n_ttfb, time_cap=max(20.0, dur * 3)))
+            m["answered"] += 3 + t.result["n"] + t.result["bad"]  # "bad" may be a non-2xx or a bad body
+            m["ok2xx"] += 3 + t.result["n"]
         print(t.na or f"rps {fmt(t.result['rps'], nd=0)}  p50 {fmt(t.result['p50_ms'], nd=3)} ms"
               + (f"  ttfb {fmt(t.result.get('ttfb_p50_ms'), nd=3)} ms" if t.stream else ""), flush=True)
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
@@ -738,12 +945,29 @@ def main() -> int:
 
     rss = {name: rss_mib(p.pid) for name, p in procs.items() if p.poll() is None}
     rows, ratios = summarize(targets)
+    meta["usage_check"] = {name: check_usage(name, tmp, svc, made[name])
+                           for name in ("ccproxy", *VARIANTS) if name in made and name in procs}
+    if a.services and "services" in meta:
+        if "redis" in svc:
+            meta["services"]["redis_commands"] = redis_commands(svc["redis"])
+        by = {(t.name, t.scenario): t for t in targets}
+        vs = []
+        for t in targets:
+            base = by.get(("ccproxy", t.scenario))
+            if t.name not in VARIANTS or not base:
+                continue
+            vs.append({"target": t.name, "scenario": t.scenario,
+                       "rps_ratio": ratio(t.result.get("rps"), base.result.get("rps")),
+                       "d_p50_ms": _delta(t.result, base.result, "p50_ms"),
+                       "d_p99_ms": _delta(t.result, base.result, "p99_ms")})
+        meta["services"]["vs_default"] = vs
     print_table(targets, ratios, rss, meta)
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows, "ratios": ratios, "rss": rss}, indent=2))
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}; "
           f"server logs in {LOGS.relative_to(ROOT)}/")
+    _kill_all()  # gateways first, then Redis and PostgreSQL
     return 0
 
 

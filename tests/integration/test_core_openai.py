@@ -99,7 +99,10 @@ def test_requests_client_and_request_log(gw) -> None:
     deadline = time.monotonic() + 10
     while True:
         records = {r.get("request_id"): r for r in gw.log_records() if r.get("msg") == "request"}
-        if all(i in records for i in ids.values()) or time.monotonic() > deadline:
+        # each line is written just after its response: wait for the error requests' lines too
+        statuses = [r["status"] for r in records.values()]
+        done = all(i in records for i in ids.values()) and all(statuses.count(s) for s in (401, 403, 502))
+        if done or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     for alias, request_id in ids.items():

@@ -191,11 +191,12 @@ class ChatFlow:
         self.output_events = 0
         self.prompt_estimate = 0
         self.more_attempts = False  # another deployment may still be tried (see _attempts)
+        self.admitted = False  # passed auth, validation and limits: the request gets a usage row
+        self.finished = False  # the log line (and row) is written, just before the response ends
 
     # ---------------------------------------------------------------- entry point
 
     async def run(self, receive: Receive, send: Send) -> None:
-        admitted = False
         ticket = None
         watcher: DisconnectWatcher | None = None
         usage = Usage()
@@ -224,7 +225,7 @@ class ChatFlow:
                                       self.runtime.config.providers[first.deployment.provider], self.prompt_estimate)
                 ticket = await self.gw.services.limiter.admit(
                     principal, self.prompt_estimate + (primary.max_tokens or 0), self.adapter.name)
-                admitted = True
+                self.admitted = True
                 self.resp_headers.update(ticket.headers)
                 watcher = DisconnectWatcher(receive)
                 watcher.start()
@@ -249,6 +250,7 @@ class ChatFlow:
             self.record.status = e.status
             self.record.error_kind = e.kind
             if not self.started:
+                self._finish(usage)
                 await send_error(send, self.adapter, e, self.resp_headers)
         except Exception:
             log.exception("unexpected error in request %s", self.request_id)
@@ -256,22 +258,27 @@ class ChatFlow:
                                       + self.request_id)
             self.record.status, self.record.error_kind = 500, "internal_error"
             if not self.started:
+                self._finish(usage)
                 await send_error(send, self.adapter, exc, self.resp_headers)
         finally:
             if watcher is not None:
                 watcher.stop()
-            self._finish(usage, admitted)
+            if not self.finished:
+                self._finish(usage)
             if ticket is not None:
                 await ticket.release(usage.prompt_tokens + usage.output_tokens)
 
-    def _finish(self, usage: Usage, admitted: bool) -> None:
+    def _finish(self, usage: Usage) -> None:
+        """Log line, usage row and metrics; called right before the response's last byte, so a
+        client that has its answer can already find both."""
+        self.finished = True
         r = self.record
         r.latency_ms = round((time.perf_counter() - self.t0) * 1000, 3)
         r.input_tokens, r.output_tokens = usage.input_tokens, usage.output_tokens
         r.cache_read_tokens, r.cache_creation_tokens = usage.cache_read_tokens, usage.cache_creation_tokens
-        if admitted:
+        if self.admitted:
             self.gw.services.usage.submit(r)
-        self.gw.observe(r, admitted)
+        self.gw.observe(r, self.admitted)
         line = {"level": "info", "msg": "request", "request_id": r.request_id, "key": r.key_name,
                 "endpoint": r.endpoint, "alias": r.alias, "rule": r.rule, "provider": r.provider,
                 "upstream_model": r.upstream_model, "stream": r.stream, "status": r.status,
@@ -365,6 +372,7 @@ class ChatFlow:
             self.started = True
             self.record.status = 200
             self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
+            self._finish(resp.usage)
             await send_bytes(send, 200, body, "application/json", self.resp_headers)
             return resp.usage
         raise last or errors.UpstreamError("no deployment could take this request")
@@ -442,8 +450,10 @@ class ChatFlow:
                     assert renderer is not None
                     await out(renderer.error(e))
                     watcher.stop()
+                    usage = Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
+                    self._finish(usage)
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    return Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
+                    return usage
                 if not retryable:
                     raise
                 retry_after = getattr(e, "retry_after", None)
@@ -458,6 +468,7 @@ class ChatFlow:
                     except BaseException:  # noqa: S110 - the pump's own end is not our concern here
                         pass
             watcher.stop()
+            self._finish(usage)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return usage
         raise last or errors.UpstreamError("no deployment could take this request")

@@ -26,6 +26,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._series: dict[tuple[str, str, int], tuple] = {}
         r = self.registry
         self.requests = Counter("ccproxy_requests", "Finished requests",
                                 ["alias", "provider", "status"], registry=r)
@@ -52,16 +53,29 @@ class Metrics:
     def watch_queue_depth(self, depth: Callable[[], int]) -> None:
         self.usage_queue_depth.set_function(lambda: float(depth()))
 
+    def _children(self, alias: str, provider: str, status: int) -> tuple:
+        """The labelled series of one (alias, provider, status), looked up once: `labels()` costs
+        more than the increments on the hot path."""
+        key = (alias, provider, status)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = (
+                self.requests.labels(alias, provider, str(status)), self.latency.labels(alias, provider),
+                self.ttfb.labels(alias, provider), self.tokens.labels(alias, provider, "input"),
+                self.tokens.labels(alias, provider, "output"))
+        return found
+
     def observe(self, record: UsageRecord) -> None:
         alias, provider = record.alias or "none", record.provider or "none"
-        self.requests.labels(alias, provider, str(record.status)).inc()
-        self.latency.labels(alias, provider).observe(max(record.latency_ms, 0.0) / 1000)
+        requests, latency, ttfb, tokens_in, tokens_out = self._children(alias, provider, record.status)
+        requests.inc()
+        latency.observe(max(record.latency_ms, 0.0) / 1000)
         if record.ttfb_ms is not None:
-            self.ttfb.labels(alias, provider).observe(max(record.ttfb_ms, 0.0) / 1000)
+            ttfb.observe(max(record.ttfb_ms, 0.0) / 1000)
         if record.input_tokens:
-            self.tokens.labels(alias, provider, "input").inc(record.input_tokens)
+            tokens_in.inc(record.input_tokens)
         if record.output_tokens:
-            self.tokens.labels(alias, provider, "output").inc(record.output_tokens)
+            tokens_out.inc(record.output_tokens)
         if record.error_kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(provider, record.error_kind).inc()
 

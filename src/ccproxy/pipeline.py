@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
+import itertools
 import logging
 import math
+import secrets
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -174,6 +175,15 @@ def model_allowed(principal: Principal, alias: str) -> bool:
 
 # --------------------------------------------------------------------------- the flow
 
+# Request ids: a random per-process prefix and a counter (unique across replicas and restarts
+# without a urandom syscall per request, which uuid4 costs).
+_ID_PREFIX = secrets.token_hex(6)
+_id_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):020x}"  # 32 hex digits, like a uuid4 hex
+
 
 class ChatFlow:
     """One chat request from auth to usage row. Created per request."""
@@ -184,13 +194,14 @@ class ChatFlow:
         self.adapter = adapter
         self.headers = headers
         self.t0 = time.perf_counter()
-        self.request_id = uuid.uuid4().hex
+        self.request_id = new_request_id()
         self.record = UsageRecord(request_id=self.request_id, ts=time.time(), key_name="-", endpoint=endpoint)
         self.resp_headers: dict[str, str] = {"x-request-id": self.request_id}
         self.started = False  # response headers sent
         self.output_events = 0
         self.prompt_estimate = 0
         self.more_attempts = False  # another deployment may still be tried (see _attempts)
+        self._prepared_first: tuple[Target, ChatRequest] | None = None
         self.admitted = False  # passed auth, validation and limits: the request gets a usage row
         self.finished = False  # the log line (and row) is written, just before the response ends
 
@@ -223,6 +234,7 @@ class ChatFlow:
                 first = route.targets[0]
                 primary = prepare_for(req, route.alias, route.alias_config,
                                       self.runtime.config.providers[first.deployment.provider], self.prompt_estimate)
+                self._prepared_first = (first, primary)
                 ticket = await self.gw.services.limiter.admit(
                     principal, self.prompt_estimate + (primary.max_tokens or 0), self.adapter.name)
                 self.admitted = True
@@ -308,8 +320,11 @@ class ChatFlow:
             try:
                 if target.alias != route.alias:
                     check_capabilities(req, target.alias, target.alias_config)
-                prepared = prepare_for(req, target.alias, target.alias_config,
-                                       config.providers[target.deployment.provider], self.prompt_estimate)
+                if self._prepared_first is not None and self._prepared_first[0] is target:
+                    prepared = self._prepared_first[1]  # already fitted for the limiter's reservation
+                else:
+                    prepared = prepare_for(req, target.alias, target.alias_config,
+                                           config.providers[target.deployment.provider], self.prompt_estimate)
             except errors.InvalidRequest:
                 if target.alias == route.alias:
                     raise

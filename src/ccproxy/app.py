@@ -20,7 +20,7 @@ from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
-from ccproxy.pipeline import ChatFlow, DialectAdapter, send_error
+from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.providers import make_provider
 from ccproxy.providers.base import ModelListing, Provider, TokenCounter
 from ccproxy.routing import DeploymentHealth, RequestTraits, Router
@@ -354,7 +354,6 @@ class Gateway:
         principal = await self._authenticated(headers, send, adapter)
         if principal is None:
             return
-        from ccproxy.pipeline import model_allowed
         aliases = [a for a in self.runtime.router.aliases() if model_allowed(principal, a)]
         render = adapters.ANTHROPIC_MODELS if adapter is adapters.ANTHROPIC else adapters.OPENAI_MODELS
         await send_json(send, 200, render(aliases))

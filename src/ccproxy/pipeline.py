@@ -85,10 +85,6 @@ class DialectAdapter:
     stream_content_type: str = "text/event-stream"
 
 
-def error_response(adapter: DialectAdapter, exc: errors.GatewayError) -> tuple[int, dict[str, Any]]:
-    return adapter.render_error(exc)
-
-
 async def send_error(send: Send, adapter: DialectAdapter, exc: errors.GatewayError,
                      headers: dict[str, str] | None = None) -> None:
     status, body = adapter.render_error(exc)

@@ -61,5 +61,5 @@ OLLAMA = DialectAdapter(
 
 OPENAI_MODELS = openai.render_models
 ANTHROPIC_MODELS = anthropic.render_models
-OLLAMA_TAGS = getattr(ollama, "render_tags", lambda aliases: {"models": [{"name": a, "model": a} for a in aliases]})
+OLLAMA_TAGS = ollama.render_tags
 parse_count_tokens = anthropic.parse_count_tokens

@@ -11,7 +11,9 @@ limiter is Redis-backed when `redis_url` is set, else in memory (exact for one r
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from ccproxy.config import Config
@@ -24,7 +26,7 @@ from ccproxy.usage.writer import UsageWriter
 
 log = logging.getLogger("ccproxy.services")
 
-__all__ = ["Services", "build_services"]
+__all__ = ["Services", "build_services", "has_db_keys"]
 
 
 @dataclass(slots=True)
@@ -67,3 +69,22 @@ def build_services(config: Config, *, metrics: Metrics | None = None) -> Service
         limiter = MemoryLimiter(metrics=metrics)
     return Services(config=config, metrics=metrics, store=store,
                     usage=UsageWriter(store, metrics=metrics), limiter=limiter, keys=DbKeyStore(store))
+
+
+async def _active_db_keys(config: Config) -> int:
+    store = open_store(config)
+    await store.start()
+    try:
+        now = time.time()
+        return sum(1 for row in await store.list_keys() if row.status(now) == "active")
+    finally:
+        await store.close()
+
+
+def has_db_keys(config: Config) -> bool:
+    """Whether the configured database holds at least one active key (`ccproxy keys create`).
+
+    Opens the store (applying migrations) and closes it again. A database that cannot be opened
+    raises: `serve` reports that, rather than pretending there are no keys.
+    """
+    return asyncio.run(_active_db_keys(config)) > 0

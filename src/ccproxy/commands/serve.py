@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
+import asyncpg
 import click
 
 from ccproxy import logs
@@ -39,10 +41,7 @@ def _config_or_exit(path: str | None) -> Config:
 
 def build_gateway(config: Config):
     from ccproxy.app import Gateway
-    try:
-        from ccproxy.build_services import build_services
-    except ImportError:  # the services layer is optional in a trimmed-down install
-        return Gateway(config)
+    from ccproxy.build_services import build_services
     return Gateway(config, build_services(config))
 
 
@@ -60,11 +59,13 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
         listen = f"{host or config.host}:{port or config.port}"
         config = config.model_copy(update={"listen": listen})
     if not config.keys and not config.admin_key:
+        from ccproxy.build_services import has_db_keys
         try:
-            from ccproxy.build_services import has_db_keys  # type: ignore[attr-defined]
             db_keys = has_db_keys(config)
-        except Exception:
-            db_keys = False
+        except (OSError, sqlite3.Error, asyncpg.PostgresError) as e:
+            click.echo(f"error: no API keys in the config, and the database that may hold keys cannot be "
+                       f"opened: {e}", err=True)
+            sys.exit(2)
         if not db_keys:
             click.echo("error: no API keys configured: add `keys:` to the config or create one with "
                        "`ccproxy keys create --name NAME`; the gateway never runs open", err=True)

@@ -74,6 +74,22 @@ def m002_api_keys(flavor: str) -> list[str]:
     ]
 
 
+@migration
+def m003_attribution(flavor: str) -> list[str]:
+    """Who and what a row is for (served alias, cost, session, end user, key tags); key budgets."""
+    t = _types(flavor)
+    return [
+        "ALTER TABLE usage ADD COLUMN served_alias TEXT",
+        f"ALTER TABLE usage ADD COLUMN cost_usd {t['float']}",
+        "ALTER TABLE usage ADD COLUMN session_id TEXT",
+        "ALTER TABLE usage ADD COLUMN end_user TEXT",
+        "ALTER TABLE usage ADD COLUMN tags TEXT",
+        f"ALTER TABLE api_keys ADD COLUMN budget_usd {t['float']}",
+        "ALTER TABLE api_keys ADD COLUMN budget_period TEXT",
+        "ALTER TABLE api_keys ADD COLUMN tags TEXT",
+    ]
+
+
 def create_table_sql(flavor: str) -> str:
     ts = "DOUBLE PRECISION" if flavor == "postgres" else "REAL"
     return (f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} "

@@ -132,5 +132,6 @@ _PG_TYPES = {
     "request_id": "text", "ts": "float8", "key_name": "text", "endpoint": "text", "alias": "text",
     "rule": "text", "provider": "text", "upstream_model": "text", "stream": "bool", "status": "int8",
     "error_kind": "text", "input_tokens": "int8", "output_tokens": "int8", "cache_read_tokens": "int8",
-    "cache_creation_tokens": "int8", "latency_ms": "float8", "ttfb_ms": "float8",
+    "cache_creation_tokens": "int8", "latency_ms": "float8", "ttfb_ms": "float8", "served_alias": "text",
+    "cost_usd": "float8", "session_id": "text", "end_user": "text", "tags": "text",
 }

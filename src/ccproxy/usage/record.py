@@ -25,6 +25,11 @@ class UsageRecord:
     cache_creation_tokens: int = 0
     latency_ms: float = 0.0
     ttfb_ms: float | None = None
+    served_alias: str | None = None  # the alias that answered (a fallback may differ from `alias`)
+    cost_usd: float | None = None  # None: no price known for the model (never a guess)
+    session_id: str | None = None  # the client's session (Claude Code, Codex), for attribution
+    end_user: str | None = None  # OpenAI `user`, or the account in Claude Code's metadata.user_id
+    tags: dict[str, str] | None = None  # the key's tags (team, project, ...)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -21,12 +21,13 @@ __all__ = ["USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "open_store", "usage
 USAGE_COLUMNS: tuple[str, ...] = (
     "request_id", "ts", "key_name", "endpoint", "alias", "rule", "provider", "upstream_model",
     "stream", "status", "error_kind", "input_tokens", "output_tokens", "cache_read_tokens",
-    "cache_creation_tokens", "latency_ms", "ttfb_ms",
+    "cache_creation_tokens", "latency_ms", "ttfb_ms", "served_alias", "cost_usd", "session_id", "end_user",
+    "tags",
 )
 
 KEY_COLUMNS: tuple[str, ...] = (
     "name", "sha256", "rpm", "tpm", "max_concurrent", "models", "created_at", "expires_at",
-    "revoked_at", "last_used_at",
+    "revoked_at", "last_used_at", "budget_usd", "budget_period", "tags",
 )
 
 
@@ -46,6 +47,9 @@ class KeyRow:
     expires_at: float | None = None
     revoked_at: float | None = None
     last_used_at: float | None = None
+    budget_usd: float | None = None
+    budget_period: str | None = None  # day | week | month
+    tags: dict[str, str] | None = None
 
     def status(self, now: float) -> str:
         if self.revoked_at is not None:
@@ -57,13 +61,16 @@ class KeyRow:
     def db_values(self) -> tuple[Any, ...]:
         models = json.dumps(list(self.models)) if self.models is not None else None
         return (self.name, self.sha256, self.rpm, self.tpm, self.max_concurrent, models,
-                self.created_at, self.expires_at, self.revoked_at, self.last_used_at)
+                self.created_at, self.expires_at, self.revoked_at, self.last_used_at, self.budget_usd,
+                self.budget_period, json.dumps(self.tags) if self.tags is not None else None)
 
     @classmethod
     def from_db(cls, row: Sequence[Any]) -> KeyRow:
         values = dict(zip(KEY_COLUMNS, row, strict=True))
         if values["models"] is not None:
             values["models"] = tuple(json.loads(values["models"]))
+        if values["tags"] is not None:
+            values["tags"] = json.loads(values["tags"])
         return cls(**values)
 
 
@@ -71,7 +78,9 @@ def usage_values(r: UsageRecord) -> tuple[Any, ...]:
     return (r.request_id, float(r.ts), r.key_name, r.endpoint, r.alias, r.rule, r.provider,
             r.upstream_model, bool(r.stream), int(r.status), r.error_kind, int(r.input_tokens),
             int(r.output_tokens), int(r.cache_read_tokens), int(r.cache_creation_tokens),
-            float(r.latency_ms), None if r.ttfb_ms is None else float(r.ttfb_ms))
+            float(r.latency_ms), None if r.ttfb_ms is None else float(r.ttfb_ms), r.served_alias,
+            None if r.cost_usd is None else float(r.cost_usd), r.session_id, r.end_user,
+            json.dumps(r.tags, sort_keys=True) if r.tags else None)
 
 
 class Store(Protocol):

@@ -18,11 +18,13 @@ from ccproxy.config import Config, ConfigError, load_config
 log = logging.getLogger("ccproxy")
 
 DEFAULT_CONFIG = "ccproxy.yaml"
-CONFIG_HELP = "Config file (YAML). Default: ./ccproxy.yaml, else the built-in embedded demo."
+CONFIG_HELP = "Config file (YAML). Default: $CCPROXY_CONFIG, else ./ccproxy.yaml, else the built-in embedded demo."
 
 
 def load_cli_config(path: str | None) -> Config:
-    """The config a command should use: the given file, ./ccproxy.yaml, or the built-in demo."""
+    """The config a command should use: the given file, else `$CCPROXY_CONFIG` (how a container
+    is pointed at its mounted file), else ./ccproxy.yaml, else the built-in demo."""
+    path = path or os.environ.get("CCPROXY_CONFIG") or None
     if path:
         return load_config(path)
     if Path(DEFAULT_CONFIG).exists():
@@ -71,7 +73,9 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
                        "`ccproxy keys create --name NAME`; the gateway never runs open", err=True)
             sys.exit(2)
     from ccproxy.server import run
-    sys.exit(run(config, config_path))
+    # Hot reload watches the file the config came from (--config, $CCPROXY_CONFIG or ./ccproxy.yaml).
+    watched = config.source if config.source and Path(config.source).is_file() else None
+    sys.exit(run(config, watched))
 
 
 @click.command()

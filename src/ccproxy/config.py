@@ -93,6 +93,9 @@ class AliasConfig(_Strict):
     supports_thinking: bool = False
     strip_tools: bool = Field(False, description="send no tool definitions (small models cannot call tools); "
                               "tool calls in the history become plain text")
+    affinity: Literal["session", "none"] = Field(
+        "session", description="with several deployments: keep a session's turns on one deployment "
+        "(its prompt cache), or `none` for least-in-flight balancing")
 
     @model_validator(mode="after")
     def _one_target(self) -> AliasConfig:

@@ -4,8 +4,11 @@
    the requested model name (glob), thinking on, estimated prompt size, a named tool, images, a
    header, or the key's name.
 2. Otherwise the requested model name is looked up among the aliases (exact, then globs).
-3. The alias's deployments are ordered by least in-flight per unit of weight, deployments in
-   cooldown last; then come the deployments of each alias in its `fallbacks`.
+3. The alias's deployments are ordered, deployments in cooldown last: with session affinity (the
+   default for an alias with several deployments; `ccproxy.affinity`) by the session's weighted
+   rendezvous score, so a conversation's turns reuse one backend's prompt cache; with
+   `affinity: none` by least in-flight per unit of weight. Then come the deployments of each alias
+   in its `fallbacks`.
 4. The pipeline tries them with `next_target`: deployments in cooldown are skipped while any other
    remains, and tried last (better a likely failure than a certain one).
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ccproxy import errors
+from ccproxy.affinity import SessionPins, rendezvous_score, session_key
 from ccproxy.config import AliasConfig, Config, Deployment, RuleConfig, resolve_alias
 from ccproxy.core import ChatRequest
 from ccproxy.tokens import estimate_prompt_tokens
@@ -58,6 +62,7 @@ class Route:
     rule: str | None
     reason: str
     targets: list[Target] = field(default_factory=list)
+    affinity: dict[str, Any] | None = None  # the session and how it chose, when affinity applied
 
 
 @dataclass(slots=True)
@@ -117,11 +122,16 @@ def rule_matches(rule: RuleConfig, t: RequestTraits) -> str | None:
     return "; ".join(why) or "rule has no conditions"
 
 
+def _dep_id(d: Deployment) -> str:
+    return f"{d.provider}/{d.model}"
+
+
 class Router:
     def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None):
         self.config = config
         # Health survives hot reloads: the new router takes the old router's dict.
         self.health: dict[tuple[str, str], DeploymentHealth] = health if health is not None else {}
+        self.pins = SessionPins()
 
     def aliases(self) -> list[str]:
         return list(self.config.models)
@@ -131,14 +141,14 @@ class Router:
             why = rule_matches(rule, traits)
             if why is not None:
                 cfg = self.config.models[rule.alias]
-                return self._with_targets(Route(req.model, rule.alias, cfg, rule.name, why))
+                return self._with_targets(Route(req.model, rule.alias, cfg, rule.name, why), req, traits)
         alias = resolve_alias(self.config.models, req.model)
         if alias is None:
             raise errors.UnknownModel(
                 f"model {req.model!r} is not configured here; valid models (aliases): "
                 f"{', '.join(self.config.models)}", param="model")
         how = "exact alias" if alias == req.model else f"matches alias pattern {alias!r}"
-        return self._with_targets(Route(req.model, alias, self.config.models[alias], None, how))
+        return self._with_targets(Route(req.model, alias, self.config.models[alias], None, how), req, traits)
 
     def _state(self, d: Deployment) -> DeploymentHealth:
         key = (d.provider, d.model)
@@ -147,25 +157,49 @@ class Router:
             h = self.health[key] = DeploymentHealth()
         return h
 
-    def _ordered(self, alias: str, cfg: AliasConfig, now: float) -> list[Target]:
+    def _ordered(self, alias: str, cfg: AliasConfig, now: float, route: Route, req: ChatRequest,
+                 traits: RequestTraits) -> list[Target]:
         deps = cfg.all_deployments()
         if len(deps) > 1:
-            def score(d: Deployment) -> tuple[bool, float, float]:
-                h = self._state(d)
-                return (h.cooling(now), (h.in_flight + 1) / d.weight, random.random() / d.weight)
-            deps.sort(key=score)
-        elif deps and self._state(deps[0]).cooling(now):
-            pass  # a single deployment is still tried: better a likely failure than a certain one
+            if cfg.affinity != "none":
+                deps = self._by_session(alias, deps, now, route, req, traits)
+            else:
+                def score(d: Deployment) -> tuple[bool, float, float]:
+                    h = self._state(d)
+                    return (h.cooling(now), (h.in_flight + 1) / d.weight, random.random() / d.weight)
+                deps.sort(key=score)
+        # A single deployment is tried even in cooldown: better a likely failure than a certain one.
         return [Target(alias, cfg, d) for d in deps]
 
-    def _with_targets(self, route: Route) -> Route:
+    def _by_session(self, alias: str, deps: list[Deployment], now: float, route: Route, req: ChatRequest,
+                    traits: RequestTraits) -> list[Deployment]:
+        """Deployments in the session's rendezvous order, healthy ones first; a session that had to
+        move off a cooling deployment stays where it moved (its prompt cache is there now)."""
+        session, source = session_key(req, traits.headers)
+        ranked = sorted(deps, key=lambda d: rendezvous_score(session, _dep_id(d), d.weight), reverse=True)
+        ordered = sorted(ranked, key=lambda d: self._state(d).cooling(now))  # stable: keeps the ranking
+        pinned = self.pins.get(alias, session)
+        if pinned is not None:
+            first = next((d for d in ordered if _dep_id(d) == pinned and not self._state(d).cooling(now)), None)
+            if first is not None:
+                ordered.remove(first)
+                ordered.insert(0, first)
+        chosen = _dep_id(ordered[0])
+        if chosen != _dep_id(ranked[0]) and chosen != pinned:
+            self.pins.pin(alias, session, chosen)  # moved off its first choice: stay moved
+        if route.affinity is None:
+            route.affinity = {"session": session[:16], "source": source, "deployment": chosen,
+                              "moved": chosen != _dep_id(ranked[0])}
+        return ordered
+
+    def _with_targets(self, route: Route, req: ChatRequest, traits: RequestTraits) -> Route:
         now = time.monotonic()
         seen = {route.alias}
-        targets = self._ordered(route.alias, route.alias_config, now)
+        targets = self._ordered(route.alias, route.alias_config, now, route, req, traits)
         for fb in route.alias_config.fallbacks:
             if fb not in seen:
                 seen.add(fb)
-                targets += self._ordered(fb, self.config.models[fb], now)
+                targets += self._ordered(fb, self.config.models[fb], now, route, req, traits)
         route.targets = targets
         return route
 
@@ -232,6 +266,7 @@ class Router:
             "alias": route.alias,
             "reason": route.reason,
             "estimated_prompt_tokens": traits.prompt_tokens,
+            "affinity": route.affinity,
             "targets": [{"alias": t.alias, "provider": t.deployment.provider, "model": t.deployment.model,
                          "provider_type": self.config.providers[t.deployment.provider].type}
                         for t in route.targets],

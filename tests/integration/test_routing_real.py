@@ -110,7 +110,8 @@ def test_two_llama_backends_crash_cooldown_recovery(gateway, llama_server, secon
         "providers": {"l1": {**provider, "base_url": llama_server.base_url},
                       "l2": {**provider, "base_url": second_llama.base_url}},
         "models": {"pool": {"deployments": [{"provider": "l1", "model": "smollm2"},
-                                            {"provider": "l2", "model": "smollm2", "weight": 2}]}},
+                                            {"provider": "l2", "model": "smollm2", "weight": 2}],
+                           "affinity": "none"}},
     })
     # both serve: concurrent requests are spread by least in flight
     resps = burst(gw)

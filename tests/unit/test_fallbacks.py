@@ -218,7 +218,8 @@ def served_by(resp: httpx.Response) -> str:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_connection_refused_tries_the_next_deployment(upstream: Upstream, client: Client, stream: bool) -> None:
     # weight 100 puts the dead deployment first (least in flight per unit of weight)
-    pool = {"deployments": [{"provider": "dead", "model": "x", "weight": 100}, {"provider": "up", "model": "ok-b"}]}
+    pool = {"deployments": [{"provider": "dead", "model": "x", "weight": 100}, {"provider": "up", "model": "ok-b"}],
+            "affinity": "none"}
     await client.open(make_config(upstream, pool=pool))
     resp = await client.chat("pool", stream)
     assert served_by(resp) == "ok-b"
@@ -238,7 +239,8 @@ async def test_503_falls_back_to_the_fallback_alias(upstream: Upstream, client: 
 
 
 async def test_429_retry_after_puts_the_deployment_in_cooldown(upstream: Upstream, client: Client) -> None:
-    pool = {"deployments": [{"provider": "up", "model": "e429", "weight": 100}, {"provider": "up", "model": "ok-2"}]}
+    pool = {"deployments": [{"provider": "up", "model": "e429", "weight": 100}, {"provider": "up", "model": "ok-2"}],
+            "affinity": "none"}
     await client.open(make_config(upstream, pool=pool))
     assert served_by(await client.chat("pool")) == "ok-2"
     assert upstream.calls == ["e429", "ok-2"]
@@ -265,7 +267,8 @@ async def test_429_everywhere_passes_retry_after_to_the_client(upstream: Upstrea
 
 async def test_retry_after_longer_than_cooldown_seconds_wins(upstream: Upstream, client: Client) -> None:
     upstream.retry_after = "50"
-    pool = {"deployments": [{"provider": "flaky", "model": "e429", "weight": 100}, {"provider": "up", "model": "ok-2"}]}
+    pool = {"deployments": [{"provider": "flaky", "model": "e429", "weight": 100}, {"provider": "up", "model": "ok-2"}],
+            "affinity": "none"}
     await client.open(make_config(upstream, pool=pool))  # flaky: cooldown_seconds 1
     assert served_by(await client.chat("pool")) == "ok-2"
     assert client.health("flaky", "e429")["cooldown_seconds_left"] > 40
@@ -428,7 +431,7 @@ async def test_no_new_attempt_after_the_deadline(upstream: Upstream, client: Cli
 
 async def test_cooldown_after_max_failures_and_recovery(upstream: Upstream, client: Client) -> None:
     pool = {"deployments": [{"provider": "flaky", "model": "toggle", "weight": 100},
-                            {"provider": "up", "model": "ok-steady"}]}
+                            {"provider": "up", "model": "ok-steady"}], "affinity": "none"}
     await client.open(make_config(upstream, pool=pool))  # flaky: max_failures 2, cooldown_seconds 1
     for _ in range(2):
         assert served_by(await client.chat("pool")) == "ok-steady"
@@ -450,7 +453,8 @@ async def test_cooldown_after_max_failures_and_recovery(upstream: Upstream, clie
 
 
 async def test_every_deployment_cooling_still_tries_them(upstream: Upstream, client: Client) -> None:
-    pool = {"deployments": [{"provider": "dead", "model": "x"}, {"provider": "flaky", "model": "toggle"}]}
+    pool = {"deployments": [{"provider": "dead", "model": "x"}, {"provider": "flaky", "model": "toggle"}],
+            "affinity": "none"}
     await client.open(make_config(upstream, pool=pool))
     for _ in range(2):
         assert (await client.chat("pool")).status_code in (500, 502)

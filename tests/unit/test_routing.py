@@ -171,7 +171,7 @@ def test_explain_without_rules() -> None:
 
 POOL_MODELS = {
     "pool": {"deployments": [{"provider": "a", "model": "m1"}, {"provider": "b", "model": "m2"}],
-             "fallbacks": ["backup", "last"]},
+             "fallbacks": ["backup", "last"], "affinity": "none"},
     "backup": {"provider": "c", "model": "m3", "fallbacks": ["last"]},
     "last": {"provider": "b", "model": "m4", "fallbacks": ["pool"]},
     "solo": {"provider": "a", "model": "s", "fallbacks": ["backup"]},
@@ -217,7 +217,7 @@ def test_least_in_flight_first(clock: Clock) -> None:
 
 def test_weight_scales_in_flight(clock: Clock) -> None:
     router = Router(make_config(models={"w": {"deployments": [{"provider": "a", "model": "heavy", "weight": 4},
-                                                              {"provider": "b", "model": "light"}]}}))
+                                                              {"provider": "b", "model": "light"}], "affinity": "none"}}))
     heavy = Deployment(provider="a", model="heavy", weight=4)
     router.started(heavy)
     router.started(heavy)  # (2+1)/4 < (0+1)/1

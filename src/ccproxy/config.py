@@ -177,6 +177,17 @@ class RetryConfig(_Strict):
                                     "under its provider's timeouts")
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry trace export (OTLP over HTTP); off unless given (ccproxy.tracing)."""
+
+    otlp_endpoint: str = Field(description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces")
+    service_name: str = "ccproxy"
+    headers: dict[str, str] = {}
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    export_timeout: float = Field(10.0, gt=0)
+    flush_interval_ms: int = Field(1000, ge=10)
+
+
 class Config(_Strict):
     listen: str = DEFAULT_LISTEN
     metrics_listen: str | None = None
@@ -196,6 +207,7 @@ class Config(_Strict):
     tls_cert: str | None = None
     tls_key: str | None = None
     cors_origins: list[str] = []
+    tracing: TracingConfig | None = None
     demo: bool = False  # set for the built-in embedded default; the gateway says so at start
 
     # Where the config came from, for messages and hot reload; not a YAML key.

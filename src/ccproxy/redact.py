@@ -43,6 +43,8 @@ def secrets_of(config: Config) -> list[str]:
     found += [k.key for k in config.keys]
     for p in config.providers.values():
         found += [p.api_key, _url_password(p.base_url)]
+    if config.tracing is not None:  # e.g. an authorization header for the trace collector
+        found += list(config.tracing.headers.values())
     return [s for s in found if s]
 
 

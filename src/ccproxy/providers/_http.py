@@ -19,6 +19,7 @@ import orjson
 
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
+from ccproxy.tracing import outgoing_headers
 
 
 def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
@@ -94,7 +95,7 @@ async def post(session: aiohttp.ClientSession, url: str, *, provider: str, confi
     with mapped_errors(provider):
         try:
             async with asyncio.timeout(config.timeouts.first_byte):
-                resp = await session.post(url, data=body, headers=headers)
+                resp = await session.post(url, data=body, headers=outgoing_headers(headers))
         except TimeoutError:
             raise errors.UpstreamTimeout(f"provider '{provider}' sent no first byte within "
                                          f"{config.timeouts.first_byte:g} s", provider=provider) from None

@@ -40,7 +40,9 @@ from ccproxy.metrics import Metrics
 from ccproxy.services import Hold, Principal
 
 if TYPE_CHECKING:
+    from ccproxy.config import Config
     from ccproxy.limits import RedisLimiter
+    from ccproxy.usage.store import Store
 
 log = logging.getLogger("ccproxy.budgets")
 
@@ -291,3 +293,24 @@ class RedisBudgets:
 
     async def close(self) -> None:
         return None
+
+
+# --------------------------------------------------------------------------- reports
+
+BUDGET_FIELDS = ("budget_usd", "budget_period", "period_spend_usd")
+
+
+async def budget_status(store: Store, config: Config, now: float | None = None) -> dict[str, dict[str, object]]:
+    """For every key with a budget (in the config file or the database): the budget, its period and
+    what was spent in the current period (from the usage rows), for `ccproxy usage --by key`."""
+    now = time.time() if now is None else now
+    budgets = {k.name: (k.budget.usd, k.budget.period) for k in config.keys if k.budget}
+    for row in await store.list_keys():
+        if row.budget_usd and row.status(now) == "active":
+            budgets.setdefault(row.name, (row.budget_usd, row.budget_period or "month"))
+    out: dict[str, dict[str, object]] = {}
+    for name, (usd, period) in sorted(budgets.items()):
+        start, _ = period_bounds(period, now)
+        spent = await store.spend_since(name, start)
+        out[name] = {"budget_usd": usd, "budget_period": period, "period_spend_usd": round(spent, 6)}
+    return out

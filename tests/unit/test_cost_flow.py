@@ -21,12 +21,12 @@ COST = (11 * 3.0 + 6 * 15.0) / 1e6  # what one answer of the fake costs at PRICE
 BUDGET_KEY = "sk-budget-key"
 
 
-def config(upstream: FakeUpstream, **extra: Any) -> dict[str, Any]:
+def config(fake: FakeUpstream, **extra: Any) -> dict[str, Any]:
     return {
         "keys": [{"name": "alice", "key": KEY, "tags": {"team": "infra", "project": "search"}},
                  {"name": "capped", "key": BUDGET_KEY, "budget": {"usd": 0.001, "period": "day"}}],
         "admin_key": "sk-admin-cost",
-        "providers": {"up": {"type": "openai", "base_url": upstream.base_url, "api_key": UPSTREAM_KEY}},
+        "providers": {"up": {"type": "openai", "base_url": fake.base_url, "api_key": UPSTREAM_KEY}},
         "models": {"priced": {"provider": "up", "model": "echo", "price": PRICE, "max_output_tokens": 10},
                    "free": {"provider": "up", "model": "echo"},
                    "nousage": {"provider": "up", "model": "nousage", "price": PRICE}},
@@ -77,7 +77,8 @@ async def test_rows_carry_session_end_user_and_tags(upstream: FakeUpstream) -> N
                                     "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200
         r = await client.post("/api/chat", headers={"authorization": f"Bearer {KEY}"},
-                              json={"model": "priced", "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+                              json={"model": "priced", "stream": False,
+                                    "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200
         got = [(row.session_id, row.end_user, row.tags) for row in await rows_of(gw)]
         tags = {"team": "infra", "project": "search"}

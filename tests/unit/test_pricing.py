@@ -122,3 +122,21 @@ def test_bad_price_is_a_config_error(price: Any, where: str) -> None:
     with pytest.raises(ConfigError) as e:
         _config({"a": {"provider": "p", "model": "m", "price": price}})
     assert where in str(e.value)
+
+
+def test_route_explain_shows_each_targets_price() -> None:
+    from ccproxy.commands.route import explain_request, format_explain
+
+    cfg = _config({"big": {"price": {"input": 1, "output": 2}, "fallbacks": ["hosted"], "deployments": [
+        {"provider": "p", "model": "m1", "price": {"input": 5, "output": 6, "cache_read": 0.5}}]},
+        "hosted": {"provider": "q", "model": "claude-sonnet-4-5", "price": "auto"}})
+    out = explain_request(cfg, {"model": "big", "messages": [{"role": "user", "content": "hi"}]})
+    first, fallback = out["targets"]
+    assert first["price"] == {"input": 5.0, "output": 6.0, "cache_read": 0.5, "cache_write": 5.0, "source": "config"}
+    assert fallback["price"]["source"] == "genai-prices claude-sonnet-4-5"
+    text = format_explain(out, "req.json")
+    assert "price $5 in / $6 out / $0.5 cache read / $5 cache write per million tokens (config)" in text
+    assert "dearer from 200,000 prompt tokens" in text
+    cfg = _config({"local": {"provider": "p", "model": "llama2"}})
+    text = format_explain(explain_request(cfg, {"model": "local", "messages": [{"role": "user", "content": "x"}]}), "r")
+    assert "no price (cost not recorded)" in text

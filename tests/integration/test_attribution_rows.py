@@ -83,7 +83,9 @@ def setup(request, gateway, upstream):
     config: dict[str, Any] = {
         "keys": [{"name": "alice", "key": KEY, "tags": TAGS}],
         "providers": {"up": {"type": "openai", "base_url": upstream.base_url, "api_key": UP_KEY}},
-        "models": {"fast": {"provider": "up", "model": "m", "price": PRICE}},
+        "models": {"fast": {"provider": "up", "model": "m", "price": PRICE},
+                   "local": {"provider": "up", "model": "my-finetune-7b", "price": "auto"},
+                   "local2": {"provider": "up", "model": "my-finetune-7b", "price": "auto"}},
         "drain_seconds": 5,
     }
     if request.param == "postgres":
@@ -146,3 +148,13 @@ async def test_client_disconnect_is_priced_on_the_tokens_so_far(setup) -> None:
     assert row["session_id"] == "gone-session" and json.loads(row["tags"]) == TAGS
     assert 3 <= row["output_tokens"] < 30 and row["input_tokens"] > 0
     assert row["cost_usd"] == pytest.approx(cost(row)) and row["cost_usd"] > 0
+
+
+async def test_unknown_auto_price_warns_once_and_records_no_cost(setup) -> None:
+    gw, rows = setup
+    [(status, headers, _)] = await send_all([(gw.url, *openai_req(KEY, "ptok=5 chunks=1", model="local"))])
+    assert status == 200
+    row = (await rows.wait(1))[headers["x-request-id"]]
+    assert row["cost_usd"] is None and (row["input_tokens"], row["output_tokens"]) == (5, 1)
+    warnings = [line for line in gw.log_text().splitlines() if "no price known" in line]
+    assert len(warnings) == 1 and "my-finetune-7b" in warnings[0], gw.log_text()

@@ -42,7 +42,7 @@ BLOCKED_OLLAMA_PATHS = {"/api/pull", "/api/create", "/api/push", "/api/delete", 
 CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
 CORS_EXPOSE_HEADERS = ("x-request-id, retry-after, x-ccproxy-route, x-ccproxy-provider, x-ccproxy-upstream-model, "
                        "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-limit-tokens, "
-                       "x-ratelimit-remaining-tokens")
+                       "x-ratelimit-remaining-tokens, x-should-retry")
 
 
 async def _cors_preflight(origin: str, headers: dict[str, str], send: Send) -> None:

@@ -127,6 +127,24 @@ async def test_budget_refuses_in_each_dialect_and_never_overspends(upstream: Fak
         await gw.shutdown()
 
 
+async def test_browser_clients_may_read_x_should_retry(upstream: FakeUpstream) -> None:  # noqa: F811
+    gw, client = await open_client(config(upstream, cors_origins=["https://app.example"]))
+
+    async def spend_since(name: str, since: float) -> float:
+        return 1.0  # already over
+
+    gw.services.budgets = MemoryBudgets(spend_since)
+    try:
+        r = await client.post("/v1/chat/completions", headers={"authorization": f"Bearer {BUDGET_KEY}",
+                                                               "origin": "https://app.example"},
+                              json={"model": "priced", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 429 and r.headers["x-should-retry"] == "false"
+        assert "x-should-retry" in r.headers["access-control-expose-headers"]
+    finally:
+        await client.aclose()
+        await gw.shutdown()
+
+
 async def test_cost_counter_in_metrics(upstream: FakeUpstream, tmp_path: Path) -> None:  # noqa: F811
     cfg = parse_config(config(upstream, database=str(tmp_path / "u.db")), "test.yaml")
     gw = Gateway(cfg, build_services(cfg))

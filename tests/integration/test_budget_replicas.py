@@ -157,3 +157,60 @@ async def test_single_replica_in_memory_keeps_the_spend_across_a_restart(gateway
     gw.start()
     [(status, headers, body)] = await send_all([req])
     assert_budget_refusal(status, headers, body)
+
+
+async def test_redis_budgets_never_pass_the_budget_under_concurrency(redis_server) -> None:
+    """Three budget services (as three replicas) on one real Redis: 600 concurrent admissions with
+    random reservations and actual costs; the settled spend never passes the budget, and a hold
+    whose replica died (never settled) lapses after its lease."""
+    import random
+
+    from ccproxy.budgets import RedisBudgets, period_bounds
+    from ccproxy.errors import BudgetExceeded
+    from ccproxy.limits import RedisLimiter
+    from ccproxy.services import Principal
+
+    redis_server.flushall()
+
+    async def spend_since(name: str, since: float) -> float:
+        return 0.25  # already spent this period, as the usage database says
+
+    limiters = [RedisLimiter(redis_server.url, failure_policy="closed") for _ in range(3)]
+    budgets = [RedisBudgets(lim, spend_since, lease=60) for lim in limiters]
+    key = Principal("conc-team", budget_usd=10.0, budget_period="week")
+    rng = random.Random(11)
+    spent: list[float] = []
+    # at most 60 calls in flight per replica: a redis-py pool holds 100 connections by default
+    gates = [asyncio.Semaphore(60) for _ in range(3)]
+    try:
+        async def one(i: int) -> None:
+            worst = rng.uniform(0.01, 0.2)
+            try:
+                async with gates[i % 3]:
+                    hold = await budgets[i % 3].admit(key, worst, "openai")
+            except BudgetExceeded:
+                return
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            actual = round(rng.uniform(0, worst), 9)
+            spent.append(actual)
+            async with gates[i % 3]:
+                await hold.settle(actual)
+
+        await asyncio.gather(*(one(i) for i in range(600)))
+        assert 0.25 + sum(spent) <= 10.0 + 1e-9 and len(spent) > 50
+        start, _ = period_bounds("week", time.time())
+        stored = await limiters[0].client.get(f"{{ccproxy:conc-team}}:budget:week:{int(start)}")
+        assert int(stored) == sum(round(x * 1e9) for x in [0.25, *spent])  # exact, in nano-dollars
+        assert await limiters[0].client.zcard(f"{{ccproxy:conc-team}}:budget:week:{int(start)}:holds") == 0
+
+        # A hold that is never settled (its replica died) lapses after the lease.
+        short = RedisBudgets(limiters[0], spend_since, lease=1.0)
+        fresh = Principal("lapse-team", budget_usd=2.0, budget_period="day")  # 0.25 already spent
+        await short.admit(fresh, 0.9, "openai")  # never settled
+        with pytest.raises(BudgetExceeded):
+            await short.admit(fresh, 0.9, "openai")
+        await asyncio.sleep(1.2)
+        await (await short.admit(fresh, 0.9, "openai")).settle(0.5)
+    finally:
+        for lim in limiters:
+            await lim.close()

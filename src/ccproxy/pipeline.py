@@ -1,8 +1,8 @@
 """The chat request flow, the same for every client dialect:
 
     authenticate -> read + parse body -> route (rules, alias) -> check capabilities, clamp,
-    size the context -> admit (rate limits) -> call a deployment (retrying others until the
-    first byte reaches the client) -> render (JSON or stream) -> one usage row + one log line.
+    size the context -> admit (rate limits, budget) -> call a deployment (retrying others until the
+    first byte reaches the client) -> render (JSON or stream) -> one usage row (with its cost) + one log line.
 
 Dialect specifics live behind `DialectAdapter`; provider specifics behind `providers.base.Provider`.
 """

@@ -131,7 +131,7 @@ class MemoryBudgets:
         self.metrics = metrics
         self.clock = clock
         self._keys: dict[str, _Period] = {}
-        self._loading: dict[tuple[str, float], asyncio.Future[int]] = {}
+        self._loading: dict[tuple[str, float], asyncio.Task[float]] = {}
 
     async def _period(self, name: str, start: float) -> _Period:
         st = self._keys.get(name)
@@ -170,30 +170,33 @@ class _SpendUnknown(Exception):
     """The database could not say what was spent; policy open: admit without a budget check."""
 
 
-async def _load(spend_since: SpendSince, loading: dict[tuple[str, float], asyncio.Future[int]],
+async def _load(spend_since: SpendSince, loading: dict[tuple[str, float], asyncio.Task[float]],
                 name: str, start: float, policy: str) -> int:
-    """Spend of `name` since `start` from the database, one query for concurrent callers."""
+    """Spend of `name` since `start` from the database: one query (a task of its own, so a caller
+    that is cancelled does not cancel it for the others) for concurrent callers."""
     key = (name, start)
-    pending = loading.get(key)
-    if pending is None:
-        pending = asyncio.get_running_loop().create_future()
-        loading[key] = pending
-        try:
-            pending.set_result(_nano(await spend_since(name, start)))
-        except Exception as e:
-            log.warning("budgets: cannot read the spend of key %r from the database (%s: %s); "
-                        "redis_failure_policy=%s", name, type(e).__name__, e, policy)
-            pending.set_exception(_SpendUnknown())
-            pending.exception()  # nobody else may be waiting: mark it retrieved
-        finally:
+    task = loading.get(key)
+    if task is None:
+        task = asyncio.ensure_future(spend_since(name, start))
+        loading[key] = task
+
+        def done(t: asyncio.Task[float]) -> None:
             loading.pop(key, None)
+            if not t.cancelled() and t.exception() is not None:
+                e = t.exception()
+                log.warning("budgets: cannot read the spend of key %r from the database (%s: %s); "
+                            "redis_failure_policy=%s", name, type(e).__name__, e, policy)
+
+        task.add_done_callback(done)
     try:
-        return await asyncio.shield(pending)
-    except _SpendUnknown:
+        return _nano(await asyncio.shield(task))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
         if policy == "closed":
             raise Overloaded("the budget of this key cannot be checked right now; try again shortly",
                              headers={"retry-after": "1"}) from None
-        raise
+        raise _SpendUnknown() from None
 
 
 # --------------------------------------------------------------------------- Redis
@@ -258,7 +261,7 @@ class RedisBudgets:
         self.lease = lease
         self._admit = limiter.client.register_script(_ADMIT)
         self._settle = limiter.client.register_script(_SETTLE)
-        self._loading: dict[tuple[str, float], asyncio.Future[int]] = {}
+        self._loading: dict[tuple[str, float], asyncio.Task[float]] = {}
 
     async def admit(self, principal: Principal, reserve_usd: float, dialect: str) -> Hold:
         p = principal

@@ -208,3 +208,39 @@ async def test_redis_down_follows_the_rate_limit_policy(policy: str) -> None:
         assert m.redis_failures.labels(policy)._value.get() == 1
     finally:
         await limiter.close()
+
+
+async def test_a_cancelled_first_caller_does_not_break_the_shared_load(caplog: pytest.LogCaptureFixture) -> None:
+    gate = asyncio.Event()
+
+    class Slow(Spend):
+        async def __call__(self, name: str, since: float) -> float:
+            self.calls.append((name, since))
+            await gate.wait()
+            if self.fail:
+                raise OSError("database down")
+            return self.value
+
+    spend = Slow(0.5)
+    b = MemoryBudgets(spend, clock=Clock(NOW))
+    first = asyncio.create_task(b.admit(KEY, 0.1, "openai"))
+    second = asyncio.create_task(b.admit(KEY, 0.1, "openai"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    first.cancel()  # e.g. the client went away while the spend was being read
+    gate.set()
+    await second  # not cancelled, not hanging
+    assert first.cancelled() and len(spend.calls) == 1
+    with pytest.raises(BudgetExceeded):
+        await b.admit(KEY, 0.45, "openai")  # 0.5 spent + 0.1 held + 0.45 > 1.0
+
+    gate.clear()
+    failing = Slow(fail=True)
+    b = MemoryBudgets(failing, failure_policy="open", clock=Clock(NOW))
+    with caplog.at_level("WARNING", logger="ccproxy.budgets"):
+        tasks = [asyncio.create_task(b.admit(KEY, 0.1, "openai")) for _ in range(5)]
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*tasks)  # policy open: all admitted unchecked
+    assert len(failing.calls) == 1
+    assert len([r for r in caplog.records if "cannot read the spend" in r.getMessage()]) == 1

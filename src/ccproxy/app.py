@@ -21,6 +21,7 @@ from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
 from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
+from ccproxy.pricing import PriceBook
 from ccproxy.providers import make_provider
 from ccproxy.providers.base import ModelListing, Provider, TokenCounter
 from ccproxy.routing import DeploymentHealth, RequestTraits, Router
@@ -41,7 +42,7 @@ BLOCKED_OLLAMA_PATHS = {"/api/pull", "/api/create", "/api/push", "/api/delete", 
 CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
 CORS_EXPOSE_HEADERS = ("x-request-id, retry-after, x-ccproxy-route, x-ccproxy-provider, x-ccproxy-upstream-model, "
                        "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-limit-tokens, "
-                       "x-ratelimit-remaining-tokens")
+                       "x-ratelimit-remaining-tokens, x-should-retry")
 
 
 async def _cors_preflight(origin: str, headers: dict[str, str], send: Send) -> None:
@@ -76,6 +77,7 @@ class Runtime:
         redact.use_config(config)  # its secrets never leave the gateway (errors, logs)
         self.config = config
         self.router = Router(config, health)
+        self.prices = PriceBook(config)  # warns once per model that `price: auto` cannot price
         self.active = 0  # chat requests pinned to this runtime; a retired runtime closes when it is 0
         reuse = reuse or {}
         self.providers: dict[str, Provider] = {}

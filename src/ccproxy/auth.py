@@ -36,7 +36,9 @@ def presented_keys(headers: dict[str, str]) -> list[str]:
 
 def _principal_from_config(k) -> Principal:
     return Principal(name=k.name, rpm=k.rpm, tpm=k.tpm, max_concurrent=k.max_concurrent,
-                     models=tuple(k.models) if k.models is not None else None, admin=k.admin)
+                     models=tuple(k.models) if k.models is not None else None, admin=k.admin,
+                     budget_usd=k.budget.usd if k.budget else None, budget_period=k.budget.period if k.budget else None,
+                     tags=tuple(sorted((k.tags or {}).items())))
 
 
 class Authenticator:

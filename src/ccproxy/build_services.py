@@ -16,11 +16,12 @@ import logging
 import time
 from dataclasses import dataclass
 
+from ccproxy.budgets import MemoryBudgets, RedisBudgets
 from ccproxy.config import Config
 from ccproxy.keys import DbKeyStore
 from ccproxy.limits import MemoryLimiter, RedisLimiter
 from ccproxy.metrics import Metrics
-from ccproxy.services import KeyStore, Limiter, UsageSink
+from ccproxy.services import Budgets, KeyStore, Limiter, UsageSink
 from ccproxy.usage.store import Store, open_store
 from ccproxy.usage.writer import UsageWriter
 
@@ -37,6 +38,7 @@ class Services:
     usage: UsageSink
     limiter: Limiter
     keys: KeyStore | None
+    budgets: Budgets | None = None
 
     async def start(self) -> None:
         """Open the database (applying migrations) and start the background tasks."""
@@ -67,8 +69,13 @@ def build_services(config: Config, *, metrics: Metrics | None = None) -> Service
         limiter = RedisLimiter(config.redis_url, failure_policy=config.redis_failure_policy, metrics=metrics)
     else:
         limiter = MemoryLimiter(metrics=metrics)
-    return Services(config=config, metrics=metrics, store=store,
-                    usage=UsageWriter(store, metrics=metrics), limiter=limiter, keys=DbKeyStore(store))
+    budgets: Budgets
+    if isinstance(limiter, RedisLimiter):
+        budgets = RedisBudgets(limiter, store.spend_since, metrics=metrics)
+    else:
+        budgets = MemoryBudgets(store.spend_since, failure_policy=config.redis_failure_policy, metrics=metrics)
+    return Services(config=config, metrics=metrics, store=store, usage=UsageWriter(store, metrics=metrics),
+                    limiter=limiter, keys=DbKeyStore(store), budgets=budgets)
 
 
 async def _active_db_keys(config: Config) -> int:

@@ -75,10 +75,24 @@ class ProviderConfig(_Strict):
 # --------------------------------------------------------------------------- models / aliases
 
 
+class PriceConfig(_Strict):
+    """USD per million tokens (pricing.py). Cache prices default to the input price."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_read: float | None = Field(None, ge=0)
+    cache_write: float | None = Field(None, ge=0)
+
+
+# `price: auto` takes the backend model's price from the bundled genai-prices data (pricing.py)
+Price = PriceConfig | Literal["auto"] | None
+
+
 class Deployment(_Strict):
     provider: str
     model: str
     weight: float = Field(1.0, gt=0)
+    price: Price = Field(None, description="overrides the alias's price for this deployment")
 
 
 class AliasConfig(_Strict):
@@ -96,6 +110,7 @@ class AliasConfig(_Strict):
     affinity: Literal["session", "none"] = Field(
         "session", description="with several deployments: keep a session's turns on one deployment "
         "(its prompt cache), or `none` for least-in-flight balancing")
+    price: Price = None
 
     @model_validator(mode="after")
     def _one_target(self) -> AliasConfig:
@@ -113,6 +128,23 @@ class AliasConfig(_Strict):
 
 # --------------------------------------------------------------------------- keys
 
+_TAG_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_tags(tags: dict[str, str]) -> dict[str, str]:
+    """Tag names are short identifiers (`--by tag:NAME`); values printable text of at most 128."""
+    for name, value in tags.items():
+        if not isinstance(name, str) or not _TAG_NAME.fullmatch(name):
+            raise ValueError(f"tag name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        if not isinstance(value, str) or not value or len(value) > 128 or not value.isprintable():
+            raise ValueError(f"tag {name!r}: the value must be printable text of 1-128 characters")
+    return tags
+
+
+class BudgetConfig(_Strict):
+    usd: float = Field(gt=0, description="spend allowed per period, in USD")
+    period: Literal["day", "week", "month"] = "month"  # calendar UTC day, ISO week, month
+
 
 class KeyConfig(_Strict):
     name: str = Field(min_length=1)
@@ -123,6 +155,13 @@ class KeyConfig(_Strict):
     max_concurrent: int | None = Field(None, ge=1)
     models: list[str] | None = None
     admin: bool = False
+    budget: BudgetConfig | None = None
+    tags: dict[str, str] | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return None if v is None else check_tags(v)
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:

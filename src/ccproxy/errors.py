@@ -10,6 +10,7 @@
     ├── NotFound                  404  unknown path
     ├── PayloadTooLarge           413  body over the configured limit
     ├── RateLimited               429  a per-key limit is exhausted (carries retry_after)
+    │   └── BudgetExceeded        429  the key's spend budget for this period is used up
     ├── Overloaded                503  queue full / gateway saturated / shutting down
     └── UpstreamError             502  the backend failed (connection refused, bad answer)
         ├── UpstreamTimeout       504  connect, first-byte or idle timeout
@@ -87,6 +88,17 @@ class RateLimited(GatewayError):
         super().__init__(message, **kw)
         self.retry_after = retry_after
         self.headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))
+
+
+class BudgetExceeded(RateLimited):
+    """Retrying before the period resets cannot help: `x-should-retry: false` tells the official
+    OpenAI and Anthropic SDKs not to retry (they would otherwise retry a 429)."""
+
+    kind = "budget_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, **kw):
+        super().__init__(message, retry_after=retry_after, **kw)
+        self.headers["x-should-retry"] = "false"
 
 
 class Overloaded(GatewayError):

@@ -50,7 +50,9 @@ def parse_duration(text: str) -> float:
 
 def principal_of(row: KeyRow) -> Principal:
     return Principal(name=row.name, rpm=row.rpm, tpm=row.tpm, max_concurrent=row.max_concurrent,
-                     models=row.models)
+                     models=row.models, budget_usd=row.budget_usd,
+                     budget_period=(row.budget_period or "month") if row.budget_usd else None,
+                     tags=tuple(sorted((row.tags or {}).items())))
 
 
 class DbKeyStore:

@@ -451,6 +451,15 @@ class RedisLimiter:
                              headers={"retry-after": "1"})
         return _NoTicket()
 
+    def redis_usable(self) -> bool:
+        """False for a moment after a failure (see `_degrade`); for other users of this client (budgets.py)."""
+        return time.monotonic() >= self._down_until
+
+    def redis_failed(self, e: BaseException) -> None:
+        """Apply `redis_failure_policy` to a failed call by another user of this client (budgets.py):
+        warn and count, and raise Overloaded when the policy is closed."""
+        self._degrade(e)
+
     async def _release(self, keys: list[str], ticket_id: str, second: int, delta: int) -> None:
         held = self._held.get(keys[2])
         if held is not None:

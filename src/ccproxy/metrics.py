@@ -47,6 +47,8 @@ class Metrics:
                                      "Usage rows dropped because the write buffer was full", registry=r)
         self.usage_write_errors = Counter("ccproxy_usage_write_errors", "Failed usage batch writes",
                                           registry=r)
+        self.cost = Counter("ccproxy_cost_usd", "Cost of finished requests in USD (priced models only)",
+                            ["key", "alias", "provider"], registry=r)
         self.redis_failures = Counter("ccproxy_redis_failures", "Rate-limiter calls that failed on Redis",
                                       ["policy"], registry=r)
 
@@ -76,6 +78,8 @@ class Metrics:
             tokens_in.inc(record.input_tokens)
         if record.output_tokens:
             tokens_out.inc(record.output_tokens)
+        if record.cost_usd:
+            self.cost.labels(record.key_name, alias, provider).inc(record.cost_usd)
         if record.error_kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(provider, record.error_kind).inc()
 

@@ -1,8 +1,8 @@
 """The chat request flow, the same for every client dialect:
 
     authenticate -> read + parse body -> route (rules, alias) -> check capabilities, clamp,
-    size the context -> admit (rate limits) -> call a deployment (retrying others until the
-    first byte reaches the client) -> render (JSON or stream) -> one usage row + one log line.
+    size the context -> admit (rate limits, budget) -> call a deployment (retrying others until the
+    first byte reaches the client) -> render (JSON or stream) -> one usage row (with its cost) + one log line.
 
 Dialect specifics live behind `DialectAdapter`; provider specifics behind `providers.base.Provider`.
 """
@@ -36,6 +36,7 @@ from ccproxy.asgi import (
     send_json,
     start_stream,
 )
+from ccproxy.attribution import attribute
 from ccproxy.config import AliasConfig, ProviderConfig
 from ccproxy.core import (
     ChatRequest,
@@ -53,6 +54,7 @@ from ccproxy.core import (
     Usage,
     UsageUpdate,
 )
+from ccproxy.pricing import DEFAULT_OUTPUT_RESERVE, Price, cost_usd, worst_case_usd
 from ccproxy.routing import RequestTraits, Route, Target
 from ccproxy.services import Principal
 from ccproxy.stopseq import apply_stop_sequences, collect, without_stop
@@ -200,17 +202,20 @@ class ChatFlow:
         self._prepared_first: tuple[Target, ChatRequest] | None = None
         self.admitted = False  # passed auth, validation and limits: the request gets a usage row
         self.finished = False  # the log line (and row) is written, just before the response ends
+        self.price: Price | None = None  # of the deployment serving the request (pricing.py)
 
     # ---------------------------------------------------------------- entry point
 
     async def run(self, receive: Receive, send: Send) -> None:
         ticket = None
+        hold = None
         watcher: DisconnectWatcher | None = None
         usage = Usage()
         try:
             try:
                 principal = await self.gw.authenticator.authenticate(self.headers)
                 self.record.key_name = principal.name
+                self.record.tags = dict(principal.tags) or None
                 limits = self.runtime.config.limits
                 body = await read_body(receive, self.headers, limits.max_body_bytes, limits.body_timeout)
                 req = self.adapter.parse(parse_json(body, limits.max_json_depth))
@@ -218,6 +223,7 @@ class ChatFlow:
                 if beta and self.adapter.name == "anthropic":
                     # forwarded to Anthropic-compatible backends only (providers/anthropic.py)
                     req.passthrough["anthropic.beta"] = [f.strip() for f in beta.split(",") if f.strip()]
+                self.record.session_id, self.record.end_user = attribute(self.headers, req.user)
                 self.prompt_estimate = estimate_prompt_tokens(req)
                 traits = RequestTraits.of(req, self.headers, principal.name, self.prompt_estimate)
                 route = self.runtime.router.route(req, traits)
@@ -233,6 +239,11 @@ class ChatFlow:
                 self._prepared_first = (first, primary)
                 ticket = await self.gw.services.limiter.admit(
                     principal, self.prompt_estimate + (primary.max_tokens or 0), self.adapter.name)
+                budgets = getattr(self.gw.services, "budgets", None)
+                if budgets is not None and principal.budget_usd:
+                    hold = await budgets.admit(principal, max(worst_case_usd(
+                        self.runtime.prices.get(t.alias, t.deployment), self.prompt_estimate,
+                        primary.max_tokens or DEFAULT_OUTPUT_RESERVE) for t in route.targets), self.adapter.name)
                 self.admitted = True
                 self.resp_headers.update(ticket.headers)
                 watcher = DisconnectWatcher(receive)
@@ -275,6 +286,8 @@ class ChatFlow:
                 self._finish(usage)
             if ticket is not None:
                 await ticket.release(usage.prompt_tokens + usage.output_tokens)
+            if hold is not None:
+                await hold.settle(self.record.cost_usd)
 
     def _finish(self, usage: Usage) -> None:
         """Log line, usage row and metrics; called right before the response's last byte, so a
@@ -284,6 +297,7 @@ class ChatFlow:
         r.latency_ms = round((time.perf_counter() - self.t0) * 1000, 3)
         r.input_tokens, r.output_tokens = usage.input_tokens, usage.output_tokens
         r.cache_read_tokens, r.cache_creation_tokens = usage.cache_read_tokens, usage.cache_creation_tokens
+        r.cost_usd = cost_usd(self.price, usage)
         if self.admitted:
             self.gw.services.usage.submit(r)
         self.gw.observe(r, self.admitted)
@@ -348,6 +362,7 @@ class ChatFlow:
     def _note_target(self, target: Target) -> None:
         self.record.provider = target.deployment.provider
         self.record.upstream_model = target.deployment.model
+        self.price = self.runtime.prices.get(target.alias, target.deployment)
         self.resp_headers["x-ccproxy-upstream-model"] = target.deployment.model
         self.resp_headers["x-ccproxy-provider"] = target.deployment.provider
 

@@ -22,6 +22,9 @@ class Principal:
     max_concurrent: int | None = None
     models: tuple[str, ...] | None = None  # aliases this key may use; None = all
     admin: bool = False
+    budget_usd: float | None = None  # spend allowed per budget_period (budgets.py)
+    budget_period: str | None = None  # day | week | month
+    tags: tuple[tuple[str, str], ...] = ()  # the key's tags, recorded on its usage rows
 
 
 class KeyStore(Protocol):
@@ -51,6 +54,23 @@ class Limiter(Protocol):
     async def admit(self, principal: Principal, reserve_tokens: int, dialect: str) -> Ticket:
         """Take one request (and `reserve_tokens`) from the key's budget, or raise RateLimited
         (with retry_after and the rate-limit headers for `dialect`: "openai" or "anthropic")."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Hold(Protocol):
+    """An admitted request's reservation on its key's spend budget (budgets.py)."""
+
+    async def settle(self, cost_usd: float | None) -> None:
+        """Replace the reservation with the request's actual cost (None: no price known)."""
+        ...
+
+
+class Budgets(Protocol):
+    async def admit(self, principal: Principal, reserve_usd: float, dialect: str) -> Hold:
+        """Reserve `reserve_usd` (the request's worst-case cost) from the key's budget for the current
+        period, or raise BudgetExceeded (429, retry-after at the reset)."""
         ...
 
     async def close(self) -> None: ...

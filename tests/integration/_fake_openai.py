@@ -8,6 +8,7 @@ gateways never depend on a shared script:
 
     chunks=N      answer with N pieces `w0 w1 ...` (default 3); completion_tokens = N
     ptok=N        prompt_tokens in the usage (default 7)
+    cached=N      of which N were cache reads (`prompt_tokens_details.cached_tokens`)
     delay=S       sleep S seconds between stream chunks (and before a non-stream answer)
     stall=S       sleep S seconds before the response headers
     fail_mid=K    stream K pieces, then drop the connection (no finish, no [DONE])
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
                                      status=int(d["status"]))
         model = body.get("model", "m")
         pieces = [f"w{i} " for i in range(n)]
-        usage = {"prompt_tokens": ptok, "completion_tokens": n, "total_tokens": ptok + n}
+        usage: dict[str, Any] = {"prompt_tokens": ptok, "completion_tokens": n, "total_tokens": ptok + n}
+        if "cached" in d:
+            usage["prompt_tokens_details"] = {"cached_tokens": int(d["cached"])}
         if not body.get("stream"):
             if delay:
                 await asyncio.sleep(delay)

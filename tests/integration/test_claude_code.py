@@ -36,7 +36,7 @@ CLAUDE_TIMEOUT = 600
 def config(llama_base_url: str) -> dict[str, Any]:
     fast = {"provider": "llama", "model": "smollm2", "max_output_tokens": 64, "context_window": 16384}
     return {
-        "keys": [{"name": "claude-code", "key": KEY}],
+        "keys": [{"name": "claude-code", "key": KEY, "tags": {"team": "agents"}}],
         "providers": {"llama": {"type": "openai", "base_url": llama_base_url}},
         "models": {  # the first alias is what `ccproxy claude` picks when no claude-sonnet-* alias exists
             MAIN: {**fast, "strip_tools": True},
@@ -108,6 +108,29 @@ def test_claude_p_with_strip_tools(gw, claude_bin, claude_dirs, record_property)
     done, seconds = run([claude_bin, "-p", PROMPT, "--model", MAIN], env, work)
     records = check_run(gw, done, seconds, MAIN, "claude -p, strip_tools", record_property)
     assert any(r["stream"] for r in records)  # Claude Code streams
+    # Every usage row names Claude Code's session (its x-claude-code-session-id), the person (the
+    # account or device inside metadata.user_id) and the key's tags.
+    rows = usage_rows(gw, len(records))
+    sessions = {r["session_id"] for r in rows}
+    assert len(sessions) == 1 and None not in sessions, rows
+    assert all(r["end_user"] and r["tags"] == '{"team": "agents"}' for r in rows), rows
+
+
+def usage_rows(gw, n: int) -> list[dict[str, Any]]:
+    import sqlite3
+
+    deadline = time.monotonic() + 15
+    while True:
+        con = sqlite3.connect(gw.workdir / "usage.db", timeout=5)
+        con.row_factory = sqlite3.Row
+        try:
+            rows = [dict(r) for r in con.execute("SELECT session_id, end_user, tags FROM usage")]
+        finally:
+            con.close()
+        if len(rows) >= n or time.monotonic() > deadline:
+            assert len(rows) == n, rows
+            return rows
+        time.sleep(0.2)
 
 
 def test_ccproxy_claude_wrapper(gw, claude_bin, claude_dirs, record_property) -> None:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
-from ccproxy.config import Config, ConfigError
+from ccproxy.config import Config, ConfigError, check_tags
 from ccproxy.keys import digest, generate_key, parse_duration
 from ccproxy.usage.store import KeyExists, KeyRow, Store, open_store
 
@@ -64,6 +64,24 @@ def _csv_list(value: str | None) -> tuple[str, ...] | None:
     return items
 
 
+def _tags(values: tuple[str, ...]) -> dict[str, str] | None:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, value = v.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected NAME=VALUE, got {v!r}", param_hint="--tag")
+        out[name.strip()] = value.strip()
+    try:
+        check_tags(out)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tag") from None
+    return out or None
+
+
+def budget_text(usd: float | None, period: str | None) -> str:
+    return "-" if not usd else f"${usd:g}/{period or 'month'}"
+
+
 @click.group()
 def keys() -> None:
     """Create, list and revoke API keys (stored as SHA-256 digests only)."""
@@ -76,10 +94,20 @@ def keys() -> None:
 @click.option("--max-concurrent", type=click.IntRange(min=1), help="Requests in flight at once.")
 @click.option("--models", help="Comma-separated aliases this key may use (default: all).")
 @click.option("--expires", help="Lifetime such as 12h, 30d or 2w (default: never).")
+@click.option("--budget-usd", type=click.FloatRange(min=0, min_open=True), help="Spend allowed per budget period, "
+              "in USD (priced models only).")
+@click.option("--budget-period", type=click.Choice(["day", "week", "month"]),
+              help="Calendar UTC period of the budget (default: month).")
+@click.option("--tag", "tags", multiple=True, metavar="NAME=VALUE",
+              help="A tag recorded on the key's usage rows, e.g. team=infra; repeatable.")
 @click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
 def create(name: str, rpm: int | None, tpm: int | None, max_concurrent: int | None,
-           models: str | None, expires: str | None, config_path: str | None) -> None:
+           models: str | None, expires: str | None, budget_usd: float | None, budget_period: str | None,
+           tags: tuple[str, ...], config_path: str | None) -> None:
     """Create a key and print it, once: it cannot be shown again."""
+    if budget_period and budget_usd is None:
+        raise click.BadParameter("give --budget-usd with --budget-period", param_hint="--budget-period")
+    tag_map = _tags(tags)
     now = time.time()
     try:
         expires_at = now + parse_duration(expires) if expires else None
@@ -90,7 +118,8 @@ def create(name: str, rpm: int | None, tpm: int | None, max_concurrent: int | No
         raise click.UsageError(f"{name!r} is already a key in the config file; choose another name")
     key = generate_key()
     row = KeyRow(name=name, sha256=digest(key), rpm=rpm, tpm=tpm, max_concurrent=max_concurrent,
-                 models=_csv_list(models), created_at=now, expires_at=expires_at)
+                 models=_csv_list(models), created_at=now, expires_at=expires_at, budget_usd=budget_usd,
+                 budget_period=(budget_period or "month") if budget_usd else None, tags=tag_map)
     try:
         with_store(config, lambda s: s.create_key(row))
     except KeyExists:
@@ -106,7 +135,8 @@ def key_json(k: KeyRow, now: float) -> dict[str, Any]:
             "models": list(k.models) if k.models is not None else None,
             "created_at": fmt_time(k.created_at), "expires_at": fmt_time(k.expires_at) if k.expires_at else None,
             "last_used_at": fmt_time(k.last_used_at) if k.last_used_at else None,
-            "revoked_at": fmt_time(k.revoked_at) if k.revoked_at else None, "status": k.status(now)}
+            "revoked_at": fmt_time(k.revoked_at) if k.revoked_at else None, "status": k.status(now),
+            "budget_usd": k.budget_usd, "budget_period": k.budget_period, "tags": k.tags}
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -134,8 +164,10 @@ def list_keys(fmt: str, config_path: str | None) -> None:
         return "-" if v is None else str(v)
 
     click.echo(table(
-        ["NAME", "RPM", "TPM", "CONCURRENT", "MODELS", "CREATED", "EXPIRES", "LAST USED", "STATUS"],
+        ["NAME", "RPM", "TPM", "CONCURRENT", "MODELS", "BUDGET", "TAGS", "CREATED", "EXPIRES", "LAST USED",
+         "STATUS"],
         [[k.name, lim(k.rpm), lim(k.tpm), lim(k.max_concurrent), ",".join(k.models) if k.models else "*",
+          budget_text(k.budget_usd, k.budget_period), ",".join(f"{a}={b}" for a, b in (k.tags or {}).items()) or "-",
           fmt_time(k.created_at), fmt_time(k.expires_at), fmt_time(k.last_used_at), k.status(now)]
          for k in rows]))
 

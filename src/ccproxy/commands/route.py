@@ -15,7 +15,8 @@ import click
 
 from ccproxy import errors
 from ccproxy.commands.serve import CONFIG_HELP, load_cli_config
-from ccproxy.config import Config, ConfigError
+from ccproxy.config import Config, ConfigError, Deployment
+from ccproxy.pricing import PriceBook
 
 _ANTHROPIC_BLOCKS = {"tool_use", "tool_result", "thinking", "redacted_thinking", "document", "search_result"}
 _OPENAI_PARTS = {"image_url", "input_audio", "file", "refusal"}
@@ -101,6 +102,11 @@ def explain_request(config: Config, body: Any, *, key: str | None = None, header
     except errors.GatewayError as e:
         refused = e.message
     out["refused"] = refused
+    prices = PriceBook(config)
+    for t in out["targets"]:
+        price = prices.get(t["alias"], Deployment(provider=t["provider"], model=t["model"]))
+        if price is not None:  # USD per million tokens (pricing.py)
+            t["price"] = price.describe()
     return out
 
 
@@ -133,12 +139,22 @@ def format_explain(out: dict[str, Any], source: str) -> str:
     for i, t in enumerate(out["targets"], 1):
         tag = "" if t["alias"] == out["alias"] else "  [fallback]"
         lines.append(f"  {i}. provider {t['provider']!r} ({t['provider_type']}), model {t['model']!r}, "
-                     f"alias {t['alias']!r}{tag}")
+                     f"alias {t['alias']!r}{tag}; {_price_text(t.get('price'))}")
     if sum(t["alias"] == out["alias"] for t in out["targets"]) > 1:
         lines.append("  (deployments of one alias are ordered per request: least in flight per unit of weight, "
                      "those in cooldown last)")
     lines.append("(explain only: nothing was sent to any backend)")
     return "\n".join(lines)
+
+
+def _price_text(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "no price (cost not recorded)"
+    text = (f"price ${p['input']:g} in / ${p['output']:g} out / ${p['cache_read']:g} cache read / "
+            f"${p['cache_write']:g} cache write per million tokens ({p['source']})")
+    if p.get("tiers"):
+        text += "; dearer from " + ", ".join(f"{t['from_prompt_tokens']:,} prompt tokens" for t in p["tiers"])
+    return text
 
 
 @click.command("route")

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ccproxy.budgets import BUDGET_FIELDS, budget_status
 from ccproxy.commands.keys import CONFIG_HELP, cli_config, fmt_time, table, with_store
 from ccproxy.keys import parse_duration
 from ccproxy.usage.query import GROUPS, aggregate, recent
@@ -60,4 +61,10 @@ def usage(by: str, since: str, recent_n: int | None, fmt: str, config_path: str 
     if not rows and fmt == "table":
         click.echo(f"no requests in the last {since}")
         return
-    click.echo(_render(rows, [by, *FIELDS], fmt))
+    fields = [by, *FIELDS]
+    status = with_store(config, lambda s: budget_status(s, config)) if by == "key" else {}
+    if status:  # keys with a budget: spend of the current period against it (budgets.py)
+        empty = dict.fromkeys(BUDGET_FIELDS)
+        rows = [{**r, **status.get(r["key"], empty)} for r in rows]
+        fields += BUDGET_FIELDS
+    click.echo(_render(rows, fields, fmt))

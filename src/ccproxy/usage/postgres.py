@@ -88,6 +88,12 @@ class PostgresStore:
         async with self.pool.acquire() as conn:
             return [dict(r) for r in await conn.fetch(sql, int(limit))]
 
+    async def spend_since(self, key_name: str, since_ts: float) -> float:
+        async with self.pool.acquire() as conn:
+            return float(await conn.fetchval(
+                "SELECT COALESCE(SUM(cost_usd), 0) FROM usage WHERE key_name = $1 AND ts >= $2",
+                key_name, float(since_ts)))
+
     async def applied_migrations(self) -> list[str]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(f"SELECT name FROM {MIGRATIONS_TABLE} ORDER BY applied_at, name")

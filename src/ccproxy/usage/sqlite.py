@@ -97,6 +97,10 @@ class SQLiteStore:
         rows = await self._run(lambda c: c.execute(sql, (int(limit),)).fetchall())
         return [dict(zip(USAGE_COLUMNS, _fix_bools(USAGE_COLUMNS, r), strict=True)) for r in rows]
 
+    async def spend_since(self, key_name: str, since_ts: float) -> float:
+        sql = "SELECT COALESCE(SUM(cost_usd), 0) FROM usage WHERE key_name = ? AND ts >= ?"
+        return float(await self._run(lambda c: c.execute(sql, (key_name, float(since_ts))).fetchone()[0]))
+
     async def applied_migrations(self) -> list[str]:
         sql = f"SELECT name FROM {MIGRATIONS_TABLE} ORDER BY applied_at, name"
         return [r[0] for r in await self._run(lambda c: c.execute(sql).fetchall())]

@@ -104,6 +104,10 @@ class Store(Protocol):
 
     async def applied_migrations(self) -> list[str]: ...
 
+    async def spend_since(self, key_name: str, since_ts: float) -> float:
+        """Sum of cost_usd of the key's rows with ts >= since_ts (0.0 when none): budgets.py."""
+        ...
+
     async def create_key(self, key: KeyRow) -> None:
         """Raises KeyExists if the name or digest is taken."""
         ...

@@ -13,9 +13,10 @@ A session whose deployment cools down moves to its next-best deployment and stay
 first one comes back (`SessionPins`): its cache is warm on the new one now, and bouncing back would
 pay for the prefix twice.
 
-The session is what the client says it is (Claude Code's `x-claude-code-session-id`, Codex's
-`session-id`, the Responses API's `prompt_cache_key`), else a hash of the system prompt and the
-first user message: the part of a conversation that never changes.
+The session is what the client says it is (the one the usage row records, `ccproxy.attribution`:
+Claude Code's `x-claude-code-session-id` or the session in its `metadata.user_id`, Codex's
+`session-id`), else the Responses API's `prompt_cache_key`, else a hash of the system prompt and
+the first user message: the part of a conversation that never changes.
 """
 
 from __future__ import annotations
@@ -25,18 +26,17 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 
+from ccproxy.attribution import attribute
 from ccproxy.core import ChatRequest, TextBlock
 
-SESSION_HEADERS = ("x-claude-code-session-id", "session-id")
 _MAX_HASHED_CHARS = 64 * 1024  # a longer system prompt is identified by its first 64 KB
 
 
 def session_key(req: ChatRequest, headers: Mapping[str, str]) -> tuple[str, str]:
     """(key, where it came from) identifying the conversation this request belongs to."""
-    for name in SESSION_HEADERS:
-        value = headers.get(name)
-        if value:
-            return value, f"header {name}"
+    session, _ = attribute(dict(headers), req.user)  # the session the usage row records
+    if session:
+        return session, "client session"
     cache_key = req.passthrough.get("prompt_cache_key")
     if isinstance(cache_key, str) and cache_key:
         return cache_key, "prompt_cache_key"

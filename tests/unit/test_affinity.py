@@ -74,10 +74,11 @@ def test_without_a_session_header_the_stable_prefix_identifies_the_session(clock
 def test_session_sources_in_order() -> None:
     req = request()
     req.passthrough["prompt_cache_key"] = "pck"
-    assert session_key(req, {"x-claude-code-session-id": "cc", "session-id": "cx"}) == (
-        "cc", "header x-claude-code-session-id")
-    assert session_key(req, {"session-id": "cx"}) == ("cx", "header session-id")
+    assert session_key(req, {"x-claude-code-session-id": "cc", "session-id": "cx"}) == ("cc", "client session")
+    assert session_key(req, {"session-id": "cx"}) == ("cx", "client session")
     assert session_key(req, {}) == ("pck", "prompt_cache_key")
+    req.user = '{"device_id": "d1", "account_uuid": "", "session_id": "from-metadata"}'  # Claude Code
+    assert session_key(req, {}) == ("from-metadata", "client session")
 
 
 def test_sessions_spread_in_proportion_to_weight(clock: Clock) -> None:
@@ -127,7 +128,7 @@ def test_explain_shows_the_choice(clock: Clock) -> None:
     router = make_router(POOL)
     req = request()
     out = router.explain(req, RequestTraits.of(req, {"x-claude-code-session-id": "abc"}, "k"))
-    assert out["affinity"]["source"] == "header x-claude-code-session-id"
+    assert out["affinity"]["source"] == "client session"
     assert out["affinity"]["deployment"] == f"{out['targets'][0]['provider']}/m"
     assert out["affinity"]["moved"] is False
     single = make_router({"solo": {"provider": "a", "model": "m"}})

@@ -89,7 +89,8 @@ def test_the_config_each_replica_reads_is_valid(rendered: dict[str, dict[str, An
     assert env["CCPROXY_CONFIG"] == CONFIG_PATH
     config_map = rendered["ConfigMap/ccproxy-config"]
     mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(Path(CONFIG_PATH).parent))
-    volume = next(v for v in rendered["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    volumes = rendered["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    volume = next(v for v in volumes if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]  # the hashed generator name
     refs = {next(iter(r.values()))["name"] for r in c["envFrom"]}
     assert refs == {rendered["Secret"]["metadata"]["name"], rendered["ConfigMap/ccproxy-env"]["metadata"]["name"]}

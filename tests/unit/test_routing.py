@@ -217,7 +217,8 @@ def test_least_in_flight_first(clock: Clock) -> None:
 
 def test_weight_scales_in_flight(clock: Clock) -> None:
     router = Router(make_config(models={"w": {"deployments": [{"provider": "a", "model": "heavy", "weight": 4},
-                                                              {"provider": "b", "model": "light"}], "affinity": "none"}}))
+                                                              {"provider": "b", "model": "light"}],
+                                              "affinity": "none"}}))
     heavy = Deployment(provider="a", model="heavy", weight=4)
     router.started(heavy)
     router.started(heavy)  # (2+1)/4 < (0+1)/1

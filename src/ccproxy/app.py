@@ -391,7 +391,10 @@ class Gateway:
         await send_json(send, 200, {"version": __version__})
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        if await self._authenticated(headers, send, adapters.OPENAI, admin=True) is None:
+        try:  # throttled and logged per client address, as the dashboard's header auth
+            await self.ui.admin_key(scope, headers, "/metrics")
+        except errors.GatewayError as e:
+            await send_error(send, adapters.OPENAI, e)
             return
         metrics = getattr(self.services, "metrics", None)
         if metrics is None:

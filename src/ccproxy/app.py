@@ -23,6 +23,7 @@ from ccproxy.dialects import adapters
 from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.providers import make_provider
 from ccproxy.providers.base import ModelListing, Provider, TokenCounter
+from ccproxy.proxyheaders import apply_forwarded
 from ccproxy.routing import DeploymentHealth, RequestTraits, Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
 from ccproxy.tokens import estimate_prompt_tokens
@@ -216,6 +217,7 @@ class Gateway:
             path = path.rstrip("/")
         headers = header_map(scope)
         config = self.runtime.config
+        apply_forwarded(scope, config.trusted_proxies)
         if config.cors_origins:
             origin = headers.get("origin")
             if origin is not None and (origin in config.cors_origins or "*" in config.cors_origins):

@@ -193,6 +193,7 @@ class Config(_Strict):
     tls_cert: str | None = None
     tls_key: str | None = None
     cors_origins: list[str] = []
+    trusted_proxies: list[str] = []  # IPs/CIDRs whose X-Forwarded-For/-Proto are believed (proxyheaders.py)
     demo: bool = False  # set for the built-in embedded default; the gateway says so at start
 
     # Where the config came from, for messages and hot reload; not a YAML key.
@@ -206,6 +207,13 @@ class Config(_Strict):
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected host:port such as 127.0.0.1:8081, got {v!r}")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        from ccproxy.proxyheaders import parse_networks
+        parse_networks(v)
         return v
 
     @model_validator(mode="after")

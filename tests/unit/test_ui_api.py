@@ -26,6 +26,7 @@ from ccproxy.config import parse_config
 from ccproxy.limits import MemoryLimiter
 from ccproxy.routing import DeploymentHealth
 from ccproxy.services import Principal, UnlimitedLimiter
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 from ccproxy.ui.handlers import auto_bucket
 from ccproxy.ui.sessions import LoginThrottle, Sessions
 from ccproxy.usage.query import aggregate
@@ -223,7 +224,8 @@ async def gw(tmp_path: Path, backend: int) -> AsyncIterator[Gateway]:
 
 @pytest.fixture
 async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gw.test") as c:
+    async with httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)),
+                                 base_url="http://gw.test") as c:
         yield c
 
 
@@ -303,7 +305,8 @@ async def test_login_sets_a_random_httponly_strict_session(client: httpx.AsyncCl
 
 
 async def test_secure_cookie_over_tls(gw: Gateway) -> None:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="https://gw.test") as c:
+    async with httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)),
+                                 base_url="https://gw.test") as c:
         r = await login(c)
     assert r.status_code == 303 and "; Secure" in r.headers["set-cookie"]
 
@@ -325,11 +328,11 @@ ADMIN_ENDPOINTS = ("/ui", *API, "/metrics")
 
 
 async def test_header_auth_on_admin_endpoints_is_throttled_and_logged(
-        client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+        client: httpx.AsyncClient, gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     """/ui/api/*, /ui and /metrics count wrong admin keys per client address with the login form
     (10 in 5 minutes, then 429), and log each failure without the key; the admin key still works."""
-    other = httpx.AsyncClient(transport=httpx.ASGITransport(app=client._transport.app,  # type: ignore[attr-defined]
-                                                            client=("192.0.2.7", 4000)), base_url="http://gw.test")
+    other = httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw, client=("192.0.2.7", 4000))),
+                              base_url="http://gw.test")
     caplog.set_level("WARNING", logger="ccproxy.ui")
     statuses = []
     for i in range(12):
@@ -520,7 +523,8 @@ def test_memory_limiter_usage_by_key() -> None:
 async def test_without_a_usage_store(tmp_path: Path) -> None:
     config = parse_config({"admin_key": ADMIN, "providers": {}, "models": {}})
     gateway = Gateway(config)  # no services layer: nothing stored
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw.test") as c:
+    async with httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gateway)),
+                                 base_url="http://gw.test") as c:
         r = await c.get("/ui/api/usage", headers=bearer(ADMIN))
         assert r.status_code == 503 and "no usage store" in r.json()["error"]["message"]
         r = await c.get("/ui/api/live", headers=bearer(ADMIN))

@@ -96,14 +96,19 @@ async def test_thinking_by_default(fake: FakeOllama, http: aiohttp.ClientSession
 async def test_with_tools_the_last_content_comes_on_the_done_line(fake: FakeOllama,
                                                                   http: aiohttp.ClientSession) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    fake.script(Reply(text="Checking the weather.", tool_calls=[ToolCall("get_weather", {"city": "Oslo"})]))
+    fake.script(Reply(text="It is sunny today."), Reply(text="Checking.", tool_calls=[ToolCall("get_weather")]))
     _, _, raw = await chat(http, fake, {"model": "llama3.2", "messages": user("q"), "tools": tools})
     lines = [json.loads(ln) for ln in raw.splitlines()]
-    final = lines[-1]
-    assert final["done"] is True and final["message"]["content"] == " weather."
-    assert "".join(ln["message"]["content"] for ln in lines) == "Checking the weather."
-    assert [ln["message"]["tool_calls"][0]["function"]["name"] for ln in lines if "tool_calls" in ln["message"]] \
-        == ["get_weather"]
+    assert lines[-1]["done"] is True and lines[-1]["message"]["content"] == " today."
+    assert "".join(ln["message"]["content"] for ln in lines) == "It is sunny today."
+    # an answer that ends in a tool call has nothing left for the done line
+    _, _, raw = await chat(http, fake, {"model": "llama3.2", "messages": user("q"), "tools": tools})
+    lines = [json.loads(ln) for ln in raw.splitlines()]
+    assert lines[-1]["message"]["content"] == "" and "tool_calls" in lines[-2]["message"]
+    # without tools the done line carries no content
+    fake.script(Reply(text="It is sunny today."))
+    _, _, raw = await chat(http, fake, {"model": "llama3.2", "messages": user("q")})
+    assert json.loads(raw.splitlines()[-1])["message"]["content"] == ""
 
 
 @pytest.mark.parametrize(("body", "status", "error"), [

@@ -16,8 +16,8 @@ nanoseconds (`load_duration` included; zero metrics omitted); `{"error": ...}` b
 Thinking as Ollama's server/routes.go does it: a model that can think thinks when `think` is
 omitted (a reply with no scripted thinking then thinks `DEFAULT_THINKING`), and `think: false`
 turns it off (unless `Reply.ignore_think`, as gpt-oss ignores it); a model that cannot think
-never thinks. With `tools` in the request the last content piece arrives on the `done: true`
-line itself (Ollama's tool parser holds content back until the end).
+never thinks. With `tools` in the request, an answer that ends in text has its last piece on the
+`done: true` line itself (Ollama's tool parser holds back what might still become a call).
 
 Also a separate process: `python -m ccproxy.testing.fake_ollama --port 11434 --model llama3.2`.
 It then takes scripts over HTTP: `POST /_fake/script` (a Reply as JSON, or a list of them),
@@ -340,11 +340,9 @@ class FakeOllama:
             prompt = sum(len(str(m.get("content") or "").split()) + 4 for m in messages if isinstance(m, dict))
         final = {"model": model, "done_reason": done_reason, "prompt_eval_count": prompt,
                  "eval_count": reply.eval_count if reply.eval_count is not None else len(lines)}
-        if body.get("tools"):  # the last content piece comes on the done line
-            for i in range(len(lines) - 1, -1, -1):
-                if lines[i]["message"]["content"] and not lines[i]["message"].get("tool_calls"):
-                    final["last_content"] = lines.pop(i)["message"]["content"]
-                    break
+        if body.get("tools") and lines and lines[-1]["message"]["content"]:
+            # the tool parser held back the answer's end in case it became a call: it comes on the done line
+            final["last_content"] = lines.pop()["message"]["content"]
         return lines, final
 
     @staticmethod

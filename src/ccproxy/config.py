@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ccproxy.proxyheaders import parse_networks
+
 DEFAULT_LISTEN = "127.0.0.1:8081"
 
 
@@ -212,7 +214,6 @@ class Config(_Strict):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
-        from ccproxy.proxyheaders import parse_networks
         parse_networks(v)
         return v
 

@@ -129,16 +129,18 @@ class Dashboard:
             if digest is not None and self.is_admin_digest(digest):
                 return digest
         if presented_keys(headers):
-            return await self.admin_key(scope, headers, "the dashboard")
+            return await self.admin_key(scope, headers, "the dashboard", unknown=errors.Unauthorized)
         if tokens:
             raise errors.Unauthorized("the dashboard session has expired or ended; log in again at /ui")
         raise errors.Unauthorized("log in at /ui, or send the admin key: 'Authorization: Bearer <admin key>'")
 
-    async def admin_key(self, scope: Scope, headers: dict[str, str], where: str) -> str:
+    async def admin_key(self, scope: Scope, headers: dict[str, str], where: str,
+                        unknown: type[errors.GatewayError] = errors.Forbidden) -> str:
         """The SHA-256 of the admin key in the request headers (the dashboard and /metrics).
-        A wrong key, or one that is not an admin's, counts against the client address together
-        with failed logins, and is logged without the key; once the address is throttled its
-        failures get 429. A correct admin key always passes."""
+        A wrong key (`unknown`: 401 for the dashboard's login page, 403 for an API client), or one
+        that is not an admin's, counts against the client address together with failed logins and
+        is logged without the key; once the address is throttled its failures get 429. A correct
+        admin key always passes."""
         keys = presented_keys(headers)  # 400 for two different keys
         if not keys:
             raise errors.Unauthorized(f"{where} needs the admin key: 'Authorization: Bearer <admin key>'")
@@ -146,9 +148,8 @@ class Dashboard:
         digest = ""
         try:
             principal = await self.gateway.authenticator.authenticate(headers)
-        except errors.Forbidden:  # the dashboard's login form takes a 401 here; an API client a 403
-            failure = (errors.Unauthorized if where == "the dashboard" else errors.Forbidden)(
-                f"invalid API key; {where} needs the admin key")
+        except errors.Forbidden:
+            failure = unknown(f"invalid API key; {where} needs the admin key")
         else:
             digest = hashlib.sha256(keys[0].encode("utf-8", "surrogatepass")).hexdigest()
             if not principal.admin or not self.is_admin_digest(digest):

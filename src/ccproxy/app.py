@@ -24,6 +24,7 @@ from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.pricing import PriceBook
 from ccproxy.providers import make_provider
 from ccproxy.providers.base import ModelListing, Provider, TokenCounter
+from ccproxy.proxyheaders import apply_forwarded
 from ccproxy.routing import DeploymentHealth, RequestTraits, Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
 from ccproxy.tokens import estimate_prompt_tokens
@@ -218,6 +219,7 @@ class Gateway:
             path = path.rstrip("/")
         headers = header_map(scope)
         config = self.runtime.config
+        apply_forwarded(scope, config.trusted_proxies)
         if config.cors_origins:
             origin = headers.get("origin")
             if origin is not None and (origin in config.cors_origins or "*" in config.cors_origins):
@@ -393,7 +395,10 @@ class Gateway:
         await send_json(send, 200, {"version": __version__})
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        if await self._authenticated(headers, send, adapters.OPENAI, admin=True) is None:
+        try:  # throttled and logged per client address, as the dashboard's header auth
+            await self.ui.admin_key(scope, headers, "/metrics")
+        except errors.GatewayError as e:
+            await send_error(send, adapters.OPENAI, e)
             return
         metrics = getattr(self.services, "metrics", None)
         if metrics is None:

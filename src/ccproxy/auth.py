@@ -1,5 +1,9 @@
 """API-key authentication: `Authorization: Bearer <key>` or `x-api-key: <key>` -> Principal.
 
+A request carries one key. Both headers with the same key are fine; two different keys (in the
+two headers, or repeated headers) are refused with 400 rather than tried in turn, so one request
+is one guess.
+
 Keys are held only as SHA-256 digests. Config keys are compared against every digest with
 `hmac.compare_digest` (constant time, no early exit); database keys are looked up by digest.
 Auth fails closed: any unexpected error while checking a key denies the request.
@@ -18,11 +22,11 @@ from ccproxy.services import KeyStore, Principal
 log = logging.getLogger("ccproxy.auth")
 
 MAX_KEY_LENGTH = 512
-MAX_CANDIDATES = 4
 
 
 def presented_keys(headers: dict[str, str]) -> list[str]:
-    """Every key the request carries, in order: Bearer tokens, then x-api-key values."""
+    """The key the request carries, as a list of zero or one. Raises InvalidRequest (400) when it
+    carries more than one different key: Bearer tokens and x-api-key values must agree."""
     keys: list[str] = []
     for value in headers.get("authorization", "").split("\n"):
         scheme, _, token = value.strip().partition(" ")
@@ -31,7 +35,12 @@ def presented_keys(headers: dict[str, str]) -> list[str]:
     for value in headers.get("x-api-key", "").split("\n"):
         if value.strip():
             keys.append(value.strip())
-    return keys[:MAX_CANDIDATES]
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) > 1:
+        raise errors.InvalidRequest(
+            f"the request carries {len(distinct)} different API keys (in Authorization: Bearer and x-api-key, "
+            "or repeated headers); send exactly one key", param="authorization")
+    return distinct
 
 
 def _principal_from_config(k) -> Principal:
@@ -57,6 +66,8 @@ class Authenticator:
     async def authenticate(self, headers: dict[str, str]) -> Principal:
         try:
             candidates = presented_keys(headers)
+        except errors.InvalidRequest:
+            raise
         except Exception:  # fail closed here too
             log.exception("reading the presented key failed; denying the request")
             raise errors.Overloaded("the key could not be verified right now; retry shortly") from None

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ccproxy.proxyheaders import parse_networks
+
 DEFAULT_LISTEN = "127.0.0.1:8081"
 
 
@@ -247,6 +249,7 @@ class Config(_Strict):
     tls_key: str | None = None
     cors_origins: list[str] = []
     tracing: TracingConfig | None = None
+    trusted_proxies: list[str] = []  # IPs/CIDRs whose X-Forwarded-For/-Proto are believed (proxyheaders.py)
     demo: bool = False  # set for the built-in embedded default; the gateway says so at start
 
     # Where the config came from, for messages and hot reload; not a YAML key.
@@ -260,6 +263,12 @@ class Config(_Strict):
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected host:port such as 127.0.0.1:8081, got {v!r}")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        parse_networks(v)
         return v
 
     @model_validator(mode="after")

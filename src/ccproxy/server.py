@@ -181,6 +181,7 @@ def run(config: Config, config_path: str | None) -> int:
             return 1
         metrics_server = MetricsServer(uvicorn.Config(
             metrics_app(gateway), lifespan="off", http="httptools", log_config=None, access_log=False,
+            proxy_headers=False,
             server_header=False, date_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=1))
     original_startup, original_shutdown = gateway.startup, gateway.shutdown
 
@@ -217,6 +218,7 @@ def run(config: Config, config_path: str | None) -> int:
     uv_config = uvicorn.Config(
         gateway, host=config.host, port=config.port, loop="uvloop", http=guarded_protocol(limits), lifespan="on",
         log_config=None, access_log=False, server_header=False, date_header=False,
+        proxy_headers=False,  # X-Forwarded-* only from trusted_proxies, in the app (proxyheaders.py)
         # a float: 0 means "do not wait" (int(0.5) or None would have meant "wait forever")
         timeout_graceful_shutdown=config.drain_seconds, timeout_keep_alive=5,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=limits.max_header_bytes, backlog=2048,

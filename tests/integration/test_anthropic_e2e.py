@@ -12,7 +12,7 @@ import anthropic
 import pytest
 import requests
 
-from ccproxy.dialects.anthropic_stream_validator import validate_stream
+from ccproxy.testing.anthropic_sse import check_messages_stream, check_response, validating_http_client
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,8 @@ def gw(gateway, llama_server):
 
 @pytest.fixture
 def client(gw) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=180)
+    return anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=180,
+                               http_client=validating_http_client())
 
 
 def ask(text: str = "Say hello in one short sentence.", **kw: Any) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def raw_stream(gw, body: dict[str, Any], path: str = "/v1/messages?beta=true") -
     with requests.post(gw.url + path, data=json.dumps({**body, "stream": True}), headers=headers,
                        stream=True, timeout=180) as resp:
         raw = b"".join(resp.iter_content(None))
+    check_response(path, resp.status_code, resp.headers.get("content-type"), raw)
     return resp, raw
 
 
@@ -106,7 +108,7 @@ def test_raw_sse_stream_is_valid(gw) -> None:
     assert resp.status_code == 200, raw[:500]
     assert resp.headers["content-type"].startswith("text/event-stream")
     assert resp.headers["x-ccproxy-upstream-model"] == "smollm2"
-    msg = validate_stream(raw)
+    msg = check_messages_stream(raw)
     assert msg.error is None
     assert msg.text.strip()
     assert msg.stop_reason in ("end_turn", "max_tokens")
@@ -123,7 +125,7 @@ def test_max_tokens_32000_is_clamped_and_thinking_dropped(client, gw) -> None:
                                    system=[{"type": "text", "text": "Be brief.",
                                             "cache_control": {"type": "ephemeral"}}]))
     assert resp.status_code == 200, raw[:500]
-    msg = validate_stream(raw)
+    msg = check_messages_stream(raw)
     assert msg.text.strip()
     assert msg.usage["output_tokens"] <= 48 + 2  # the alias's max_output_tokens (48) bounds the answer
 
@@ -164,7 +166,7 @@ def test_tool_result_round_streaming(gw) -> None:
     resp, raw = raw_stream(gw, {"model": "smol", "max_tokens": 40, "temperature": 0, "tools": [WEATHER_TOOL],
                                 "tool_choice": {"type": "auto"}, "messages": tool_round()})
     assert resp.status_code == 200, raw[:500]
-    msg = validate_stream(raw)
+    msg = check_messages_stream(raw)
     assert msg.error is None
     assert msg.text.strip() or msg.tool_uses
     assert msg.stop_reason in ("end_turn", "max_tokens", "tool_use")
@@ -175,7 +177,7 @@ def test_tool_result_with_tool_definitions_stripped(gw) -> None:
     resp, raw = raw_stream(gw, {"model": "smol-strip", "max_tokens": 24, "temperature": 0,
                                 "tools": [WEATHER_TOOL], "messages": tool_round()})
     assert resp.status_code == 200, raw[:500]
-    msg = validate_stream(raw)
+    msg = check_messages_stream(raw)
     assert msg.text.strip() and not msg.tool_uses
 
 
@@ -211,10 +213,10 @@ def test_count_tokens(client, gw) -> None:
 
 
 def test_errors_reach_the_sdk_as_its_exceptions(gw) -> None:
-    bad = anthropic.Anthropic(base_url=gw.url, api_key="sk-wrong", max_retries=0)
+    bad = anthropic.Anthropic(base_url=gw.url, api_key="sk-wrong", max_retries=0, http_client=validating_http_client())
     with pytest.raises(anthropic.PermissionDeniedError):
         bad.messages.create(**sdk(ask()))
-    good = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0)
+    good = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, http_client=validating_http_client())
     with pytest.raises((anthropic.BadRequestError, anthropic.NotFoundError)) as info:
         good.messages.create(**sdk({**ask(), "model": "gpt-unknown"}))
     assert "gpt-unknown" in info.value.message

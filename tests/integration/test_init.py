@@ -23,6 +23,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from _procs import REPO, Gateway, MissingDependency, StartupError, free_port  # noqa: E402
 
+from ccproxy.testing.anthropic_sse import validating_http_client  # noqa: E402
 from ccproxy.testing.fake_ollama import FakeOllama  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600),
@@ -111,7 +112,8 @@ async def test_init_from_ollama(tmp_path: Path) -> None:
         # served as written: Claude Code's names reach the Ollama backend
         gw = await asyncio.to_thread(start_gateway, tmp_path / "gw", path, port)
         try:
-            client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=60)
+            client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=60,
+                                              http_client=validating_http_client(asynchronous=True))
             msg = await client.messages.create(model="claude-haiku-4-5-20251001", max_tokens=16,
                                                messages=[{"role": "user", "content": "echo this"}])
             await client.close()

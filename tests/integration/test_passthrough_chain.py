@@ -16,7 +16,7 @@ import anthropic
 import pytest
 import requests
 
-from ccproxy.dialects.anthropic_stream_validator import validate_stream
+from ccproxy.testing.anthropic_sse import check_messages_stream, check_response, validating_http_client
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,8 @@ def chain(gateway, llama_server):
 @pytest.fixture
 def client(chain) -> anthropic.Anthropic:
     a, _ = chain
-    return anthropic.Anthropic(base_url=a.url, api_key=A_KEY, max_retries=0, timeout=180)
+    return anthropic.Anthropic(base_url=a.url, api_key=A_KEY, max_retries=0, timeout=180,
+                               http_client=validating_http_client())
 
 
 def records(gw, endpoint: str = "/v1/messages") -> list[dict[str, Any]]:
@@ -85,6 +86,7 @@ def raw_stream(a, body: dict[str, Any]) -> tuple[requests.Response, bytes]:
     with requests.post(a.url + "/v1/messages?beta=true", data=json.dumps({**body, "stream": True}),
                        headers=headers, stream=True, timeout=180) as resp:
         raw = b"".join(resp.iter_content(None))
+    check_response("/v1/messages", resp.status_code, resp.headers.get("content-type"), raw)
     return resp, raw
 
 
@@ -126,7 +128,7 @@ def test_streaming_through_two_gateways(chain, client) -> None:
     resp, raw = raw_stream(a, body)
     assert resp.status_code == 200, raw[:500]
     assert resp.headers["x-ccproxy-upstream-model"] == "smol"
-    msg = validate_stream(raw)
+    msg = check_messages_stream(raw)
     assert msg.error is None and msg.text.strip()
     assert msg.stop_reason in ("end_turn", "max_tokens")
     assert msg.usage["output_tokens"] <= 32 + 2  # B's max_output_tokens clamp held through the chain
@@ -146,7 +148,7 @@ def test_tool_result_round_through_the_chain(chain) -> None:
     resp, raw = raw_stream(a, {"model": "chain", "max_tokens": 32, "temperature": 0, "tools": [WEATHER_TOOL],
                                "messages": messages})
     assert resp.status_code == 200, raw[:500]
-    msg = validate_stream(raw)
+    msg = check_messages_stream(raw)
     assert msg.error is None and (msg.text.strip() or msg.tool_uses)
     assert_b_saw_only_a_provider_key(b)
 
@@ -191,7 +193,8 @@ def test_error_from_b_reaches_the_client_in_anthropic_shape(chain, client) -> No
 
 def test_wrong_client_key_stops_at_a(chain) -> None:
     a, b = chain
-    bad = anthropic.Anthropic(base_url=a.url, api_key=B_KEY, max_retries=0)  # B's key is not valid on A
+    bad = anthropic.Anthropic(base_url=a.url, api_key=B_KEY, max_retries=0,
+                              http_client=validating_http_client())  # B's key is not valid on A
     with pytest.raises(anthropic.PermissionDeniedError) as info:
         bad.messages.create(**ask())
     assert info.value.body["error"]["type"] == "permission_error"  # type: ignore[index]

@@ -18,6 +18,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).parent))
 from _procs import LlamaServer, MissingDependency, Service, StartupError  # noqa: E402
 
+from ccproxy.testing.anthropic_sse import check_response  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
 KEY = "sk-routing-real"
@@ -89,7 +91,9 @@ def ask(model: str = "pool", **kw: Any) -> dict[str, Any]:
 
 def post(gw: Any, body: dict[str, Any], headers: dict[str, str] | None = None,
          path: str = "/v1/chat/completions") -> requests.Response:
-    return requests.post(f"{gw.url}{path}", json=body, headers={**AUTH, **(headers or {})}, timeout=120)
+    r = requests.post(f"{gw.url}{path}", json=body, headers={**AUTH, **(headers or {})}, timeout=120)
+    check_response(path, r.status_code, r.headers.get("content-type"), r.content)  # Anthropic SSE grammar
+    return r
 
 
 def deployments(gw: Any) -> dict[str, dict[str, Any]]:

@@ -14,6 +14,7 @@ import pytest
 from ccproxy.app import Gateway
 from ccproxy.build_services import build_services
 from ccproxy.config import parse_config
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 from ccproxy.usage.postgres import PostgresStore
 from ccproxy.usage.sqlite import SQLiteStore
 from ccproxy.usage.timeseries import key_rates, timeseries, usage_report
@@ -51,7 +52,8 @@ async def pg_gateway(postgres_server) -> AsyncIterator[Gateway]:
 
 @pytest.fixture
 async def client(pg_gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=pg_gateway), base_url="http://gw.test") as c:
+    async with httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=pg_gateway)),
+                                 base_url="http://gw.test") as c:
         yield c
 
 

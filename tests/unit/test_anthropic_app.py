@@ -10,7 +10,7 @@ The fake upstream answers by the upstream model name:
   slow      the first byte only after `SLOW_SECONDS`
   nousage   like echo, but without usage (llama-cpp-python streams none)
 Every body and header set it receives is kept in `upstream.received` / `upstream.headers`.
-Every streamed answer is checked with `validate_stream` (protocols.md §1.6).
+Every streamed answer is checked against the SSE grammar (ccproxy.testing.anthropic_sse).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from aiohttp import web
 from ccproxy import pipeline
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
-from ccproxy.dialects.anthropic_stream_validator import ValidatedMessage, validate_stream
+from ccproxy.dialects.anthropic_stream_validator import ValidatedMessage
+from ccproxy.testing.anthropic_sse import ValidatingTransport, check_messages_stream
 
 KEY = "sk-anthropic-app-alice"
 UPSTREAM_KEY = "sk-upstream-SECRET-anthropic-app"
@@ -176,7 +177,8 @@ def make_config(upstream: FakeUpstream) -> dict[str, Any]:
 async def client(upstream: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
     gw = Gateway(parse_config(make_config(upstream), "test.yaml"))
     await gw.startup()
-    c = httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gateway", timeout=30)
+    c = httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)),
+                          base_url="http://gateway", timeout=30)
     yield c
     await c.aclose()
     await gw.shutdown()
@@ -208,7 +210,7 @@ def anthropic_error(resp: httpx.Response, status: int, etype: str) -> str:
 def stream_of(resp: httpx.Response) -> ValidatedMessage:
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"].startswith("text/event-stream")
-    return validate_stream(resp.content)
+    return check_messages_stream(resp.content)
 
 
 # --------------------------------------------------------------------------- auth and errors

@@ -23,6 +23,7 @@ from ccproxy.core import (
 )
 from ccproxy.dialects.anthropic import PLACEHOLDER_SIGNATURE, AnthropicStreamParser, AnthropicStreamRenderer
 from ccproxy.dialects.anthropic_stream_validator import validate_stream
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 
 def render(events: list[StreamEvent], estimate: int = 0) -> bytes:
@@ -135,7 +136,7 @@ def test_anthropic_sdk_accumulates_rendered_stream() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=raw, headers={"content-type": "text/event-stream"})
 
-    http = httpx.Client(transport=httpx.MockTransport(handler))
+    http = httpx.Client(transport=ValidatingTransport(httpx.MockTransport(handler)))
     client = sdk.Anthropic(api_key="k", base_url="http://gw", http_client=http)
     with client.messages.stream(model="sonnet", max_tokens=10, messages=[{"role": "user", "content": "q"}]) as s:
         final = s.get_final_message()

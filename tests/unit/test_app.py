@@ -21,6 +21,7 @@ from aiohttp import web
 
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 KEY = "sk-alice-test-key"
 UPSTREAM_KEY = "sk-upstream-SECRET-do-not-leak"
@@ -157,7 +158,7 @@ async def assert_no_secret(resp: httpx.Response) -> None:
 async def open_client(config: dict[str, Any]) -> tuple[Gateway, httpx.AsyncClient]:
     gw = Gateway(parse_config(config, "test.yaml"))
     await gw.startup()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gateway",
+    client = httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)), base_url="http://gateway",
                                event_hooks={"response": [assert_no_secret]}, timeout=30)
     return gw, client
 

@@ -32,6 +32,7 @@ from aiohttp import web
 from ccproxy import app, pipeline
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 KEY = "sk-fallback-test"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -168,7 +169,8 @@ class Client:
     async def open(self, config: dict[str, Any]) -> Client:
         self.gw = Gateway(parse_config(config, "fallbacks.yaml"))
         await self.gw.startup()
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.gw), base_url="http://gateway",
+        self.http = httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=self.gw)),
+                                      base_url="http://gateway",
                                       timeout=30)
         return self
 

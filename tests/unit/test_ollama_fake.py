@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ccproxy.testing.fake_ollama import FakeOllama, Reply, ToolCall
+from ccproxy.testing.fake_ollama import DEFAULT_THINKING, FakeOllama, Reply, ToolCall
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ async def test_stream_is_default_ndjson(fake: FakeOllama, http: aiohttp.ClientSe
     assert final["done"] is True and final["done_reason"] == "stop" and final["message"]["content"] == ""
     for key in ("total_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration"):
         assert isinstance(final[key], int) and final[key] > 0
-    assert "load_duration" not in final  # zero metrics are omitted
+    assert isinstance(final["load_duration"], int) and final["load_duration"] > 0  # Ollama sends it
 
 
 async def test_non_stream_tool_calls_whole_with_objects(fake: FakeOllama, http: aiohttp.ClientSession) -> None:
@@ -73,6 +73,42 @@ async def test_thinking_pieces_and_num_predict_length(fake: FakeOllama, http: ai
     assert [ln["message"].get("thinking") for ln in lines[:2]] == ["think", " hard"]
     assert lines[2]["message"]["content"] == "a" and lines[-1]["done_reason"] == "length"
     assert len(lines) == 4
+
+
+@pytest.mark.parametrize(("model", "think", "ignore", "thinks"), [
+    ("qwen3:8b", None, False, DEFAULT_THINKING),  # omitted: a model that can think does (routes.go)
+    ("qwen3:8b", True, False, DEFAULT_THINKING),
+    ("qwen3:8b", False, False, ""),
+    ("qwen3:8b", False, True, DEFAULT_THINKING),  # gpt-oss thinks whatever `think` says
+    ("llama3.2", None, False, ""),  # a model that cannot think never does
+    ("llama3.2", False, False, ""),
+])
+async def test_thinking_by_default(fake: FakeOllama, http: aiohttp.ClientSession, model: str, think: bool | None,
+                                   ignore: bool, thinks: str) -> None:
+    body: dict[str, Any] = {"model": model, "messages": user("q"), "stream": False}
+    if think is not None:
+        body["think"] = think
+    fake.script(Reply(text="answer", thinking=DEFAULT_THINKING if think or ignore else "", ignore_think=ignore))
+    status, _, raw = await chat(http, fake, body)
+    assert status == 200 and json.loads(raw)["message"].get("thinking", "") == thinks
+
+
+async def test_with_tools_the_last_content_comes_on_the_done_line(fake: FakeOllama,
+                                                                  http: aiohttp.ClientSession) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    fake.script(Reply(text="It is sunny today."), Reply(text="Checking.", tool_calls=[ToolCall("get_weather")]))
+    _, _, raw = await chat(http, fake, {"model": "llama3.2", "messages": user("q"), "tools": tools})
+    lines = [json.loads(ln) for ln in raw.splitlines()]
+    assert lines[-1]["done"] is True and lines[-1]["message"]["content"] == " today."
+    assert "".join(ln["message"]["content"] for ln in lines) == "It is sunny today."
+    # an answer that ends in a tool call has nothing left for the done line
+    _, _, raw = await chat(http, fake, {"model": "llama3.2", "messages": user("q"), "tools": tools})
+    lines = [json.loads(ln) for ln in raw.splitlines()]
+    assert lines[-1]["message"]["content"] == "" and "tool_calls" in lines[-2]["message"]
+    # without tools the done line carries no content
+    fake.script(Reply(text="It is sunny today."))
+    _, _, raw = await chat(http, fake, {"model": "llama3.2", "messages": user("q")})
+    assert json.loads(raw.splitlines()[-1])["message"]["content"] == ""
 
 
 @pytest.mark.parametrize(("body", "status", "error"), [

@@ -170,6 +170,29 @@ async def test_thinking(fake: FakeOllama, make: Callable[..., OllamaProvider]) -
     assert isinstance(events[0], ThinkingDelta) and events[0].thinking == "hmm"
 
 
+@pytest.mark.parametrize("thinking", [None, "off", "none"])
+async def test_not_asked_to_think_sends_think_false_and_drops_thinking(
+        fake: FakeOllama, make: Callable[..., OllamaProvider], thinking: str | None) -> None:
+    """Ollama thinks by default when `think` is omitted and the model can (server/routes.go): a
+    request that did not ask (or whose alias cannot think: the app drops `thinking`) sends
+    `think: false`, and thinking sent anyway (gpt-oss ignores `think: false`) never reaches the client."""
+    from ccproxy.core import Thinking
+
+    t = {None: None, "off": Thinking(enabled=False), "none": Thinking(effort="none")}[thinking]
+    p = make()
+    resp = await p.complete(ask(thinking=t), "qwen3")  # a thinking model, left to its default
+    assert fake.chat_requests[-1]["think"] is False
+    assert [type(b).__name__ for b in resp.content] == ["TextBlock"]
+    fake.script(Reply(thinking="pondering anyway", text="42", ignore_think=True),
+                Reply(thinking="pondering anyway", text="43", ignore_think=True))
+    resp = await p.complete(ask(thinking=t), "qwen3")
+    assert resp.content == [TextBlock("42")]
+    events = await collect(p.stream(ask(thinking=t), "qwen3"))
+    assert not [e for e in events if isinstance(e, ThinkingDelta)]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["43"]
+    assert [r["think"] for r in fake.chat_requests] == [False, False, False]
+
+
 async def test_done_reason_length(fake: FakeOllama, make: Callable[..., OllamaProvider]) -> None:
     p = make()
     resp = await p.complete(ask("a b c d e f", max_tokens=2), "llama3.2")

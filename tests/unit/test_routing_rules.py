@@ -19,6 +19,7 @@ from ccproxy.app import Gateway
 from ccproxy.cli import main
 from ccproxy.commands.route import detect_dialect, explain_request
 from ccproxy.config import parse_config
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 KEY = "sk-rules-alice"
 CI_KEY = "sk-rules-ci"
@@ -107,7 +108,8 @@ async def upstream() -> AsyncIterator[Upstream]:
 async def client(upstream: Upstream) -> AsyncIterator[httpx.AsyncClient]:
     gw = Gateway(parse_config(config(f"http://127.0.0.1:{upstream.port}/v1"), "rules.yaml"))
     await gw.startup()
-    c = httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gateway", timeout=30)
+    c = httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)),
+                          base_url="http://gateway", timeout=30)
     yield c
     await c.aclose()
     await gw.shutdown()

@@ -25,6 +25,7 @@ from ccproxy import auth as auth_module
 from ccproxy.app import Gateway
 from ccproxy.build_services import build_services
 from ccproxy.config import DEFAULT_LISTEN, Config, parse_config
+from ccproxy.testing.anthropic_sse import check_response
 from ccproxy.testing.fake_ollama import FakeOllama
 
 KEY = "sk-security-alice"
@@ -74,6 +75,7 @@ async def call(app: Any, method: str, path: str, headers: dict[str, str] | list[
         await asyncio.wait_for(app(scope, receive, send), 30)
     finally:
         done.set()
+    check_response(path, out["status"], out["headers"].get("content-type"), out["body"])  # SSE grammar
     return out["status"], out["headers"], out["body"]
 
 

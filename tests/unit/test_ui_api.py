@@ -26,6 +26,7 @@ from ccproxy.config import parse_config
 from ccproxy.limits import MemoryLimiter
 from ccproxy.routing import DeploymentHealth
 from ccproxy.services import Principal, UnlimitedLimiter
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 from ccproxy.ui.handlers import auto_bucket
 from ccproxy.ui.sessions import LoginThrottle, Sessions
 from ccproxy.usage.query import aggregate
@@ -223,7 +224,8 @@ async def gw(tmp_path: Path, backend: int) -> AsyncIterator[Gateway]:
 
 @pytest.fixture
 async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gw.test") as c:
+    async with httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)),
+                                 base_url="http://gw.test") as c:
         yield c
 
 
@@ -251,8 +253,9 @@ async def test_everything_needs_the_admin(client: httpx.AsyncClient) -> None:
         for key in (ADMIN, ADMIN2):
             assert (await client.get(path, headers=bearer(key))).status_code == 200, path
         assert (await client.get(path, headers={"x-api-key": ADMIN})).status_code == 200, path
-    for headers in ({}, bearer(USER), bearer("sk-wrong")):
-        assert (await client.post("/ui/api/one-time-link", headers=headers)).status_code in (401, 403)
+    for headers in ({}, bearer(USER), bearer("sk-wrong")):  # this address is throttled by now: 429
+        assert (await client.post("/ui/api/one-time-link", headers=headers)).status_code in (401, 403, 429)
+    assert (await client.post("/ui/api/one-time-link", headers=bearer(ADMIN))).status_code == 200
     r = await client.get("/ui/api/usage")
     assert r.json()["error"]["message"].startswith("log in at /ui, or send the admin key")
     # the page without credentials is the login form (401), with no error shown yet
@@ -302,16 +305,64 @@ async def test_login_sets_a_random_httponly_strict_session(client: httpx.AsyncCl
 
 
 async def test_secure_cookie_over_tls(gw: Gateway) -> None:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="https://gw.test") as c:
+    async with httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)),
+                                 base_url="https://gw.test") as c:
         r = await login(c)
     assert r.status_code == 303 and "; Secure" in r.headers["set-cookie"]
 
 
-async def test_failed_logins_are_throttled(client: httpx.AsyncClient) -> None:
+async def test_failed_logins_are_throttled_but_never_lock_the_admin_out(client: httpx.AsyncClient,
+                                                                        gw: Gateway) -> None:
     for _ in range(10):
         assert (await login(client, "sk-guess")).status_code == 401
-    r = await login(client)  # even the right key waits now
+    r = await login(client, "sk-guess")
     assert r.status_code == 429 and "Too many failed logins" in r.text and int(r.headers["retry-after"]) > 0
+    assert (await client.get("/ui/login?token=made-up")).status_code == 429
+    # someone else's failures from this address do not lock out the right key or a fresh link
+    assert (await login(client)).status_code == 303
+    link = (await client.post("/ui/api/one-time-link", headers=bearer(ADMIN))).json()["path"]
+    assert (await client.get(link)).status_code == 303
+
+
+ADMIN_ENDPOINTS = ("/ui", *API, "/metrics")
+
+
+async def test_header_auth_on_admin_endpoints_is_throttled_and_logged(
+        client: httpx.AsyncClient, gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    """/ui/api/*, /ui and /metrics count wrong admin keys per client address with the login form
+    (10 in 5 minutes, then 429), and log each failure without the key; the admin key still works."""
+    other = httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw, client=("192.0.2.7", 4000))),
+                              base_url="http://gw.test")
+    caplog.set_level("WARNING", logger="ccproxy.ui")
+    statuses = []
+    for i in range(12):
+        path = ADMIN_ENDPOINTS[i % len(ADMIN_ENDPOINTS)]
+        statuses.append((await client.get(path, headers=bearer(f"sk-guess-{i}"))).status_code)
+    assert statuses == [401, 401, 401, 401, 401, 403, 401, 401, 401, 401, 429, 429], statuses
+    r = await client.get("/metrics", headers=bearer("sk-guess-x"))
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert "too many failed admin key attempts" in r.json()["error"]["message"]
+    assert (await client.post("/ui/login", data={"key": "sk-guess-y"})).status_code == 429  # one budget
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "ccproxy.ui"]
+    assert len(lines) == 10 and all("from 127.0.0.1" in ln and "sk-guess" not in ln for ln in lines), lines
+    assert "failed admin key on /metrics" in lines[5] and "get 429" in lines[-1]
+    # a correct key is never throttled, and another address is not affected
+    for path in ADMIN_ENDPOINTS:
+        assert (await client.get(path, headers=bearer(ADMIN))).status_code == 200, path
+        assert (await other.get(path, headers=bearer("sk-guess-z"))).status_code in (401, 403), path
+    await other.aclose()
+
+
+async def test_two_different_admin_candidates_are_a_400(client: httpx.AsyncClient) -> None:
+    for path in ADMIN_ENDPOINTS:
+        r = await client.get(path, headers={"authorization": "Bearer sk-guess", "x-api-key": ADMIN})
+        assert r.status_code == 400, path
+        if path != "/ui":
+            assert "different API keys" in r.json()["error"]["message"]
+    r = await client.post("/v1/messages", headers={"authorization": f"Bearer {USER}", "x-api-key": ADMIN},
+                          json={"model": "coding", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["type"] == "error"  # in the caller's dialect
+    assert "different API keys" in r.json()["error"]["message"]
 
 
 async def test_session_ends_when_the_admin_key_is_rotated(client: httpx.AsyncClient, gw: Gateway,
@@ -472,7 +523,8 @@ def test_memory_limiter_usage_by_key() -> None:
 async def test_without_a_usage_store(tmp_path: Path) -> None:
     config = parse_config({"admin_key": ADMIN, "providers": {}, "models": {}})
     gateway = Gateway(config)  # no services layer: nothing stored
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw.test") as c:
+    async with httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gateway)),
+                                 base_url="http://gw.test") as c:
         r = await c.get("/ui/api/usage", headers=bearer(ADMIN))
         assert r.status_code == 503 and "no usage store" in r.json()["error"]["message"]
         r = await c.get("/ui/api/live", headers=bearer(ADMIN))

@@ -14,6 +14,10 @@ Client direction (ccproxy serves Ollama clients on /api/chat and /api/tags):
 `num_ctx` is not computed here: the caller passes it in (the provider takes it from
 `req.passthrough["num_ctx"]`, which the app fills from the alias's context window and a token
 estimate). Wire-format facts: the shared protocol reference, sections 3 (Ollama) and 4 (mapping).
+
+`think` is always sent: Ollama thinks by default when it is omitted and the model can think
+(server/routes.go in https://github.com/ollama/ollama), so a request that did not ask to think,
+or whose alias cannot (the app drops `thinking` there), sends `think: false`.
 """
 
 from __future__ import annotations
@@ -93,9 +97,7 @@ def build_chat_request(req: ChatRequest, model: str, *, num_ctx: int | None = No
     options = _options_out(req, num_ctx)
     if options:
         body["options"] = options
-    think = _think_out(req.thinking)
-    if think is not None:
-        body["think"] = think
+    body["think"] = _think_out(req.thinking)
     fmt = _format_out(req.response_format)
     if fmt is not None:
         body["format"] = fmt
@@ -225,10 +227,8 @@ def _options_out(req: ChatRequest, num_ctx: int | None) -> dict[str, Any]:
     return o
 
 
-def _think_out(t: Thinking | None) -> bool | str | None:
-    if t is None:
-        return None
-    if not t.enabled or t.effort == "none":
+def _think_out(t: Thinking | None) -> bool | str:
+    if t is None or not t.enabled or t.effort == "none":
         return False
     if t.effort:
         return _THINK_LEVELS.get(t.effort.lower(), True)

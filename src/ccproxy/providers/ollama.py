@@ -5,6 +5,10 @@ drops parameters such as num_ctx).
 alias's context window and a token estimate); without it Ollama uses its default, and silently
 truncates long prompts. `keep_alive` comes from the provider config. This provider only reads
 (`/api/chat`, `/api/tags`); it never pulls, creates, pushes or deletes models.
+
+A request that did not ask to think (or whose alias has no `supports_thinking`: the app drops
+`thinking` for it) sends `think: false` (dialects/ollama.py), and any thinking Ollama sends anyway
+(gpt-oss ignores `think: false`) is dropped here, so the client never gets what it did not ask for.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import orjson
 
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
-from ccproxy.core import ChatRequest, ChatResponse, StreamEvent
+from ccproxy.core import ChatRequest, ChatResponse, StreamEvent, ThinkingBlock, ThinkingDelta
 from ccproxy.dialects.ollama import OllamaStreamParser, build_chat_request, parse_chat_response
 from ccproxy.providers import _http
 from ccproxy.providers.base import ModelListing
@@ -41,18 +45,24 @@ class OllamaProvider(_http.HttpProvider):
                                        provider=self.name)
         if "error" in data:
             raise errors.UpstreamError(f"provider '{self.name}': {data['error']}", provider=self.name)
-        return parse_chat_response(data)
+        resp = parse_chat_response(data)
+        if not _asked_to_think(req):
+            resp.content = [b for b in resp.content if not isinstance(b, ThinkingBlock)]
+        return resp
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         resp = await self._post(self._body(req, model, stream=True))
         parser = OllamaStreamParser(provider=self.name)
+        think = _asked_to_think(req)
         async for chunk in _http.iter_chunks(resp, self.name, self.config):
             for ev in parser.feed(chunk):
-                yield ev
+                if think or not isinstance(ev, ThinkingDelta):
+                    yield ev
             if parser.done:
                 return
         for ev in parser.end():
-            yield ev
+            if think or not isinstance(ev, ThinkingDelta):
+                yield ev
 
     async def list_models(self) -> ModelListing:
         try:
@@ -74,3 +84,8 @@ class OllamaProvider(_http.HttpProvider):
     async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         return await _http.post(self.session, self._base + "/api/chat", provider=self.name, config=self.config,
                                 body=orjson.dumps(body), headers=self._headers)
+
+
+def _asked_to_think(req: ChatRequest) -> bool:
+    t = req.thinking
+    return t is not None and t.enabled and t.effort != "none"

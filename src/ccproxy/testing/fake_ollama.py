@@ -8,10 +8,16 @@
 Behaviour copied from Ollama: `stream` defaults to true; NDJSON (`application/x-ndjson`) with
 `done:false` lines, thinking pieces, then content pieces, tool calls arriving whole (object
 arguments) in their own lines, and a final `done:true` line with `done_reason` and metrics in
-nanoseconds (zero metrics omitted); `{"error": ...}` bodies: 404 "model 'x' not found", 400 for bad
-JSON, a missing model, tools or thinking on a model without them. `options.num_predict` cuts the
-reply to that many pieces with `done_reason:"length"`. An empty `messages` list returns
-`done_reason:"load"`. Without a script the reply echoes the last user message.
+nanoseconds (`load_duration` included; zero metrics omitted); `{"error": ...}` bodies: 404 "model
+'x' not found", 400 for bad JSON, a missing model, tools or thinking on a model without them.
+`options.num_predict` cuts the reply to that many pieces with `done_reason:"length"`. An empty
+`messages` list returns `done_reason:"load"`. Without a script the reply echoes the last user message.
+
+Thinking as Ollama's server/routes.go does it: a model that can think thinks when `think` is
+omitted (a reply with no scripted thinking then thinks `DEFAULT_THINKING`), and `think: false`
+turns it off (unless `Reply.ignore_think`, as gpt-oss ignores it); a model that cannot think
+never thinks. With `tools` in the request, an answer that ends in text has its last piece on the
+`done: true` line itself (Ollama's tool parser holds back what might still become a call).
 
 Also a separate process: `python -m ccproxy.testing.fake_ollama --port 11434 --model llama3.2`.
 It then takes scripts over HTTP: `POST /_fake/script` (a Reply as JSON, or a list of them),
@@ -35,6 +41,7 @@ from aiohttp import web
 __all__ = ["FakeOllama", "RecordedRequest", "Reply", "ToolCall"]
 
 VERSION = "0.12.6"
+DEFAULT_THINKING = "The user wants an answer. Let me think."
 
 
 @dataclass(slots=True)
@@ -61,6 +68,7 @@ class Reply:
     eval_count: int | None = None  # None: number of pieces sent
     pieces: list[str] | None = None  # how to split `text` when streaming; None: by words
     omit_tool_ids: bool = False  # behave like older servers that send no tool call ids
+    ignore_think: bool = False  # think even with `think: false` (gpt-oss does)
     status: int = 200
     error: str | None = None
     error_mid: str | None = None
@@ -270,7 +278,7 @@ class FakeOllama:
             return self._error(reply.status if reply.status >= 300 else 500, reply.error or "internal error")
 
         started = time.monotonic_ns()
-        lines, final = self._lines(name, body, messages, reply)
+        lines, final = self._lines(name, body, messages, reply, spec)
         if body.get("stream", True) is False:
             return web.json_response(self._merge(name, lines, final, started))
 
@@ -285,7 +293,7 @@ class FakeOllama:
         if reply.error_mid is not None:
             await resp.write(_ndjson({"error": reply.error_mid}))
         else:
-            await resp.write(_ndjson(self._finish(final, started)))
+            await resp.write(_ndjson(self._finish(final, started, final.get("last_content", ""))))
         await resp.write_eof()
         return resp
 
@@ -297,13 +305,20 @@ class FakeOllama:
                      if isinstance(m, dict) and m.get("role") == "user"), "")
         return Reply(text=last or "Hello from fake Ollama.")
 
-    def _lines(self, model: str, body: dict[str, Any], messages: list[Any], reply: Reply
-               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _lines(self, model: str, body: dict[str, Any], messages: list[Any], reply: Reply,
+               spec: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         options = body.get("options") or {}
         limit = options.get("num_predict")
         limit = limit if isinstance(limit, int) and limit >= 0 else None
         done_reason = reply.done_reason
-        pieces: list[tuple[str, str]] = [("thinking", p) for p in _words(reply.thinking)]
+        think = body.get("think")
+        can_think = bool((spec or {}).get("thinking", False))
+        thinking = reply.thinking
+        if think is None and can_think:  # Ollama: a model that can think does, unless told not to
+            thinking = thinking or DEFAULT_THINKING
+        elif think is False and not reply.ignore_think:
+            thinking = ""
+        pieces: list[tuple[str, str]] = [("thinking", p) for p in _words(thinking)]
         pieces += [("content", p) for p in (reply.pieces if reply.pieces is not None else _words(reply.text))]
         calls = list(reply.tool_calls)
         if limit is not None and len(pieces) > limit:
@@ -325,6 +340,9 @@ class FakeOllama:
             prompt = sum(len(str(m.get("content") or "").split()) + 4 for m in messages if isinstance(m, dict))
         final = {"model": model, "done_reason": done_reason, "prompt_eval_count": prompt,
                  "eval_count": reply.eval_count if reply.eval_count is not None else len(lines)}
+        if body.get("tools") and lines and lines[-1]["message"]["content"]:
+            # the tool parser held back the answer's end in case it became a call: it comes on the done line
+            final["last_content"] = lines.pop()["message"]["content"]
         return lines, final
 
     @staticmethod
@@ -332,13 +350,14 @@ class FakeOllama:
         return {"model": model, "created_at": _now(), "message": message, "done": False}
 
     @staticmethod
-    def _finish(final: dict[str, Any], started: int) -> dict[str, Any]:
+    def _finish(final: dict[str, Any], started: int, content: str = "") -> dict[str, Any]:
         total = max(time.monotonic_ns() - started, 1)
         out: dict[str, Any] = {"model": final["model"], "created_at": _now(),
-                               "message": {"role": "assistant", "content": ""}, "done": True,
-                               "done_reason": final["done_reason"], "total_duration": total}
-        metrics = {"prompt_eval_count": final["prompt_eval_count"], "prompt_eval_duration": total // 4,
-                   "eval_count": final["eval_count"], "eval_duration": total - total // 4}
+                               "message": {"role": "assistant", "content": content}, "done": True,
+                               "done_reason": final["done_reason"], "total_duration": total,
+                               "load_duration": max(total // 10, 1)}
+        metrics = {"prompt_eval_count": final["prompt_eval_count"], "prompt_eval_duration": total // 5,
+                   "eval_count": final["eval_count"], "eval_duration": total - total // 10 - total // 5}
         if not final["prompt_eval_count"]:
             metrics["prompt_eval_duration"] = 0
         if not final["eval_count"]:
@@ -348,7 +367,7 @@ class FakeOllama:
 
     def _merge(self, model: str, lines: list[dict[str, Any]], final: dict[str, Any], started: int
                ) -> dict[str, Any]:
-        content = "".join(ln["message"]["content"] for ln in lines)
+        content = "".join(ln["message"]["content"] for ln in lines) + final.get("last_content", "")
         thinking = "".join(ln["message"].get("thinking", "") for ln in lines)
         calls = [c for ln in lines for c in ln["message"].get("tool_calls", [])]
         msg: dict[str, Any] = {"role": "assistant", "content": content}

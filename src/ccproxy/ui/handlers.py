@@ -120,31 +120,60 @@ class Dashboard:
                 out.append(value.strip().strip('"'))
         return out[:4]
 
-    async def admin(self, headers: dict[str, str]) -> str:
+    async def admin(self, scope: Scope, headers: dict[str, str]) -> str:
         """The SHA-256 of the admin key behind this request (its session's or its header's),
-        else Unauthorized (401) / Forbidden (403, a valid key that is not the admin's)."""
+        else Unauthorized (401) / Forbidden (403, a valid key that is not the admin's) / 429."""
         tokens = self._cookies(headers)
         for token in tokens:
             digest = self.sessions.check(token)
             if digest is not None and self.is_admin_digest(digest):
                 return digest
-        keys = presented_keys(headers)
-        if keys:
-            try:
-                principal = await self.gateway.authenticator.authenticate(headers)
-            except errors.Forbidden:
-                raise errors.Unauthorized("invalid API key; the dashboard needs the admin key") from None
-            if not principal.admin:
-                raise errors.Forbidden("this key is not an admin key; the dashboard needs the admin key "
-                                       "(admin_key in the config, or a key with admin: true)")
-            for key in keys:
-                digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-                if self.is_admin_digest(digest):
-                    return digest
-            raise errors.Forbidden("this key is not an admin key")
+        if presented_keys(headers):
+            return await self.admin_key(scope, headers, "the dashboard", unknown=errors.Unauthorized)
         if tokens:
             raise errors.Unauthorized("the dashboard session has expired or ended; log in again at /ui")
         raise errors.Unauthorized("log in at /ui, or send the admin key: 'Authorization: Bearer <admin key>'")
+
+    async def admin_key(self, scope: Scope, headers: dict[str, str], where: str,
+                        unknown: type[errors.GatewayError] = errors.Forbidden) -> str:
+        """The SHA-256 of the admin key in the request headers (the dashboard and /metrics).
+        A wrong key (`unknown`: 401 for the dashboard's login page, 403 for an API client), or one
+        that is not an admin's, counts against the client address together with failed logins and
+        is logged without the key; once the address is throttled its failures get 429. A correct
+        admin key always passes."""
+        keys = presented_keys(headers)  # 400 for two different keys
+        if not keys:
+            raise errors.Unauthorized(f"{where} needs the admin key: 'Authorization: Bearer <admin key>'")
+        failure: errors.GatewayError | None = None
+        digest = ""
+        try:
+            principal = await self.gateway.authenticator.authenticate(headers)
+        except errors.Forbidden:
+            failure = unknown(f"invalid API key; {where} needs the admin key")
+        else:
+            digest = hashlib.sha256(keys[0].encode("utf-8", "surrogatepass")).hexdigest()
+            if not principal.admin or not self.is_admin_digest(digest):
+                failure = errors.Forbidden(f"this key is not an admin key; {where} needs the admin key "
+                                           "(admin_key in the config, or a key with admin: true)")
+        if failure is None:
+            return digest
+        wait = self.failed_auth(self._client(scope), f"admin key on {scope.get('path', '?')}")
+        if wait:
+            raise errors.RateLimited(f"too many failed admin key attempts from this address; try again in "
+                                     f"{wait:.0f} s", retry_after=wait)
+        raise failure
+
+    def failed_auth(self, client: str, what: str) -> float:
+        """Count and log one failed admin authentication; returns how long the client was already
+        throttled (0: it was not, answer the failure as usual). While throttled it is not logged
+        again, so a guessing client cannot flood the log."""
+        wait = self.throttle.blocked(client)
+        self.throttle.failed(client)
+        if not wait:
+            now = self.throttle.blocked(client)
+            log.warning("admin auth: failed %s from %s%s", what, client,
+                        f"; further failures from {client} get 429 for {now:.0f} s" if now else "")
+        return wait
 
     def _secure(self, scope: Scope) -> bool:
         return scope.get("scheme") == "https" or bool(self.gateway.runtime.config.tls_cert)
@@ -171,10 +200,10 @@ class Dashboard:
 
     async def page(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         try:
-            await self.admin(headers)
+            await self.admin(scope, headers)
         except errors.GatewayError as e:
-            quiet = not presented_keys(headers) and not self._cookies(headers)
-            await self._html(send, e.status, self.login_page(None if quiet else e.message))
+            quiet = not (headers.get("authorization") or headers.get("x-api-key") or self._cookies(headers))
+            await self._html(send, e.status, self.login_page(None if quiet else e.message), e.headers)
             return
         await self._html(send, 200, self._index)
 
@@ -184,11 +213,6 @@ class Dashboard:
 
     async def login(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         client = self._client(scope)
-        wait = self.throttle.blocked(client)
-        if wait:
-            await self._html(send, 429, self.login_page(f"Too many failed logins; try again in {wait:.0f} s."),
-                             {"retry-after": str(int(wait + 0.999))})
-            return
         try:
             body = await read_body(receive, headers, 8192, 10.0)
         except errors.GatewayError as e:
@@ -210,8 +234,11 @@ class Dashboard:
             principal = None
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         if principal is None or not principal.admin or not self.is_admin_digest(digest):
-            self.throttle.failed(client)
-            log.warning("dashboard: failed login from %s", client)
+            wait = self.failed_auth(client, "login")
+            if wait:
+                await self._html(send, 429, self.login_page(f"Too many failed logins; try again in {wait:.0f} s."),
+                                 {"retry-after": str(int(wait + 0.999))})
+                return
             await self._html(send, 401, self.login_page("That is not the admin key."))
             return
         token = self.sessions.create(digest)
@@ -223,13 +250,13 @@ class Dashboard:
         if not token:
             await self._redirect(send, "/ui")
             return
-        client = self._client(scope)
-        if self.throttle.blocked(client):
-            await self._html(send, 429, self.login_page("Too many failed logins; try again later."))
-            return
         digest = self.sessions.redeem_link(token)
         if digest is None or not self.is_admin_digest(digest):
-            self.throttle.failed(client)
+            wait = self.failed_auth(self._client(scope), "one-time link")
+            if wait:
+                await self._html(send, 429, self.login_page(f"Too many failed logins; try again in {wait:.0f} s."),
+                                 {"retry-after": str(int(wait + 0.999))})
+                return
             await self._html(send, 401, self.login_page(
                 "This login link is invalid, already used or expired. Run `ccproxy dashboard` for a new one, "
                 "or log in with the admin key."))
@@ -253,7 +280,7 @@ class Dashboard:
                    ) -> dict[str, str] | None:
         """Authenticate and parse the query string strictly; on failure answer and return None."""
         try:
-            await self.admin(headers)
+            await self.admin(scope, headers)
             params: dict[str, str] = {}
             raw = scope.get("query_string", b"").decode("latin-1")
             for name, value in parse_qsl(raw, keep_blank_values=True, max_num_fields=16):
@@ -371,7 +398,7 @@ class Dashboard:
 
     async def api_one_time_link(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         try:
-            digest = await self.admin(headers)
+            digest = await self.admin(scope, headers)
         except errors.GatewayError as e:
             await self._error(send, e)
             return

@@ -96,7 +96,11 @@ class Sessions:
 
 
 class LoginThrottle:
-    """At most `limit` failed logins per client address in `window` seconds (429 after that)."""
+    """Failed admin authentications per client address: after `limit` failures in `window` seconds
+    further failures are answered 429. Only failures are throttled: a correct admin key, a live
+    session or a fresh one-time link always gets in, so someone else's failures from the same
+    address (a shared proxy, NAT, loopback) never lock the admin out. Each address keeps at most
+    `limit` timestamps, and at most `max_clients` addresses are tracked (oldest dropped first)."""
 
     def __init__(self, limit: int = 10, window: float = 300.0, max_clients: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -116,7 +120,7 @@ class LoginThrottle:
         return q
 
     def blocked(self, client: str) -> float:
-        """Seconds until the client may try again (0 when it may now)."""
+        """Seconds until a failure from this client is no longer refused (0 when it is not now)."""
         q = self._recent(client)
         if q is None or len(q) < self.limit:
             return 0.0
@@ -125,7 +129,7 @@ class LoginThrottle:
     def failed(self, client: str) -> None:
         q = self._recent(client)
         if q is None:
-            q = self._fails[client] = deque()
+            q = self._fails[client] = deque(maxlen=self.limit)
             while len(self._fails) > self.max_clients:
                 self._fails.popitem(last=False)
         q.append(self.clock())

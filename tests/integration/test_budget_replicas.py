@@ -24,6 +24,8 @@ import asyncpg
 import openai
 import pytest
 
+from ccproxy.testing.anthropic_sse import validating_http_client
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_openai import FakeOpenAI, chat_body, send_all  # noqa: E402
 
@@ -129,7 +131,7 @@ async def test_budget_is_exact_across_replicas_and_survives_restart(cluster, red
     with pytest.raises(openai.RateLimitError) as e:
         oa.chat.completions.create(**BODY)
     assert "budget" in str(e.value) and e.value.response.headers["x-should-retry"] == "false"
-    an = anthropic.Anthropic(base_url=gws[1].url, api_key=KEY, max_retries=2)
+    an = anthropic.Anthropic(base_url=gws[1].url, api_key=KEY, max_retries=2, http_client=validating_http_client())
     with pytest.raises(anthropic.RateLimitError):
         an.messages.create(model="fast", max_tokens=MAX_TOKENS, messages=BODY["messages"])
     assert budget_refusals(gws) - before == 2  # one request each reached the gateway

@@ -15,6 +15,7 @@ from ccproxy.app import Gateway
 from ccproxy.budgets import MemoryBudgets
 from ccproxy.build_services import build_services
 from ccproxy.config import parse_config
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 PRICE = {"input": 3.0, "output": 15.0}
 COST = (11 * 3.0 + 6 * 15.0) / 1e6  # what one answer of the fake costs at PRICE
@@ -149,7 +150,8 @@ async def test_cost_counter_in_metrics(upstream: FakeUpstream, tmp_path: Path) -
     cfg = parse_config(config(upstream, database=str(tmp_path / "u.db")), "test.yaml")
     gw = Gateway(cfg, build_services(cfg))
     await gw.startup()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gateway", timeout=30)
+    client = httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)), base_url="http://gateway",
+                               timeout=30)
     try:
         for _ in range(2):
             r = await client.post("/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},

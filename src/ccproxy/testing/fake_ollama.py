@@ -145,8 +145,12 @@ class FakeOllama:
         app.router.add_post("/_fake/script", self._ctl_script)
         app.router.add_get("/_fake/requests", self._ctl_requests)
         app.router.add_post("/_fake/reset", self._ctl_reset)
+        self._more_routes(app)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
+
+    def _more_routes(self, app: web.Application) -> None:
+        """Subclasses add endpoints here (before the catch-all 404)."""
 
     async def start(self) -> str:
         self._runner = web.AppRunner(self.app(), shutdown_timeout=0.5, access_log=None)

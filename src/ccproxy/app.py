@@ -20,6 +20,7 @@ from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
+from ccproxy.embeddings import EmbeddingsFlow
 from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.providers import make_provider
 from ccproxy.providers.base import ModelListing, Provider, TokenCounter
@@ -132,6 +133,7 @@ class Gateway:
             ("POST", "/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
             ("POST", "/v1/messages"): self._chat(adapters.ANTHROPIC, "/v1/messages"),
             ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("POST", "/v1/embeddings"): self._chat(adapters.OPENAI, "/v1/embeddings", EmbeddingsFlow),
             ("POST", "/api/chat"): self._chat(adapters.OLLAMA, "/api/chat"),
             ("GET", "/api/tags"): self._ollama_tags,
             ("GET", "/api/version"): self._ollama_version,
@@ -279,7 +281,7 @@ class Gateway:
 
     # ---------------------------------------------------------------- endpoints
 
-    def _chat(self, adapter: DialectAdapter, endpoint: str) -> Handler:
+    def _chat(self, adapter: DialectAdapter, endpoint: str, flow_class: type[ChatFlow] = ChatFlow) -> Handler:
         async def handler(scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
             if self.draining:
                 await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
@@ -295,7 +297,7 @@ class Gateway:
             metrics = getattr(self.services, "metrics", None)
             if metrics is not None:
                 metrics.in_flight.inc()
-            flow = ChatFlow(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
+            flow = flow_class(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
             flow.runtime.active += 1
             try:
                 await flow.run(receive, send)

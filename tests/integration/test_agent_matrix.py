@@ -19,7 +19,6 @@ import secrets
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _procs import REPO, Service, http_status  # noqa: E402
+from _procs import REPO, FakeBackend  # noqa: E402
 from _recording_proxy import Exchange, RecordingProxy  # noqa: E402
 
 from ccproxy.dialects.anthropic_stream_validator import validate_stream  # noqa: E402
@@ -41,33 +40,9 @@ AGENT_TIMEOUT = 240
 NODE_BIN = REPO / ".cache/node/node_modules/.bin"
 
 
-class FakeBackendProc(Service):
-    """`python -m ccproxy.testing.fake_backend` (model `fake`) on a free port."""
-
-    name = "fake-backend"
-
-    def command(self) -> list[str]:
-        return [str(REPO / ".venv/bin/python"), "-m", "ccproxy.testing.fake_backend", "--port", str(self.port),
-                "--model", "fake"]
-
-    def ready(self) -> bool:
-        return http_status(f"{self.url}/api/version") == 200
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def ctl(self, path: str, body: Any = None) -> Any:
-        data = None if body is None and path != "/_fake/agent" else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET",
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
-
-
 @pytest.fixture(scope="module")
-def fake_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeBackendProc]:
-    fake = FakeBackendProc(tmp_path_factory.mktemp("fake-backend"))
+def fake_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeBackend]:
+    fake = FakeBackend(tmp_path_factory.mktemp("fake-backend"))
     fake.start()
     yield fake
     fake.close()
@@ -165,7 +140,7 @@ BACKEND_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
 @pytest.mark.parametrize("agent", list(AGENTS))
-def test_agent_tool_loop(agent: str, dialect: str, fake_backend: FakeBackendProc, gateway,
+def test_agent_tool_loop(agent: str, dialect: str, fake_backend: FakeBackend, gateway,
                          tmp_path: Path) -> None:
     run, endpoint, validate = AGENTS[agent]
     home, work = tmp_path / "home", tmp_path / "work"

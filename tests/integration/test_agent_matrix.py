@@ -157,6 +157,7 @@ def test_agent_tool_loop(agent: str, dialect: str, fake_backend: FakeBackend, ga
         done = run(proxy.url, alias, home, work, f"Create the file {target.name} as instructed.")
     exchanges: list[Exchange] = list(proxy.exchanges)
     summary = [(x.method, x.path, x.status) for x in exchanges]
+    print(f"{agent} x {dialect}: {summary}")
     context = (f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}\n"
                f"exchanges: {summary}\n{gw.describe_logs()}")
 

@@ -97,6 +97,7 @@ class _Checker:
         self.need(ev.get("sequence_number") == self.n,
                   f"sequence_number {ev.get('sequence_number')!r}, expected {self.n}")
         self.need(self.phase != "end", "an event after the terminal event")
+        self.need(self.n > 0 or name == "response.created", "response.created must come first")
         self.r.events.append(name)
         if self.phase == "error":
             self.need(name == "response.failed", "only response.failed may follow an error event")
@@ -141,7 +142,7 @@ class _Checker:
 
     def _closed(self, ev: dict[str, Any], status: str) -> None:
         self.need(self.phase == "items", "a terminal event before response.in_progress or after an error")
-        self.need(self.open is None, f"item {self.open and self.open['id']!r} is still open")
+        self.need(self.open is None, f"item {self.open and self.open['item']['id']!r} is still open")
         self._terminal(ev, status)
         resp = self.r.response
         self.need(resp.get("output") == self.r.output, "the final output differs from the done items")

@@ -193,7 +193,7 @@ def test_error_after_the_first_byte_ends_with_error_then_response_failed() -> No
     assert got.events[-2:] == ["error", "response.failed"]
     assert got.status == "failed"
     assert got.error is not None and got.error["message"] == "the backend went away"
-    assert got.error["code"] == "upstream_error"
+    assert got.error["code"] == "upstream_error" and got.unfinished_text == "par"
     assert got.response["error"] == {"code": "upstream_error", "message": "the backend went away"}
 
 

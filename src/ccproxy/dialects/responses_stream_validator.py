@@ -49,6 +49,7 @@ class ValidatedResponse:
     response: dict[str, Any] = field(default_factory=dict)  # the terminal event's response object
     output: list[dict[str, Any]] = field(default_factory=list)  # the done items, in order
     error: dict[str, Any] | None = None  # the `error` event, if the stream failed
+    unfinished_text: str = ""  # the deltas of an item still open when the error came
     events: list[str] = field(default_factory=list)
 
     @property
@@ -105,6 +106,7 @@ class _Checker:
             self.need(self.phase in ("created", "items"), "an error event before response.in_progress")
             self.need(isinstance(ev.get("message"), str) and ev["message"] != "", "an error without a message")
             self.r.error = ev
+            self.r.unfinished_text = "".join(self.open["text"]) if self.open else ""
             self.phase = "error"
             self.n += 1
             return

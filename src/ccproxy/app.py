@@ -131,6 +131,7 @@ class Gateway:
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
             ("POST", "/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
+            ("POST", "/v1/responses"): self._chat(adapters.RESPONSES, "/v1/responses"),
             ("POST", "/v1/messages"): self._chat(adapters.ANTHROPIC, "/v1/messages"),
             ("POST", "/v1/messages/count_tokens"): self._count_tokens,
             ("POST", "/v1/embeddings"): self._chat(adapters.OPENAI, "/v1/embeddings", EmbeddingsFlow),
@@ -258,8 +259,10 @@ class Gateway:
 
     async def _not_found(self, scope: Scope, path: str, headers: dict[str, str], send: Send) -> None:
         adapter = self._adapter_for(path, headers)
-        if path in BLOCKED_OLLAMA_PATHS:
-            exc: errors.GatewayError = errors.NotFound(
+        if path.startswith("/v1/responses/"):  # GET / DELETE /v1/responses/{id}: nothing is stored
+            exc: errors.GatewayError = errors.NotFound(adapters.responses_not_stored(scope["method"], path))
+        elif path in BLOCKED_OLLAMA_PATHS:
+            exc = errors.NotFound(
                 f"{path} is an Ollama administration endpoint and is never reachable through the gateway")
         elif any(m == scope["method"] for (m, p) in self._routes if p == path) is False and \
                 any(p == path for (_, p) in self._routes):

@@ -171,6 +171,28 @@ _SCHEMAS: dict[str, Any] = {
     },
     "OllamaError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     # ------------------------------------------------------------------ health
+    "EmbeddingsRequest": {
+        "type": "object", "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "input": {"oneOf": [{"type": "string", "minLength": 1},
+                                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                                 "maxItems": 4}]},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            "dimensions": {"type": "integer", "minimum": 1},
+            "user": {"type": "string"},
+        },
+    },
+    "EmbeddingList": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+        "object": {"type": "string", "enum": ["list"]}, "model": {"type": "string"},
+        "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
+                                            "properties": {"object": {"type": "string"},
+                                                           "index": {"type": "integer"},
+                                                           "embedding": {"oneOf": [
+                                                               {"type": "array", "items": {"type": "number"}},
+                                                               {"type": "string"}]}}}},
+        "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                                   "total_tokens": {"type": "integer"}}}}},
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"},
                                                                         "version": {"type": "string"}}},
     "Readiness": {"type": "object", "required": ["status"], "properties": {
@@ -214,6 +236,12 @@ _PATHS: dict[str, Any] = {
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CountTokensRequest")}}},
         "responses": {"200": _json(_ref("CountTokensResponse"), "the prompt's token count"),
                       **_errors("AnthropicError", (400, 401, 403, 404, 408, 413, 431, 500, 503))},
+    }},
+    "/v1/embeddings": {"post": {
+        "summary": "OpenAI embeddings (string inputs; float or base64)",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("EmbeddingsRequest")}}},
+        "responses": {"200": _json(_ref("EmbeddingList"), "one vector per input"),
+                      **_errors("OpenAIError", _CHAT_ERRORS)},
     }},
     "/v1/models": {"get": {
         "summary": "The model aliases this key may use (Anthropic's list shape when anthropic-version is sent)",

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _procs import REPO, FakeBackend  # noqa: E402
+from _procs import REPO, SETUP_HINT, FakeBackend  # noqa: E402
 from _recording_proxy import Exchange, RecordingProxy  # noqa: E402
 
 from ccproxy.dialects.anthropic_stream_validator import validate_stream  # noqa: E402
@@ -143,6 +143,10 @@ BACKEND_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", 
 def test_agent_tool_loop(agent: str, dialect: str, fake_backend: FakeBackend, gateway,
                          tmp_path: Path) -> None:
     run, endpoint, validate = AGENTS[agent]
+    binary = NODE_BIN / ("claude" if agent == "claude" else agent)
+    if not binary.exists():
+        pytest.fail(f"{binary} is missing (scripts/setup-test-deps pins and installs the agents); {SETUP_HINT}",
+                    pytrace=False)
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()

@@ -10,7 +10,8 @@ and rules see the inputs as one user message per input (so `min_prompt_tokens`, 
 rules work); the row's input tokens are the backend's count, else that estimate.
 
 Backends: a provider embeds if it has `embed(EmbeddingRequest, model)` (OpenAI-compatible,
-Ollama, embedded with `embeddings: true`); another one (Anthropic) gets a 400 naming the alias.
+Ollama, embedded with `embeddings: true`); a route none of whose deployments embeds (Anthropic, an
+embedded model without `embeddings: true`) gets a 400 naming the alias, before admission.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ from ccproxy.tokens import estimate_prompt_tokens
 __all__ = ["EmbeddingsFlow"]
 
 log = logging.getLogger("ccproxy.request")
+
+
+def embedder(provider: Any) -> Any:
+    """The provider's `embed` method, or None when it cannot embed (no such endpoint, or an embedded
+    model loaded without `embeddings: true`)."""
+    fn = getattr(provider, "embed", None)
+    if fn is None or (provider.config.type == "embedded" and not provider.config.embeddings):
+        return None
+    return fn
 
 
 def as_chat_request(req: emb.EmbeddingRequest) -> ChatRequest:
@@ -61,6 +71,7 @@ class EmbeddingsFlow(ChatFlow):
                 self.resp_headers["x-ccproxy-route"] = route.rule
             if not model_allowed(principal, route.alias):
                 raise errors.Forbidden(f"key {principal.name!r} may not use model {route.alias!r}")
+            self._check_can_embed(route)
             ticket = await self.gw.services.limiter.admit(principal, self.prompt_estimate, self.adapter.name)
             self.admitted = True
             self.resp_headers.update(ticket.headers)
@@ -96,16 +107,26 @@ class EmbeddingsFlow(ChatFlow):
             if ticket is not None:
                 await ticket.release(usage.input_tokens)
 
+    def _check_can_embed(self, route: Route) -> None:
+        """Before admission, as chat's capability checks: 400 when no deployment of the route embeds."""
+        providers = [self.runtime.providers[t.deployment.provider] for t in route.targets]
+        if any(embedder(p) is not None for p in providers):
+            return
+        first = providers[0]
+        hint = ("set embeddings: true on the embedded provider" if first.config.type == "embedded" else
+                "use an alias on an OpenAI-compatible, Ollama or embedded (embeddings: true) provider")
+        raise errors.CapabilityMissing(
+            f"model {route.alias!r} cannot embed: its provider {first.name!r} (type {first.config.type}) "
+            f"serves no embeddings; {hint}", param="model")
+
     async def _embed(self, req: emb.EmbeddingRequest, chat: ChatRequest, route: Route) -> emb.EmbeddingResult:
         """The first deployment that answers, in the chat flow's order and retry budget."""
         router = self.runtime.router
         last: errors.GatewayError | None = None
-        cannot: list[str] = []
         for target, _prepared, provider in self._attempts(chat, route):
-            embed: Any = getattr(provider, "embed", None)
+            embed = embedder(provider)
             if embed is None:
-                cannot.append(f"{target.deployment.provider!r} (type {provider.config.type})")
-                continue
+                continue  # another deployment of the route embeds (_check_can_embed)
             self._note_target(target)
             router.started(target.deployment)
             ok = False
@@ -126,9 +147,4 @@ class EmbeddingsFlow(ChatFlow):
                 raise
             finally:
                 router.finished(target.deployment, ok, retry_after)
-        if last is None and cannot:
-            raise errors.CapabilityMissing(
-                f"model {route.alias!r} cannot embed: its provider {', '.join(cannot)} has no embeddings "
-                "endpoint; use an alias on an OpenAI-compatible, Ollama or embedded (embeddings: true) "
-                "provider", param="model")
         raise last or errors.UpstreamError("no deployment could take this request")

@@ -13,6 +13,8 @@ policy shared by all three dialects, the **agent task**: with `POST /_fake/agent
 * a request whose last message carries a tool result is answered with the text `final`;
 * anything else (an agent's side request, e.g. a title) gets the text `ok`.
 
+`POST /v1/embeddings` (OpenAI-compatible) gives the same deterministic vectors as `/api/embed`.
+
 Every request is recorded (`GET /_fake/requests`), so a test can check that the tool result came
 back for the call id the fake made. Scripted replies (`POST /_fake/script`, Ollama only) win over
 the agent task. Run: `python -m ccproxy.testing.fake_backend --port N [--model NAME ...]`.
@@ -29,7 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ccproxy.testing.fake_ollama import FakeOllama, Reply, ToolCall, _words
+from ccproxy.testing.fake_ollama import FakeOllama, Reply, ToolCall, _canonical, _pseudo_vector, _unit, _words
 
 __all__ = ["FakeBackend", "decide"]
 
@@ -79,6 +81,11 @@ def decide(task: dict[str, str] | None, tools: list[tuple[str, dict[str, Any]]],
     return Reply(tool_calls=[call]) if call is not None else Reply(text="ok")
 
 
+def _openai_error(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                        "code": None}}, status=status)
+
+
 # --------------------------------------------------------------------------- per-dialect reading
 
 
@@ -123,6 +130,7 @@ class FakeBackend(FakeOllama):
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_get("/v1/models", self._openai_models)
+        app.router.add_post("/v1/embeddings", self._openai_embeddings)
         app.router.add_post("/_fake/agent", self._ctl_agent)
         app.router.add_get("/_fake/calls", self._ctl_calls)
 
@@ -205,6 +213,27 @@ class FakeBackend(FakeOllama):
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def _openai_embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI-compatible embeddings: the same vectors as /api/embed, `dimensions` honoured."""
+        body = await self._record(request)
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return _openai_error(400, "'model' is required", "model")
+        spec = self.models.get(_canonical(body["model"]))
+        if spec is None:
+            return _openai_error(404, f"The model '{body['model']}' does not exist", "model")
+        raw = body.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
+            return _openai_error(400, "'input' must be a non-empty string or list of strings", "input")
+        length = int(spec.get("embedding_length", 16))
+        dims = body.get("dimensions")
+        size = dims if isinstance(dims, int) and 0 < dims < length else length
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _unit(_pseudo_vector(text, length)[:size])} for i, text in enumerate(inputs)]
+        tokens = sum(len(t.split()) or 1 for t in inputs)
+        return web.json_response({"object": "list", "data": data, "model": body["model"],
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # ------------------------------------------------------------------ Anthropic Messages
 

@@ -9,8 +9,8 @@ global slot (`limits.max_concurrent`) and draining are the gateway's handler's, 
 and rules see the inputs as one user message per input (so `min_prompt_tokens`, `header`, `key`
 rules work); the row's input tokens are the backend's count, else that estimate.
 
-Backends: a provider embeds if it has `embed(EmbeddingRequest, model)` (OpenAI-compatible,
-Ollama, embedded with `embeddings: true`); a route none of whose deployments embeds (Anthropic, an
+Backends: `providers.embeddings.embedder` (OpenAI-compatible, Ollama, embedded with
+`embeddings: true`); a route none of whose deployments embeds (Anthropic, an
 embedded model without `embeddings: true`) gets a 400 naming the alias, before admission.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import orjson
 
@@ -27,21 +26,13 @@ from ccproxy.asgi import Receive, Send, parse_json, read_body, send_bytes
 from ccproxy.core import ChatRequest, Message, TextBlock, Usage
 from ccproxy.dialects import embeddings as emb
 from ccproxy.pipeline import ChatFlow, model_allowed, send_error
+from ccproxy.providers.embeddings import embedder
 from ccproxy.routing import RequestTraits, Route
 from ccproxy.tokens import estimate_prompt_tokens
 
 __all__ = ["EmbeddingsFlow"]
 
 log = logging.getLogger("ccproxy.request")
-
-
-def embedder(provider: Any) -> Any:
-    """The provider's `embed` method, or None when it cannot embed (no such endpoint, or an embedded
-    model loaded without `embeddings: true`)."""
-    fn = getattr(provider, "embed", None)
-    if fn is None or (provider.config.type == "embedded" and not provider.config.embeddings):
-        return None
-    return fn
 
 
 def as_chat_request(req: emb.EmbeddingRequest) -> ChatRequest:

@@ -4,7 +4,7 @@ drops parameters such as num_ctx).
 `num_ctx` comes from `req.passthrough["num_ctx"]` when the app has put it there (computed from the
 alias's context window and a token estimate); without it Ollama uses its default, and silently
 truncates long prompts. `keep_alive` comes from the provider config. This provider only reads
-(`/api/chat`, `/api/embed`, `/api/tags`); it never pulls, creates, pushes or deletes models.
+(`/api/chat`, `/api/tags`); it never pulls, creates, pushes or deletes models.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import orjson
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
 from ccproxy.core import ChatRequest, ChatResponse, StreamEvent
-from ccproxy.dialects import embeddings as emb
 from ccproxy.dialects.ollama import OllamaStreamParser, build_chat_request, parse_chat_response
 from ccproxy.providers import _http
 from ccproxy.providers.base import ModelListing
@@ -54,16 +53,6 @@ class OllamaProvider(_http.HttpProvider):
                 return
         for ev in parser.end():
             yield ev
-
-    async def embed(self, req: emb.EmbeddingRequest, model: str) -> emb.EmbeddingResult:
-        """Ollama's native POST /api/embed (all inputs in one call)."""
-        body = emb.build_ollama_body(req, model, self.config.keep_alive)
-        resp = await _http.post(self.session, self._base + "/api/embed", provider=self.name, config=self.config,
-                                body=orjson.dumps(body), headers=self._headers)
-        data = self._json(await _http.read_body(resp, self.name, self.config))
-        if isinstance(data, dict) and "error" in data:
-            raise errors.UpstreamError(f"provider '{self.name}': {data['error']}", provider=self.name)
-        return emb.parse_ollama_response(data, len(req.inputs), self.name)
 
     async def list_models(self) -> ModelListing:
         try:

@@ -10,7 +10,6 @@ import orjson
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
 from ccproxy.core import ChatRequest, ChatResponse, StreamEvent
-from ccproxy.dialects import embeddings as emb
 from ccproxy.dialects import openai as dialect
 from ccproxy.providers import _http
 from ccproxy.providers.base import ModelListing
@@ -48,13 +47,6 @@ class OpenAIProvider(_http.HttpProvider):
             if parser.done:
                 break
         yield parser.close()
-
-    async def embed(self, req: emb.EmbeddingRequest, model: str) -> emb.EmbeddingResult:
-        """POST {base_url}/embeddings (floats; the gateway encodes base64 itself)."""
-        resp = await _http.post(self.session, self._base + "/embeddings", provider=self.name, config=self.config,
-                                body=orjson.dumps(emb.build_openai_body(req, model)), headers=self._headers)
-        data = self._json(await _http.read_body(resp, self.name, self.config))
-        return emb.parse_openai_response(data, len(req.inputs), self.name)
 
     async def list_models(self) -> ModelListing:
         try:

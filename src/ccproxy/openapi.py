@@ -212,6 +212,11 @@ def _errors(schema: str, codes: tuple[int, ...]) -> dict[str, Any]:
 
 _CHAT_ERRORS = (400, 401, 403, 404, 408, 413, 429, 431, 500, 502, 503, 504)
 
+EMBEDDINGS = {  # the POST /v1/embeddings operation: request body and responses
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("EmbeddingsRequest")}}},
+    "responses": {"200": _json(_ref("EmbeddingList"), "one vector per input"), **_errors("OpenAIError", _CHAT_ERRORS)},
+}
+
 
 def _chat(summary: str, request: str, response: str, error: str, stream_type: str) -> dict[str, Any]:
     return {"post": {
@@ -237,12 +242,7 @@ _PATHS: dict[str, Any] = {
         "responses": {"200": _json(_ref("CountTokensResponse"), "the prompt's token count"),
                       **_errors("AnthropicError", (400, 401, 403, 404, 408, 413, 431, 500, 503))},
     }},
-    "/v1/embeddings": {"post": {
-        "summary": "OpenAI embeddings (string inputs; float or base64)",
-        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("EmbeddingsRequest")}}},
-        "responses": {"200": _json(_ref("EmbeddingList"), "one vector per input"),
-                      **_errors("OpenAIError", _CHAT_ERRORS)},
-    }},
+    "/v1/embeddings": {"post": {"summary": "OpenAI embeddings (string inputs; float or base64)", **EMBEDDINGS}},
     "/v1/models": {"get": {
         "summary": "The model aliases this key may use (Anthropic's list shape when anthropic-version is sent)",
         "responses": {"200": _json(_ref("ModelList"), "the aliases"),

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import openai.types.responses as sdk_types
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,6 @@ from hypothesis import strategies as st
 from openai import NOT_GIVEN
 from openai._streaming import SSEDecoder
 from openai.lib.streaming.responses._responses import ResponseStreamState
-import openai.types.responses as sdk_types
 
 from ccproxy import core, errors
 from ccproxy.core import (

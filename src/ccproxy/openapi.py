@@ -84,6 +84,34 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["data"],
         "properties": {"object": {"type": "string"}, "data": {"type": "array", "items": {"type": "object"}}},
     },
+    # ------------------------------------------------------------------ OpenAI Responses (stateless)
+    "ResponsesInputItem": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"type": {"type": "string", "enum": ["message"]},
+                       "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                       "content": {"type": "string"}},
+    },
+    "ResponsesRequest": {
+        "type": "object", "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "input": {"oneOf": [{"type": "string", "minLength": 1},
+                                {"type": "array", "items": _ref("ResponsesInputItem"), "minItems": 1}]},
+            "instructions": {"type": "string"},
+            "stream": {"type": "boolean"},
+            "max_output_tokens": {"type": "integer", "minimum": 1, "maximum": 100000},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "store": {"type": "boolean"},
+            "user": {"type": "string"},
+        },
+    },
+    "Response": {
+        "type": "object", "required": ["id", "object", "status", "output"],
+        "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": ["response"]},
+                       "status": {"type": "string"}, "model": {"type": "string"},
+                       "output": {"type": "array"}, "usage": {"type": "object"}},
+    },
     # ------------------------------------------------------------------ Anthropic
     "AnthropicTextBlock": {
         "type": "object", "required": ["type", "text"],
@@ -234,6 +262,8 @@ def _chat(summary: str, request: str, response: str, error: str, stream_type: st
 _PATHS: dict[str, Any] = {
     "/v1/chat/completions": _chat("OpenAI Chat Completions", "ChatCompletionRequest", "ChatCompletion",
                                   "OpenAIError", "text/event-stream"),
+    "/v1/responses": _chat("OpenAI Responses API, stateless: previous_response_id is refused, nothing is stored",
+                           "ResponsesRequest", "Response", "OpenAIError", "text/event-stream"),
     "/v1/messages": _chat("Anthropic Messages", "MessagesRequest", "MessageResponse", "AnthropicError",
                           "text/event-stream"),
     "/v1/messages/count_tokens": {"post": {

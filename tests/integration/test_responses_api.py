@@ -7,7 +7,6 @@ and checked by the Responses stream validator; usage rows are read from the gate
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import sys
 import time

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import openai.types.responses as sdk_types
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,6 @@ from hypothesis import strategies as st
 from openai import NOT_GIVEN
 from openai._streaming import SSEDecoder
 from openai.lib.streaming.responses._responses import ResponseStreamState
-import openai.types.responses as sdk_types
 
 from ccproxy import core, errors
 from ccproxy.core import (
@@ -310,3 +310,64 @@ def test_render_split_accumulate(segments: list[tuple[Any, ...]], data: st.DataO
     calls = [o for o in final.output if o.type == "function_call"]
     assert [(c.call_id, c.name, orjson.loads(c.arguments)) for c in calls] == want_tools
     assert final.usage.input_tokens == 5 and final.usage.output_tokens == 6
+
+
+# --------------------------------------------------------------------------- property: any body -> 400 or a request
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64) | st.floats(allow_nan=False) | st.text(max_size=12)
+_any = st.recursive(_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                    max_leaves=15)
+
+
+def _maybe(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly well typed, sometimes any JSON at all: every field also gets wrong types."""
+    return st.one_of(value, value, value, _any)
+
+
+_short = st.text(max_size=10)
+_part = st.fixed_dictionaries({"type": _maybe(st.sampled_from(
+    ["input_text", "output_text", "input_image", "refusal", "summary_text", "input_file", ""]))}, optional={
+    "text": _maybe(_short), "refusal": _maybe(_short), "file_id": _maybe(_short),
+    "image_url": _maybe(st.sampled_from(["https://x/y.png", "data:image/png;base64,QUJD", "data:,", ""]))})
+_content = st.one_of(_short, st.lists(_maybe(_part), max_size=3))
+_item = st.fixed_dictionaries({"type": _maybe(st.sampled_from(
+    ["message", "function_call", "function_call_output", "reasoning", "item_reference", "web_search_call", "x"]))},
+    optional={"role": _maybe(st.sampled_from(["system", "developer", "user", "assistant", "tool"])),
+              "content": _maybe(_content), "call_id": _maybe(_short), "name": _maybe(_short),
+              "namespace": _maybe(_short), "arguments": _maybe(st.sampled_from(['{"a": 1}', "{", "[1]", ""])),
+              "output": _maybe(_content), "summary": _maybe(st.lists(_maybe(_part), max_size=2)),
+              "encrypted_content": _maybe(st.sampled_from(["ccproxy.r1.eyJrIjoiYW50aHJvcGljIiwicyI6IngifQ", "z"]))})
+_fn = st.fixed_dictionaries({"type": _maybe(st.just("function")), "name": _maybe(_short)},
+                            optional={"description": _maybe(_short), "parameters": _maybe(st.just({"type": "object"}))})
+_tool = st.one_of(_fn, st.fixed_dictionaries({"type": st.just("namespace"), "name": _maybe(_short),
+                                              "tools": _maybe(st.lists(_maybe(_fn), max_size=3))}),
+                  st.fixed_dictionaries({"type": _maybe(st.sampled_from(["web_search", "custom", "mcp"]))}))
+_body = st.fixed_dictionaries({"model": _maybe(st.just("m"))}, optional={
+    "input": _maybe(st.one_of(_short, st.lists(_maybe(_item), max_size=5))),
+    "instructions": _maybe(_short), "tools": _maybe(st.lists(_maybe(_tool), max_size=3)),
+    "tool_choice": _maybe(st.sampled_from(["auto", "none", "required", {"type": "function", "name": "f"}])),
+    "parallel_tool_calls": _maybe(st.booleans()), "max_output_tokens": _maybe(st.integers(1, 10**6)),
+    "temperature": _maybe(st.floats(0, 2)), "top_p": _maybe(st.floats(0, 1)), "stream": _maybe(st.booleans()),
+    "reasoning": _maybe(st.fixed_dictionaries({}, optional={"effort": _maybe(st.just("low"))})),
+    "text": _maybe(st.fixed_dictionaries({}, optional={"format": _maybe(st.fixed_dictionaries(
+        {"type": _maybe(st.sampled_from(["text", "json_object", "json_schema"]))},
+        optional={"schema": _maybe(st.just({"type": "object"})), "name": _maybe(_short)}))})),
+    "store": _maybe(st.booleans()), "metadata": _any, "user": _maybe(_short), "previous_response_id": _any,
+    "include": _any, "prompt_cache_key": _any})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=st.one_of(_body, _any))
+def test_any_body_is_a_400_or_a_request_every_backend_can_take(body: Any) -> None:
+    from ccproxy.dialects import anthropic, ollama, openai
+    from ccproxy.tokens import estimate_prompt_tokens
+
+    try:
+        req = dialect.parse_request(body)
+    except errors.InvalidRequest as e:
+        assert e.status == 400 and e.param
+        return
+    estimate_prompt_tokens(req)
+    openai.build_backend_request(req, "backend-model")
+    anthropic.build_request(req, "backend-model")
+    ollama.build_chat_request(req, "backend-model", num_ctx=4096)

@@ -160,9 +160,10 @@ def env_cmd(config_path: str | None) -> None:
     env = client_env(config)
     for k, v in env.items():
         click.echo(f"export {k}={_quote(v)}")
-    # Codex CLI reads its provider from config.toml or `-c` overrides, and the key from env_key
+    # Codex CLI reads its provider from config.toml or `-c` overrides (a shell function adds them;
+    # `ccproxy codex` is the same without touching the shell), and the key from env_key
     click.echo(f"export {CODEX_KEY_VAR}={_quote(env['OPENAI_API_KEY'])}")
-    click.echo("alias codex=" + _quote(" ".join(["codex", *map(_quote, codex_overrides(config))])))
+    click.echo("codex() { command codex " + " ".join(map(_quote, codex_overrides(config))) + ' "$@"; }')
     sys.stdout.flush()
 
 

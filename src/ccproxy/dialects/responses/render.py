@@ -53,7 +53,8 @@ def response_id(request_id: str) -> str:
 
 def usage_dict(u: Usage) -> dict[str, Any]:
     return {"input_tokens": u.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_creation_tokens},
+            "input_tokens_details": {"cached_tokens": u.cache_read_tokens,
+                                     "cache_write_tokens": u.cache_creation_tokens},
             "output_tokens": u.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u.prompt_tokens + u.output_tokens}
 

@@ -227,7 +227,7 @@ def _input(raw: Any, flat_names: dict[tuple[str, str], str]) -> tuple[list[str],
             items.reasoning(item, where)
         elif itype == "item_reference":
             raise _bad(STATELESS.format(what="item_reference items"), f"{where}.type")
-        elif itype in _HOSTED_ITEMS:
+        elif isinstance(itype, str) and itype in _HOSTED_ITEMS:
             log.info("dropped a %s input item: no backend behind ccproxy runs hosted tools", itype)
         else:
             raise _bad(f"{where}.type {itype!r} is not supported (use message, function_call, "
@@ -356,8 +356,8 @@ def _reasoning(raw: Any) -> Thinking | None:
     effort = raw.get("effort")
     if effort is None:
         return None
-    _expect(effort in _EFFORTS, f"reasoning.effort must be one of {', '.join(sorted(_EFFORTS))}",
-            "reasoning.effort")
+    _expect(isinstance(effort, str) and effort in _EFFORTS,
+            f"reasoning.effort must be one of {', '.join(sorted(_EFFORTS))}", "reasoning.effort")
     return Thinking(enabled=effort != "none", effort=effort)
 
 

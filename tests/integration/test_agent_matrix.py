@@ -31,6 +31,7 @@ from _recording_proxy import Exchange, RecordingProxy  # noqa: E402
 
 from ccproxy.dialects.anthropic_stream_validator import validate_stream  # noqa: E402
 from ccproxy.dialects.openai_stream_validator import validate_chat_stream  # noqa: E402
+from ccproxy.dialects.responses_stream_validator import validate_stream as validate_responses_stream  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -107,16 +108,10 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
 # --------------------------------------------------------------------------- checks
 
 
-def responses_validator(raw: bytes) -> Any:
-    from ccproxy.dialects import responses_stream_validator  # type: ignore[attr-defined]  # branch `responses`
-
-    return responses_stream_validator.validate_stream(raw)
-
-
 AGENTS = {
     "claude": (run_claude, "/v1/messages", validate_stream),
     "opencode": (run_opencode, "/v1/chat/completions", validate_chat_stream),
-    "codex": (run_codex, "/v1/responses", responses_validator),
+    "codex": (run_codex, "/v1/responses", validate_responses_stream),
 }
 
 

@@ -272,7 +272,9 @@ class LlamaServer(Service):
         embedding: bool = False,
     ) -> None:
         super().__init__(workdir, port)
-        self.embedding = embedding  # also serve /v1/embeddings: `--embedding true`, mean pooling (one vector per input)
+        # also serve /v1/embeddings: `--embedding true`, and mean pooling through a GGUF metadata override
+        # (SmolLM2 declares none, and then llama-cpp-python answers one vector per token, not per input)
+        self.embedding = embedding
         self.python = REPO / ".venv-llama/bin/python"
         if not self.python.exists():
             raise MissingDependency(

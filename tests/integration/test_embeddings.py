@@ -142,7 +142,8 @@ def test_dimensions_where_the_backend_ignores_them(gw: Any) -> None:
     ({"model": "emb-llama", "input": "x", "encoding_format": "int8"}, 400, "encoding_format", "base64"),
     ({"model": "nope", "input": "x"}, 400, "model", "emb-llama"),
     ({"model": "emb-claude", "input": "x"}, 400, "model", "emb-claude"),
-    ({"model": "emb-engine-chat", "input": "x"}, 400, "model", "embeddings: true"),
+    ({"model": "emb-engine-chat", "input": "x"}, 400, "model", "'emb-engine-chat' cannot embed"),
+    ({"model": "emb-engine-chat", "input": "x"}, 400, "model", "set embeddings: true"),
 ])
 def test_errors_in_openai_shape(gw: Any, body: dict[str, Any], status: int, param: str, words: str) -> None:
     r = post(gw, body)

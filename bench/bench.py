@@ -246,7 +246,7 @@ def rss_mib(pid: int) -> dict:
 @dataclass
 class Target:
     name: str  # e.g. "ccproxy"
-    scenario: str  # chat-json, chat-sse, messages-json, messages-sse
+    scenario: str  # chat-json, chat-sse, messages-json, messages-sse, responses-json, responses-sse
     url: str
     body: dict
     headers: dict
@@ -262,6 +262,14 @@ class Target:
 
 CHAT_REQ = {"model": "", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 32}
 MSG_REQ = {"model": "", "max_tokens": 32, "messages": [{"role": "user", "content": "Say hello."}]}
+# OpenAI Responses API (https://platform.openai.com/docs/api-reference/responses), translated to chat
+RESP_REQ = {"model": "", "input": "Say hello.", "max_output_tokens": 32, "store": False}
+
+
+def reference(scenario: str) -> str:
+    """The chat scenario of the same kind: the direct reference for added latency, and the baseline
+    the `messages` and `responses` translations are compared with."""
+    return "chat-" + scenario.rsplit("-", 1)[1]
 
 
 def make_targets(nginx_port: int, gw: dict[str, int]) -> list[Target]:
@@ -278,6 +286,8 @@ def make_targets(nginx_port: int, gw: dict[str, int]) -> list[Target]:
             msg |= {"stream": True}
         chat_expect = "[DONE]" if stream else '"choices"'
         msg_expect = "message_stop" if stream else '"content"'
+        resp = {**RESP_REQ, "model": f"bench-{kind}", "stream": stream}
+        resp_expect = "response.completed" if stream else '"output"'
         out.append(Target("direct", f"chat-{kind}", f"{up}/{kind}/v1/chat/completions",
                           {**chat, "model": "static"}, auth, chat_expect, stream))
         for name, port in gw.items():
@@ -286,6 +296,9 @@ def make_targets(nginx_port: int, gw: dict[str, int]) -> list[Target]:
         for name, port in gw.items():
             out.append(Target(name, f"messages-{kind}", f"http://{HOST}:{port}/v1/messages",
                               msg, anth, msg_expect, stream))
+        for name, port in gw.items():
+            out.append(Target(name, f"responses-{kind}", f"http://{HOST}:{port}/v1/responses",
+                              resp, auth, resp_expect, stream))
     return out
 
 
@@ -688,7 +701,7 @@ def summarize(targets: list[Target]) -> tuple[list[dict], list[dict]]:
     rows = []
     for t in targets:
         r = t.result
-        direct = by.get(("direct", t.scenario.replace("messages", "chat")))
+        direct = by.get(("direct", reference(t.scenario)))
         d50 = direct.result.get("p50_ms") if direct and not direct.na else None
         p50 = r.get("p50_ms")
         added = round(p50 - d50, 3) if (p50 is not None and d50 is not None and t.name != "direct") else None
@@ -711,6 +724,21 @@ def summarize(targets: list[Target]) -> tuple[list[dict], list[dict]]:
                        "rps_target_met": None if rr is None else rr >= 25,
                        "latency_target_met": None if ar is None else ar <= 0.1})
     return rows, ratios
+
+
+def translation_costs(targets: list[Target]) -> list[dict]:
+    """Per-request cost of ccproxy's translated scenarios relative to chat of the same kind: chat req/s
+    over the scenario's req/s at 16 connections (target for responses: <= 1.5), and added p50."""
+    by = {(t.name, t.scenario): t for t in targets}
+    out = []
+    for t in targets:
+        base = by.get((t.name, reference(t.scenario)))
+        if t.name != "ccproxy" or t.scenario.startswith("chat") or base is None:
+            continue
+        cost = ratio(base.result.get("rps"), t.result.get("rps"))
+        out.append({"scenario": t.scenario, "cost_vs_chat": cost, "d_p50_ms": _delta(t.result, base.result, "p50_ms"),
+                    "target_met": None if cost is None or not t.scenario.startswith("responses") else cost <= 1.5})
+    return out
 
 
 def print_table(targets: list[Target], ratios: list[dict], rss: dict, meta: dict) -> None:
@@ -741,6 +769,13 @@ def print_table(targets: list[Target], ratios: list[dict], rss: dict, meta: dict
             print(f"  {r['scenario']:<14} rps x{fmt(r['rps_ratio'], nd=1)}{mark(r['rps_target_met'])}"
                   f"    added-latency ratio {fmt(r['added_latency_ratio'], nd=3)}"
                   f"{mark(r['latency_target_met'])}")
+    costs = meta.get("translation_costs")
+    if costs:
+        print("\nccproxy per-request cost vs chat of the same kind (chat rps / scenario rps; responses target <= 1.5)")
+        for c in costs:
+            ok = "" if c["target_met"] is None else (" ok" if c["target_met"] else " MISSED")
+            d = "-" if c["d_p50_ms"] is None else f"{c['d_p50_ms']:+.3f} ms"
+            print(f"  {c['scenario']:<14} x{fmt(c['cost_vs_chat'], nd=2)}{ok}    {d} p50 @1")
     svc = meta.get("services")
     if svc:
         print("\nccproxy with Redis limits / PostgreSQL usage vs the default (in-memory limiter, SQLite usage)")
@@ -793,7 +828,8 @@ def main() -> int:
     ap.add_argument("--litellm-workers", type=int, default=1,
                     help="LiteLLM worker processes (default 1, same as ccproxy's one process)")
     ap.add_argument("--ttfb-requests", type=int, help="sequential streams for TTFB (default 300, quick 40)")
-    ap.add_argument("--only", help="comma list of scenarios: chat-json,chat-sse,messages-json,messages-sse")
+    ap.add_argument("--only", help="comma list of scenarios: chat-json,chat-sse,messages-json,messages-sse,"
+                                   "responses-json,responses-sse")
     ap.add_argument("--services", action="store_true",
                     help="also start Redis and PostgreSQL and measure ccproxy+redis (redis_url) and "
                          "ccproxy+redis+pg (redis_url + database_url) against the default ccproxy")
@@ -899,7 +935,7 @@ def main() -> int:
     targets = make_targets(nginx_port, gw)
     if a.only:
         keep = set(a.only.split(","))
-        keep |= {s.replace("messages", "chat") for s in keep}  # the direct reference for added latency
+        keep |= {reference(s) for s in keep}  # the direct reference for added latency
         targets = [t for t in targets
                    if t.scenario in keep and (t.name == "direct" or t.scenario in a.only.split(","))]
     if a.services:
@@ -945,6 +981,7 @@ def main() -> int:
 
     rss = {name: rss_mib(p.pid) for name, p in procs.items() if p.poll() is None}
     rows, ratios = summarize(targets)
+    meta["translation_costs"] = translation_costs(targets)
     meta["usage_check"] = {name: check_usage(name, tmp, svc, made[name])
                            for name in ("ccproxy", *VARIANTS) if name in made and name in procs}
     if a.services and "services" in meta:

@@ -20,6 +20,7 @@ from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
+from ccproxy.embeddings import EmbeddingsFlow
 from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.pricing import PriceBook
 from ccproxy.providers import make_provider
@@ -133,8 +134,10 @@ class Gateway:
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
             ("POST", "/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
+            ("POST", "/v1/responses"): self._chat(adapters.RESPONSES, "/v1/responses"),
             ("POST", "/v1/messages"): self._chat(adapters.ANTHROPIC, "/v1/messages"),
             ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("POST", "/v1/embeddings"): self._chat(adapters.OPENAI, "/v1/embeddings", EmbeddingsFlow),
             ("POST", "/api/chat"): self._chat(adapters.OLLAMA, "/api/chat"),
             ("GET", "/api/tags"): self._ollama_tags,
             ("GET", "/api/version"): self._ollama_version,
@@ -260,8 +263,10 @@ class Gateway:
 
     async def _not_found(self, scope: Scope, path: str, headers: dict[str, str], send: Send) -> None:
         adapter = self._adapter_for(path, headers)
-        if path in BLOCKED_OLLAMA_PATHS:
-            exc: errors.GatewayError = errors.NotFound(
+        if path.startswith("/v1/responses/"):  # GET / DELETE /v1/responses/{id}: nothing is stored
+            exc: errors.GatewayError = errors.NotFound(adapters.responses_not_stored(scope["method"], path))
+        elif path in BLOCKED_OLLAMA_PATHS:
+            exc = errors.NotFound(
                 f"{path} is an Ollama administration endpoint and is never reachable through the gateway")
         elif any(m == scope["method"] for (m, p) in self._routes if p == path) is False and \
                 any(p == path for (_, p) in self._routes):
@@ -283,7 +288,7 @@ class Gateway:
 
     # ---------------------------------------------------------------- endpoints
 
-    def _chat(self, adapter: DialectAdapter, endpoint: str) -> Handler:
+    def _chat(self, adapter: DialectAdapter, endpoint: str, flow_class: type[ChatFlow] = ChatFlow) -> Handler:
         async def handler(scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
             if self.draining:
                 await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
@@ -299,7 +304,7 @@ class Gateway:
             metrics = getattr(self.services, "metrics", None)
             if metrics is not None:
                 metrics.in_flight.inc()
-            flow = ChatFlow(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
+            flow = flow_class(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
             flow.runtime.active += 1
             try:
                 await flow.run(receive, send)

@@ -21,6 +21,7 @@ def _register() -> None:
     main.add_command(serve.check)
     main.add_command(init.init)
     main.add_command(clients.claude)
+    main.add_command(clients.codex)
     main.add_command(clients.env_cmd)
     main.add_command(keys.keys)
     main.add_command(usage.usage)

@@ -55,6 +55,7 @@ class ProviderConfig(_Strict):
     queue_size: int = Field(8, ge=0, description="requests that may wait for a free slot")
     context_length: int | None = Field(None, ge=256, description="raise the model's trained context length "
                                        "to this (llama.cpp caps each slot at it)")
+    embeddings: bool = Field(False, description="embedded: also serve /v1/embeddings (mean pooling)")
     # cooldown after consecutive failures (routing)
     max_failures: int = Field(3, ge=1)
     cooldown_seconds: float = Field(30.0, ge=0)

@@ -84,6 +84,34 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["data"],
         "properties": {"object": {"type": "string"}, "data": {"type": "array", "items": {"type": "object"}}},
     },
+    # ------------------------------------------------------------------ OpenAI Responses (stateless)
+    "ResponsesInputItem": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"type": {"type": "string", "enum": ["message"]},
+                       "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                       "content": {"type": "string"}},
+    },
+    "ResponsesRequest": {
+        "type": "object", "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "input": {"oneOf": [{"type": "string", "minLength": 1},
+                                {"type": "array", "items": _ref("ResponsesInputItem"), "minItems": 1}]},
+            "instructions": {"type": "string"},
+            "stream": {"type": "boolean"},
+            "max_output_tokens": {"type": "integer", "minimum": 1, "maximum": 100000},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "store": {"type": "boolean"},
+            "user": {"type": "string"},
+        },
+    },
+    "Response": {
+        "type": "object", "required": ["id", "object", "status", "output"],
+        "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": ["response"]},
+                       "status": {"type": "string"}, "model": {"type": "string"},
+                       "output": {"type": "array"}, "usage": {"type": "object"}},
+    },
     # ------------------------------------------------------------------ Anthropic
     "AnthropicTextBlock": {
         "type": "object", "required": ["type", "text"],
@@ -171,6 +199,28 @@ _SCHEMAS: dict[str, Any] = {
     },
     "OllamaError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     # ------------------------------------------------------------------ health
+    "EmbeddingsRequest": {
+        "type": "object", "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "input": {"oneOf": [{"type": "string", "minLength": 1},
+                                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                                 "maxItems": 4}]},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            "dimensions": {"type": "integer", "minimum": 1},
+            "user": {"type": "string"},
+        },
+    },
+    "EmbeddingList": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+        "object": {"type": "string", "enum": ["list"]}, "model": {"type": "string"},
+        "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
+                                            "properties": {"object": {"type": "string"},
+                                                           "index": {"type": "integer"},
+                                                           "embedding": {"oneOf": [
+                                                               {"type": "array", "items": {"type": "number"}},
+                                                               {"type": "string"}]}}}},
+        "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                                   "total_tokens": {"type": "integer"}}}}},
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"},
                                                                         "version": {"type": "string"}}},
     "Readiness": {"type": "object", "required": ["status"], "properties": {
@@ -190,6 +240,11 @@ def _errors(schema: str, codes: tuple[int, ...]) -> dict[str, Any]:
 
 _CHAT_ERRORS = (400, 401, 403, 404, 408, 413, 429, 431, 500, 502, 503, 504)
 
+EMBEDDINGS = {  # the POST /v1/embeddings operation: request body and responses
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("EmbeddingsRequest")}}},
+    "responses": {"200": _json(_ref("EmbeddingList"), "one vector per input"), **_errors("OpenAIError", _CHAT_ERRORS)},
+}
+
 
 def _chat(summary: str, request: str, response: str, error: str, stream_type: str) -> dict[str, Any]:
     return {"post": {
@@ -207,6 +262,8 @@ def _chat(summary: str, request: str, response: str, error: str, stream_type: st
 _PATHS: dict[str, Any] = {
     "/v1/chat/completions": _chat("OpenAI Chat Completions", "ChatCompletionRequest", "ChatCompletion",
                                   "OpenAIError", "text/event-stream"),
+    "/v1/responses": _chat("OpenAI Responses API, stateless: previous_response_id is refused, nothing is stored",
+                           "ResponsesRequest", "Response", "OpenAIError", "text/event-stream"),
     "/v1/messages": _chat("Anthropic Messages", "MessagesRequest", "MessageResponse", "AnthropicError",
                           "text/event-stream"),
     "/v1/messages/count_tokens": {"post": {
@@ -215,6 +272,7 @@ _PATHS: dict[str, Any] = {
         "responses": {"200": _json(_ref("CountTokensResponse"), "the prompt's token count"),
                       **_errors("AnthropicError", (400, 401, 403, 404, 408, 413, 431, 500, 503))},
     }},
+    "/v1/embeddings": {"post": {"summary": "OpenAI embeddings (string inputs; float or base64)", **EMBEDDINGS}},
     "/v1/models": {"get": {
         "summary": "The model aliases this key may use (Anthropic's list shape when anthropic-version is sent)",
         "responses": {"200": _json(_ref("ModelList"), "the aliases"),

@@ -85,6 +85,9 @@ class DialectAdapter:
     make_renderer: Callable[[ChatRequest, str, str, int], StreamRenderer]
     render_error: Callable[[errors.GatewayError], tuple[int, dict[str, Any]]]
     stream_content_type: str = "text/event-stream"
+    # Set by a dialect whose answer depends on the request (Responses gives flattened namespace tools
+    # their names back); used instead of render_response: (request, response, request id) -> body.
+    render_for_request: Callable[[ChatRequest, ChatResponse, str], dict[str, Any]] | None = None
 
 
 async def send_error(send: Send, adapter: DialectAdapter, exc: errors.GatewayError,
@@ -393,7 +396,9 @@ class ChatFlow:
                 self.output_events = math.ceil(sum(len(getattr(b, "text", "")) for b in resp.content) / 4)
             resp.usage = self._filled(resp.usage, prepared)
             resp.stop_reason = capped_stop_reason(resp.stop_reason, req, prepared)
-            body = orjson.dumps(self.adapter.render_response(resp, req.model, self.request_id))
+            render = self.adapter.render_for_request
+            body = orjson.dumps(render(req, resp, self.request_id) if render is not None
+                                else self.adapter.render_response(resp, req.model, self.request_id))
             watcher.stop()
             self.started = True
             self.record.status = 200

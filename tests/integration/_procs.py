@@ -33,6 +33,7 @@ SETUP_HINT = "run scripts/setup-test-deps (scripts/test runs it for you)"
 
 __all__ = [
     "REPO",
+    "FakeBackend",
     "Gateway",
     "LlamaServer",
     "MissingDependency",
@@ -272,9 +273,17 @@ class LlamaServer(Service):
     model_alias = "smollm2"
 
     def __init__(
-        self, workdir: Path, port: int | None = None, n_ctx: int = 16384, n_threads: int | None = None
+        self,
+        workdir: Path,
+        port: int | None = None,
+        n_ctx: int = 16384,
+        n_threads: int | None = None,
+        embedding: bool = False,
     ) -> None:
         super().__init__(workdir, port)
+        # also serve /v1/embeddings: `--embedding true`, and mean pooling through a GGUF metadata override
+        # (SmolLM2 declares none, and then llama-cpp-python answers one vector per token, not per input)
+        self.embedding = embedding
         self.python = REPO / ".venv-llama/bin/python"
         if not self.python.exists():
             raise MissingDependency(
@@ -306,10 +315,46 @@ class LlamaServer(Service):
             str(self.n_threads),
             "--model_alias",
             self.model_alias,
+            *(["--embedding", "true", "--kv_overrides", "llama.pooling_type=int:1"] if self.embedding else []),
         ]
 
     def ready(self) -> bool:
         return http_status(f"{self.base_url}/models") == 200
+
+
+# --------------------------------------------------------------------------- the fake backend
+
+
+class FakeBackend(Service):
+    """`python -m ccproxy.testing.fake_backend`: one fake model backend speaking Ollama, OpenAI chat
+    and Anthropic Messages (see its docstring), with models `fake` (and those given)."""
+
+    name = "fake-backend"
+
+    def __init__(self, workdir: Path, port: int | None = None, models: Sequence[str] = ("fake",)) -> None:
+        super().__init__(workdir, port)
+        self.models = list(models)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [str(REPO / ".venv/bin/python"), "-m", "ccproxy.testing.fake_backend", "--port", str(self.port)]
+        for m in self.models:
+            cmd += ["--model", m]
+        return cmd
+
+    def ready(self) -> bool:
+        return http_status(f"{self.url}/api/version") == 200
+
+    def ctl(self, path: str, body: Any = None, method: str | None = None) -> Any:
+        """Call a control endpoint (`/_fake/...`): POST with a JSON body if given, else GET."""
+        data = None if method == "GET" or (body is None and method is None) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method or ("POST" if data else "GET"),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
 
 
 # --------------------------------------------------------------------------- Redis

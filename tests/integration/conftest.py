@@ -128,3 +128,13 @@ def claude_bin(node_bin: str) -> str:
             pytrace=False,
         )
     return str(claude)
+
+
+@pytest.fixture(scope="session")
+def codex_bin(node_bin: str) -> str:
+    """The Codex CLI installed by setup-test-deps into .cache/node."""
+    codex = REPO / ".cache/node/node_modules/.bin/codex"
+    if not codex.exists():
+        pytest.fail(f"{codex} is missing (npm install --prefix .cache/node @openai/codex); {SETUP_HINT}",
+                    pytrace=False)
+    return str(codex)

@@ -47,14 +47,16 @@ def test_schemathesis_no_gateway_5xx_and_errors_in_dialect_shape(gateway, upstre
     gw = gateway(gw_config(upstream.base_url, limits={"max_body_bytes": 1_000_000}))
     raw = requests.get(gw.url + "/openapi.json", timeout=10).json()
     # valid bodies should name a model that exists, so they reach the (fake) backend
-    for name in ("ChatCompletionRequest", "MessagesRequest", "CountTokensRequest", "OllamaChatRequest"):
+    for name in ("ChatCompletionRequest", "MessagesRequest", "CountTokensRequest", "OllamaChatRequest",
+                 "ResponsesRequest", "EmbeddingsRequest"):
         raw["components"]["schemas"][name]["properties"]["model"] = {"type": "string", "enum": ALIASES}
     schema = schemathesis.openapi.from_dict(raw)
     session = requests.Session()
     seen: dict[str, int] = {}
     for op in schema.get_all_operations():
         _fuzz(op.ok(), mode, gw.url, session, seen)
-    want = {"/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/api/chat"}
+    want = {"/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/api/chat", "/v1/responses",
+            "/v1/embeddings"}
     if mode == GenerationMode.POSITIVE:
         want |= {"/v1/models", "/health", "/health/ready"}
     assert set(seen) >= want, seen

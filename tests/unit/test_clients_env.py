@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
+import subprocess
+import tomllib
 from typing import Any
 
 import click
@@ -143,7 +146,9 @@ def test_env_command_prints_shell_exports(tmp_path: Any) -> None:
     res = CliRunner().invoke(env_cmd, ["--config", str(path)])
     assert res.exit_code == 0, res.output
     exported = {}
-    for line in res.output.splitlines():
+    lines = res.output.splitlines()
+    assert lines[-1].startswith("codex() { command codex -c ")  # see test_env_codex_function
+    for line in lines[:-1]:
         assert line.startswith("export ")
         [assignment] = shlex.split(line.removeprefix("export "))
         name, _, value = assignment.partition("=")
@@ -177,3 +182,55 @@ def test_claude_command_without_claude_installed(tmp_path: Any, monkeypatch: pyt
     monkeypatch.setattr(clients, "find_claude", lambda: None)
     res = CliRunner().invoke(clients.claude, ["--config", str(path), "-p", "hi"])
     assert res.exit_code == 1 and "npm install -g @anthropic-ai/claude-code" in res.output
+
+
+# --------------------------------------------------------------------------- Codex CLI
+
+
+def test_codex_settings_name_the_gateway_as_a_responses_provider() -> None:
+    parsed = tomllib.loads(clients.codex_config_toml(cfg({"coding": m(), "default": m()}, listen="127.0.0.1:9300")))
+    assert parsed == {"model": "default", "model_provider": "ccproxy", "model_providers": {"ccproxy": {
+        "name": "ccproxy", "base_url": "http://127.0.0.1:9300/v1", "wire_api": "responses",
+        "env_key": "CCPROXY_API_KEY"}}}
+    assert tomllib.loads(clients.codex_config_toml(cfg({"gpt-5-codex": m(), "default": m()})))["model"] == "gpt-5-codex"
+    assert tomllib.loads(clients.codex_config_toml(cfg({"coding": m()})))["model"] == "coding"
+
+
+def test_codex_command_runs_codex_with_a_temporary_codex_home(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("listen: 127.0.0.1:7779\nkeys: [{name: me, key: sk-x}]\n" + REST)
+    monkeypatch.setattr(clients, "find_binary", lambda name: "/opt/" + name)
+    seen: dict[str, Any] = {}
+
+    def fake_call(argv: list[str], env: dict[str, str]) -> int:
+        home = env["CODEX_HOME"]
+        seen.update(argv=argv, env=env, home=home, config=tomllib.loads(open(f"{home}/config.toml").read()))
+        return 3
+
+    monkeypatch.setattr(clients.subprocess, "call", fake_call)
+    res = CliRunner().invoke(clients.codex, ["--config", str(path), "exec", "--json", "hi"])
+    assert res.exit_code == 3, res.output  # Codex's exit status
+    assert seen["argv"] == ["/opt/codex", "exec", "--json", "hi"]
+    assert seen["env"]["CCPROXY_API_KEY"] == "sk-x"
+    provider = seen["config"]["model_providers"]["ccproxy"]
+    assert provider["base_url"] == "http://127.0.0.1:7779/v1" and provider["wire_api"] == "responses"
+    assert seen["config"]["model"] == "default"
+    assert not os.path.exists(seen["home"])  # removed after Codex exits
+
+
+def test_env_codex_function(tmp_path: Any) -> None:
+    """`eval "$(ccproxy env)"` in bash defines `codex` passing the provider settings to the real binary."""
+    path = tmp_path / "c.yaml"
+    path.write_text("listen: 127.0.0.1:7780\nkeys: [{name: me, key: \"it's $x\"}]\n" + REST)
+    out = CliRunner().invoke(env_cmd, ["--config", str(path)]).output
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "codex").write_text('#!/bin/sh\nprintf "%s\\n" "$@"; echo "key=$CCPROXY_API_KEY"\n')
+    (fake_bin / "codex").chmod(0o755)
+    script = out + "\ncodex exec 'a b'\n"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                          env={"PATH": f"{fake_bin}:/usr/bin:/bin"})
+    args = done.stdout.splitlines()
+    assert args[-3:] == ["exec", "a b", "key=it's $x"]
+    assert 'model_providers.ccproxy.base_url="http://127.0.0.1:7780/v1"' in args
+    assert 'model_providers.ccproxy.wire_api="responses"' in args

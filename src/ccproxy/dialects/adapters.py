@@ -7,7 +7,7 @@ from typing import Any
 
 from ccproxy import errors
 from ccproxy.core import ChatRequest, StreamEvent
-from ccproxy.dialects import anthropic, ollama, openai
+from ccproxy.dialects import anthropic, ollama, openai, responses
 from ccproxy.pipeline import DialectAdapter
 
 OPENAI = DialectAdapter(
@@ -59,6 +59,17 @@ OLLAMA = DialectAdapter(
     stream_content_type="application/x-ndjson",
 )
 
+# POST /v1/responses (https://platform.openai.com/docs/api-reference/responses)
+RESPONSES = DialectAdapter(
+    name="openai",  # OpenAI rate-limit headers and error shape
+    parse=responses.parse_request,
+    render_response=lambda resp, model, rid: responses.render_response(ChatRequest(model, []), resp, rid),
+    render_for_request=responses.render_response,
+    make_renderer=lambda req, model, rid, est: responses.ResponsesStreamRenderer(req, model, rid),
+    render_error=responses.render_error,
+)
+
+responses_not_stored = responses.not_stored
 OPENAI_MODELS = openai.render_models
 ANTHROPIC_MODELS = anthropic.render_models
 OLLAMA_TAGS = ollama.render_tags

@@ -142,6 +142,29 @@ class EngineBridge:
             if not call.done():
                 await asyncio.wait({call}, timeout=self.STOP_WAIT)
 
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One blocking, non-streaming engine call (e.g. embeddings) within the same slots and queue."""
+        self._admit()
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        if self._closing:
+            self._slots.release()
+            raise errors.Overloaded(f"embedded model '{self.name}' is shutting down")
+        self.running += 1
+        try:
+            call = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except BaseException:
+            self.running -= 1
+            self._slots.release()
+            raise
+        self._calls.add(call)
+        call.add_done_callback(self._release)
+        call.add_done_callback(self._calls.discard)
+        return await asyncio.shield(call)  # a client that goes away does not free the slot early
+
     async def aclose(self, timeout: float = 10.0) -> None:
         """Refuse new calls, stop running ones, and wait up to `timeout` s for the engine to return."""
         self._closing = True

@@ -54,6 +54,7 @@ from typing import Any
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
 from ccproxy.core import ChatRequest, ChatResponse, StreamEvent, response_from_events
+from ccproxy.dialects import embeddings as emb
 from ccproxy.dialects import openai as dialect
 from ccproxy.providers import embedded_model
 from ccproxy.providers._engine_bridge import Engine, EngineBridge
@@ -92,6 +93,9 @@ def _load_xllamacpp(config: ProviderConfig, model_path: str) -> Engine:
     p.n_parallel = config.n_parallel
     p.cpuparams.n_threads = p.cpuparams_batch.n_threads = config.n_threads or default_threads()
     p.verbosity = -1
+    if config.embeddings:  # the same engine then answers chat and embeddings
+        p.embedding = True
+        p.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     p.api_keys = [secrets.token_urlsafe(24)]  # lock the side HTTP listener we cannot disable
     return xllamacpp.Server(p)
 
@@ -190,6 +194,26 @@ class EmbeddedProvider:
 
     async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
         return response_from_events([ev async for ev in self.stream(req, model)])
+
+    async def embed(self, req: emb.EmbeddingRequest, model: str) -> emb.EmbeddingResult:
+        """llama.cpp's embeddings (mean pooling) when the provider has `embeddings: true`."""
+        if not self.config.embeddings:
+            raise errors.CapabilityMissing(
+                f"embedded model '{self.name}' does not serve embeddings; set embeddings: true on the "
+                f"provider to load it with mean pooling", param="model")
+        bridge = self._ready()
+        handle = getattr(bridge.engine, "handle_embeddings", None)
+        if handle is None:
+            raise errors.CapabilityMissing(f"embedded model '{self.name}' cannot embed", param="model")
+        body = emb.build_openai_body(req, model)
+        try:
+            data = await bridge.call(handle, body)
+        except ValueError as exc:
+            raise errors.UpstreamError(f"embedded model '{self.name}' rejected the request: {exc}",
+                                       provider=self.name, retryable=False) from exc
+        if isinstance(data, dict) and "error" in data:
+            raise _engine_error(self.name, data["error"])
+        return emb.parse_openai_response(data, len(req.inputs), self.name)
 
     async def list_models(self) -> ModelListing:
         if self._bridge is None:

@@ -22,6 +22,9 @@ never thinks. With `tools` in the request, an answer that ends in text has its l
 Also a separate process: `python -m ccproxy.testing.fake_ollama --port 11434 --model llama3.2`.
 It then takes scripts over HTTP: `POST /_fake/script` (a Reply as JSON, or a list of them),
 `GET /_fake/requests`, `POST /_fake/reset`.
+
+`POST /api/embed` answers as Ollama does: one L2-normalised vector per input (derived from a hash
+of the text, so the same text gives the same vector), `dimensions` truncating, `prompt_eval_count`.
 """
 
 from __future__ import annotations
@@ -150,11 +153,16 @@ class FakeOllama:
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/show", self._show)
         app.router.add_post("/api/chat", self._chat)
+        app.router.add_post("/api/embed", self._embed)
         app.router.add_post("/_fake/script", self._ctl_script)
         app.router.add_get("/_fake/requests", self._ctl_requests)
         app.router.add_post("/_fake/reset", self._ctl_reset)
+        self._more_routes(app)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
+
+    def _more_routes(self, app: web.Application) -> None:
+        """Subclasses add endpoints here (before the catch-all 404)."""
 
     async def start(self) -> str:
         self._runner = web.AppRunner(self.app(), shutdown_timeout=0.5, access_log=None)
@@ -297,6 +305,39 @@ class FakeOllama:
         await resp.write_eof()
         return resp
 
+    async def _embed(self, request: web.Request) -> web.Response:
+        """POST /api/embed: one L2-normalised vector per input (deterministic, from the text),
+        `embedding_length` long (default 16); `dimensions` below that truncates and renormalises."""
+        started = time.monotonic_ns()
+        body = await self._record(request)
+        if not isinstance(body, dict):
+            return self._error(400, "invalid character looking for beginning of value"
+                               if isinstance(body, str) else "missing request body")
+        name = body.get("model")
+        if not name:
+            return self._error(400, "model is required")
+        spec = self.models.get(_canonical(name))
+        if spec is None:
+            return self._error(404, f"model '{name}' not found")
+        raw = body.get("input")
+        if raw is None or raw == "" or raw == []:
+            return web.json_response({"model": name, "embeddings": []})  # loads the model only
+        if isinstance(raw, str):
+            inputs = [raw]
+        elif isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            inputs = raw
+        else:
+            return self._error(400, "invalid input type")
+        dims = body.get("dimensions")
+        length = int(spec.get("embedding_length", 16))
+        if isinstance(dims, int) and 0 < dims < length:
+            length = dims
+        vectors = [_unit(_pseudo_vector(text, int(spec.get("embedding_length", 16)))[:length]) for text in inputs]
+        total = max(time.monotonic_ns() - started, 1)
+        return web.json_response({"model": name, "embeddings": vectors, "total_duration": total,
+                                  "load_duration": total // 10,
+                                  "prompt_eval_count": sum(len(t.split()) or 1 for t in inputs)})
+
     # ------------------------------------------------------------------ reply building
 
     @staticmethod
@@ -393,6 +434,18 @@ class FakeOllama:
     async def _ctl_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"ok": True})
+
+
+def _pseudo_vector(text: str, n: int) -> list[float]:
+    digest = b""
+    while len(digest) < n:
+        digest += hashlib.sha256(text.encode() + len(digest).to_bytes(4, "big")).digest()
+    return [(b - 127.5) / 127.5 for b in digest[:n]]
+
+
+def _unit(v: list[float]) -> list[float]:
+    norm = sum(x * x for x in v) ** 0.5 or 1.0
+    return [x / norm for x in v]
 
 
 def _ndjson(obj: dict[str, Any]) -> bytes:

@@ -16,16 +16,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ccproxy import __version__, errors, redact
-from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body, send_bytes, send_json
+from ccproxy.asgi import Receive, Scope, Send, header_map, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
-from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
+from ccproxy.pipeline import ChatFlow, CountTokensFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.providers import make_provider
-from ccproxy.providers.base import ModelListing, Provider, TokenCounter
-from ccproxy.routing import DeploymentHealth, RequestTraits, Router
+from ccproxy.providers.base import ModelListing, Provider
+from ccproxy.routing import DeploymentHealth, Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
-from ccproxy.tokens import estimate_prompt_tokens
 from ccproxy.ui import Dashboard
 from ccproxy.usage.record import UsageRecord
 
@@ -131,7 +130,8 @@ class Gateway:
             ("POST", "/v1/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
             ("POST", "/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
             ("POST", "/v1/messages"): self._chat(adapters.ANTHROPIC, "/v1/messages"),
-            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("POST", "/v1/messages/count_tokens"): self._chat(adapters.ANTHROPIC_COUNT_TOKENS,
+                                                              "/v1/messages/count_tokens", CountTokensFlow),
             ("POST", "/api/chat"): self._chat(adapters.OLLAMA, "/api/chat"),
             ("GET", "/api/tags"): self._ollama_tags,
             ("GET", "/api/version"): self._ollama_version,
@@ -279,7 +279,9 @@ class Gateway:
 
     # ---------------------------------------------------------------- endpoints
 
-    def _chat(self, adapter: DialectAdapter, endpoint: str) -> Handler:
+    def _chat(self, adapter: DialectAdapter, endpoint: str, flow_class: type[ChatFlow] = ChatFlow) -> Handler:
+        """A handler that runs `flow_class` (the request flow: auth, preparation, limits, usage)
+        under the gateway's global slot (`limits.max_concurrent`)."""
         async def handler(scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
             if self.draining:
                 await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
@@ -295,7 +297,7 @@ class Gateway:
             metrics = getattr(self.services, "metrics", None)
             if metrics is not None:
                 metrics.in_flight.inc()
-            flow = ChatFlow(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
+            flow = flow_class(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
             flow.runtime.active += 1
             try:
                 await flow.run(receive, send)
@@ -358,34 +360,12 @@ class Gateway:
         render = adapters.ANTHROPIC_MODELS if adapter is adapters.ANTHROPIC else adapters.OPENAI_MODELS
         await send_json(send, 200, render(aliases))
 
-    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        adapter = adapters.ANTHROPIC
-        try:
-            principal = await self.authenticator.authenticate(headers)
-            limits = self.runtime.config.limits
-            body = await read_body(receive, headers, limits.max_body_bytes, limits.body_timeout)
-            req = adapters.parse_count_tokens(parse_json(body, limits.max_json_depth))
-            traits = RequestTraits.of(req, headers, principal.name)
-            route = self.runtime.router.route(req, traits)
-            target = route.targets[0]
-            provider = self.runtime.providers[target.deployment.provider]
-            count: int | None = None
-            if isinstance(provider, TokenCounter):
-                try:
-                    count = await provider.count_tokens(req, target.deployment.model)
-                except errors.GatewayError:
-                    count = None
-            how = "backend"
-            if count is None:
-                count, how = estimate_prompt_tokens(req), "estimate"
-            await send_json(send, 200, {"input_tokens": count}, {"x-ccproxy-token-count": how})
-        except errors.GatewayError as e:
-            await send_error(send, adapter, e)
-
     async def _ollama_tags(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        if await self._authenticated(headers, send, adapters.OLLAMA) is None:
+        principal = await self._authenticated(headers, send, adapters.OLLAMA)
+        if principal is None:
             return
-        await send_json(send, 200, adapters.OLLAMA_TAGS(self.runtime.router.aliases()))
+        await send_json(send, 200, adapters.OLLAMA_TAGS(
+            [a for a in self.runtime.router.aliases() if model_allowed(principal, a)]))
 
     async def _ollama_version(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         await send_json(send, 200, {"version": __version__})

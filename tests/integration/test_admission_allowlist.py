@@ -13,6 +13,7 @@ separate process that also has llama.cpp's `POST /tokenize` and counts every req
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import sys
@@ -21,11 +22,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import requests
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, wait_until  # noqa: E402
+from _fake_openai import FakeOpenAI, cli, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -149,10 +152,6 @@ def test_fallbacks_tags_and_unknown_model_respect_the_allowlist(gateway, upstrea
 
 
 def test_served_alias_in_postgres(gateway, upstream, free_port, postgres_server) -> None:
-    import asyncio
-
-    import asyncpg
-
     url = postgres_server.create_database("adm_" + uuid.uuid4().hex[:12])
     cfg = make_config(upstream, free_port())
     del cfg["database"]
@@ -174,10 +173,6 @@ def test_served_alias_in_postgres(gateway, upstream, free_port, postgres_server)
 
 
 def test_route_explain_names_skipped_fallbacks(upstream, free_port, tmp_path: Path) -> None:
-    from _fake_openai import cli
-
-    import yaml
-
     (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump(make_config(upstream, free_port())))
     (tmp_path / "req.json").write_text(json.dumps({"model": "guarded", "max_tokens": 5, "system": "s",
                                                    "messages": [{"role": "user", "content": "hi"}]}))

@@ -12,14 +12,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ccproxy import __version__, errors, redact
+import orjson
+
+from ccproxy import __version__, errors, openapi, redact
 from ccproxy.asgi import Receive, Scope, Send, header_map, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
+from ccproxy.endpoints import Endpoint, Handler, error_dialects, openapi_paths, routes
 from ccproxy.pipeline import ChatFlow, CountTokensFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.providers import make_provider
 from ccproxy.providers.base import ModelListing, Provider
@@ -107,9 +109,6 @@ class _Services:
         return None
 
 
-Handler = Callable[[Scope, Receive, Send, dict[str, str]], Awaitable[None]]
-
-
 class Gateway:
     def __init__(self, config: Config, services: Any = None):
         self.runtime = Runtime(config)
@@ -120,26 +119,53 @@ class Gateway:
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
-        self._routes: dict[tuple[str, str], Handler] = {
-            ("GET", "/health"): self._health,
-            ("HEAD", "/health"): self._health,
-            ("GET", "/health/ready"): self._ready,
-            ("GET", "/"): self._root,
-            ("HEAD", "/"): self._root,
-            ("GET", "/v1/models"): self._models,
-            ("POST", "/v1/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
-            ("POST", "/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
-            ("POST", "/v1/messages"): self._chat(adapters.ANTHROPIC, "/v1/messages"),
-            ("POST", "/v1/messages/count_tokens"): self._chat(adapters.ANTHROPIC_COUNT_TOKENS,
-                                                              "/v1/messages/count_tokens", CountTokensFlow),
-            ("POST", "/api/chat"): self._chat(adapters.OLLAMA, "/api/chat"),
-            ("GET", "/api/tags"): self._ollama_tags,
-            ("GET", "/api/version"): self._ollama_version,
-            ("GET", "/metrics"): self._metrics,
-            ("GET", "/openapi.json"): self._openapi,
-        }
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
-        self._routes.update(self.ui.routes())
+        self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints()
+        self._routes: dict[tuple[str, str], Handler] = routes(self.endpoints)
+        self._dialects: dict[str, DialectAdapter] = error_dialects(self.endpoints)
+        self._openapi_doc: bytes | None = None
+
+    def _endpoint_table(self) -> list[Endpoint]:
+        """The gateway's own endpoints (the dashboard adds its own): the router, the dialect of
+        errors per path and the OpenAPI paths all come from this list (endpoints.py)."""
+        openai, anthropic, ollama = adapters.OPENAI, adapters.ANTHROPIC, adapters.OLLAMA
+        chat = self._chat
+        return [
+            Endpoint("POST", "/v1/chat/completions", chat(openai, "/v1/chat/completions"), openai,
+                     summary="OpenAI Chat Completions", doc=openapi.CHAT_COMPLETIONS),
+            Endpoint("POST", "/chat/completions", chat(openai, "/v1/chat/completions"), openai,
+                     summary="OpenAI Chat Completions (the same, for clients whose base URL lacks /v1)",
+                     doc=openapi.CHAT_COMPLETIONS),
+            Endpoint("POST", "/v1/messages", chat(anthropic, "/v1/messages"), anthropic,
+                     summary="Anthropic Messages", doc=openapi.MESSAGES),
+            Endpoint("POST", "/v1/messages/count_tokens",
+                     chat(adapters.ANTHROPIC_COUNT_TOKENS, "/v1/messages/count_tokens", CountTokensFlow), anthropic,
+                     summary="Anthropic token counting (the backend's tokenizer where it has one, else an estimate)",
+                     doc=openapi.COUNT_TOKENS),
+            Endpoint("GET", "/v1/models", self._models,
+                     summary="The model aliases this key may use (Anthropic's list shape when "
+                             "anthropic-version is sent)", doc=openapi.MODELS),
+            Endpoint("POST", "/api/chat", chat(ollama, "/api/chat"), ollama, summary="Ollama chat",
+                     doc=openapi.OLLAMA_CHAT),
+            Endpoint("GET", "/api/tags", self._ollama_tags, ollama,
+                     summary="Ollama model list: the aliases this key may use", doc=openapi.OLLAMA_TAGS),
+            Endpoint("GET", "/api/version", self._ollama_version, ollama, auth="none",
+                     summary="Ollama version probe", doc=openapi.VERSION),
+            Endpoint("GET", "/health", self._health, auth="none", summary="Liveness: the process answers",
+                     doc=openapi.HEALTH),
+            Endpoint("HEAD", "/health", self._health, auth="none", summary="Liveness, without a body",
+                     doc=openapi.HEALTH),
+            Endpoint("GET", "/health/ready", self._ready, auth="none",
+                     summary="Readiness: at least one backend answers and the gateway is not draining "
+                             "(details for callers with a key)", doc=openapi.READY),
+            Endpoint("GET", "/", self._root, auth="none", summary="Reachability probe", doc=openapi.ROOT),
+            Endpoint("HEAD", "/", self._root, auth="none", summary="Reachability probe (Claude Code sends it)",
+                     doc=openapi.ROOT),
+            Endpoint("GET", "/metrics", self._metrics, auth="admin", summary="Prometheus metrics",
+                     doc=openapi.METRICS),
+            Endpoint("GET", "/openapi.json", self._openapi, auth="none", summary="This OpenAPI document",
+                     doc=openapi.OPENAPI),
+        ]
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -248,6 +274,11 @@ class Gateway:
                                  errors.GatewayError("internal gateway error; see the gateway log"))
 
     def _adapter_for(self, path: str, headers: dict[str, str]) -> DialectAdapter:
+        """The dialect errors on `path` are rendered in: the endpoint's own (endpoint table), else
+        by the path's family and the request's headers."""
+        adapter = self._dialects.get(path)
+        if adapter is not None:
+            return adapter
         if path.startswith("/api/"):
             return adapters.OLLAMA
         if path.startswith("/v1/messages") or "anthropic-version" in headers:
@@ -381,5 +412,6 @@ class Gateway:
         await send_bytes(send, 200, data, content_type)
 
     async def _openapi(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        from ccproxy.openapi import spec
-        await send_json(send, 200, spec())
+        if self._openapi_doc is None:
+            self._openapi_doc = orjson.dumps(openapi.spec(openapi_paths(self.endpoints)))
+        await send_bytes(send, 200, self._openapi_doc, "application/json")

@@ -151,7 +151,7 @@ class Preparation:
         return self
 
     def _drop_fallbacks(self, principal: Principal, route: Route) -> None:
-        if all(t.alias == route.alias for t in route.targets):
+        if not route.alias_config.fallbacks:
             return
         kept: list[Target] = []
         skipped: dict[str, str] = {}

@@ -1,9 +1,15 @@
 """The ASGI application: endpoint table, lifespan, readiness, hot-swappable runtime.
 
-`Gateway(config)` is the ASGI app. Per request it picks the endpoint from a small table; chat
-endpoints run `pipeline.ChatFlow` with the dialect adapter of the endpoint. Everything that a
-config reload may change (config, router, providers) lives in one `Runtime` object that is
-replaced atomically; a request pins the runtime it started with.
+`Gateway(config)` is the ASGI app. Per request it picks the endpoint from its endpoint table;
+endpoints that reach a backend run the request flow (`pipeline.ChatFlow`, or `CountTokensFlow`)
+with the dialect adapter of the endpoint, under the global slot (`limits.max_concurrent`).
+Everything that a config reload may change (config, router, providers) lives in one `Runtime`
+object that is replaced atomically; a request pins the runtime it started with.
+
+Endpoint table: `Gateway._endpoint_table` lists the gateway's endpoints and `Dashboard.endpoints`
+the dashboard's, one `endpoints.Endpoint` each (method, path, handler, dialect of its errors, auth,
+OpenAPI summary and document, or `hidden`). The router (`_routes`), the error dialect per path
+(`_adapter_for`) and `/openapi.json` are derived from it, so adding an endpoint is adding one entry.
 """
 
 from __future__ import annotations

@@ -213,3 +213,30 @@ async def test_api_tags_lists_only_the_keys_aliases(gw: tuple[Gateway, Backend, 
     assert [m["name"] for m in narrow["models"]] == ["fast", "guarded"]
     wide = (await client.get("/api/tags", headers={"authorization": f"Bearer {WIDE}"})).json()
     assert [m["name"] for m in wide["models"]] == ["fast", "other", "local", "guarded"]
+
+
+async def test_ollama_num_ctx_is_sized_by_its_provider_through_the_gateway() -> None:
+    from ccproxy.testing.fake_ollama import FakeOllama
+
+    async with FakeOllama(models={"llama3.2": {}}) as fake:
+        cfg = parse_config({"keys": [{"name": "k", "key": WIDE}],
+                            "providers": {"ol": {"type": "ollama", "base_url": fake.base_url}},
+                            "models": {"local": {"provider": "ol", "model": "llama3.2", "context_window": 4096}}})
+        gateway = Gateway(cfg)
+        await gateway.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw") as client:
+                auth = {"authorization": f"Bearer {WIDE}"}
+                resp = await client.post("/v1/chat/completions", headers=auth, json={
+                    "model": "local", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]})
+                assert resp.status_code == 200, resp.text
+                # a client's own num_ctx is replaced by the sized one, within the context window
+                resp = await client.post("/api/chat", headers=auth, json={
+                    "model": "local", "stream": False, "options": {"num_ctx": 999999, "num_predict": 100000},
+                    "messages": [{"role": "user", "content": "hi"}]})
+                assert resp.status_code == 200, resp.text
+        finally:
+            await gateway.shutdown()
+        sent = [r["options"]["num_ctx"] for r in fake.chat_requests]
+        assert sent[0] == 1280  # (prompt + 1000) * 1.1, rounded up to a multiple of 256
+        assert sent[1] == 4096  # capped at the alias's context window

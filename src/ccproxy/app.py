@@ -1,9 +1,15 @@
 """The ASGI application: endpoint table, lifespan, readiness, hot-swappable runtime.
 
-`Gateway(config)` is the ASGI app. Per request it picks the endpoint from a small table; chat
-endpoints run `pipeline.ChatFlow` with the dialect adapter of the endpoint. Everything that a
-config reload may change (config, router, providers) lives in one `Runtime` object that is
-replaced atomically; a request pins the runtime it started with.
+`Gateway(config)` is the ASGI app. Per request it picks the endpoint from its endpoint table;
+endpoints that reach a backend run the request flow (`pipeline.ChatFlow`, or `CountTokensFlow`)
+with the dialect adapter of the endpoint, under the global slot (`limits.max_concurrent`).
+Everything that a config reload may change (config, router, providers) lives in one `Runtime`
+object that is replaced atomically; a request pins the runtime it started with.
+
+Endpoint table: `Gateway._endpoint_table` lists the gateway's endpoints and `Dashboard.endpoints`
+the dashboard's, one `endpoints.Endpoint` each (method, path, handler, dialect of its errors, auth,
+OpenAPI summary and document, or `hidden`). The router (`_routes`), the error dialect per path
+(`_adapter_for`) and `/openapi.json` are derived from it, so adding an endpoint is adding one entry.
 """
 
 from __future__ import annotations
@@ -12,23 +18,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ccproxy import __version__, errors, redact
-from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body, send_bytes, send_json
+import orjson
+
+from ccproxy import __version__, errors, openapi, redact
+from ccproxy.asgi import Receive, Scope, Send, header_map, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
 from ccproxy.embeddings import EmbeddingsFlow
-from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
+from ccproxy.endpoints import Endpoint, Handler, error_dialects, openapi_paths, routes
+from ccproxy.pipeline import ChatFlow, CountTokensFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.pricing import PriceBook
 from ccproxy.providers import make_provider
-from ccproxy.providers.base import ModelListing, Provider, TokenCounter
+from ccproxy.providers.base import ModelListing, Provider
 from ccproxy.proxyheaders import apply_forwarded
-from ccproxy.routing import DeploymentHealth, RequestTraits, Router
+from ccproxy.routing import DeploymentHealth, Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
-from ccproxy.tokens import estimate_prompt_tokens
 from ccproxy.ui import Dashboard
 from ccproxy.usage.record import UsageRecord
 
@@ -112,9 +119,6 @@ class _Services:
         return None
 
 
-Handler = Callable[[Scope, Receive, Send, dict[str, str]], Awaitable[None]]
-
-
 class Gateway:
     def __init__(self, config: Config, services: Any = None):
         self.runtime = Runtime(config)
@@ -125,27 +129,58 @@ class Gateway:
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
-        self._routes: dict[tuple[str, str], Handler] = {
-            ("GET", "/health"): self._health,
-            ("HEAD", "/health"): self._health,
-            ("GET", "/health/ready"): self._ready,
-            ("GET", "/"): self._root,
-            ("HEAD", "/"): self._root,
-            ("GET", "/v1/models"): self._models,
-            ("POST", "/v1/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
-            ("POST", "/chat/completions"): self._chat(adapters.OPENAI, "/v1/chat/completions"),
-            ("POST", "/v1/responses"): self._chat(adapters.RESPONSES, "/v1/responses"),
-            ("POST", "/v1/messages"): self._chat(adapters.ANTHROPIC, "/v1/messages"),
-            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
-            ("POST", "/v1/embeddings"): self._chat(adapters.OPENAI, "/v1/embeddings", EmbeddingsFlow),
-            ("POST", "/api/chat"): self._chat(adapters.OLLAMA, "/api/chat"),
-            ("GET", "/api/tags"): self._ollama_tags,
-            ("GET", "/api/version"): self._ollama_version,
-            ("GET", "/metrics"): self._metrics,
-            ("GET", "/openapi.json"): self._openapi,
-        }
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
-        self._routes.update(self.ui.routes())
+        self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints()
+        self._routes: dict[tuple[str, str], Handler] = routes(self.endpoints)
+        self._dialects: dict[str, DialectAdapter] = error_dialects(self.endpoints)
+        self._openapi_doc: bytes | None = None
+
+    def _endpoint_table(self) -> list[Endpoint]:
+        """The gateway's own endpoints (the dashboard adds its own): the router, the dialect of
+        errors per path and the OpenAPI paths all come from this list (endpoints.py)."""
+        openai, anthropic, ollama = adapters.OPENAI, adapters.ANTHROPIC, adapters.OLLAMA
+        chat = self._chat
+        return [
+            Endpoint("POST", "/v1/chat/completions", chat(openai, "/v1/chat/completions"), openai,
+                     summary="OpenAI Chat Completions", doc=openapi.CHAT_COMPLETIONS),
+            Endpoint("POST", "/chat/completions", chat(openai, "/v1/chat/completions"), openai,
+                     summary="OpenAI Chat Completions (the same, for clients whose base URL lacks /v1)",
+                     doc=openapi.CHAT_COMPLETIONS),
+            Endpoint("POST", "/v1/responses", chat(adapters.RESPONSES, "/v1/responses"), adapters.RESPONSES,
+                     summary="OpenAI Responses API, stateless: previous_response_id is refused, nothing is stored",
+                     doc=openapi.RESPONSES),
+            Endpoint("POST", "/v1/messages", chat(anthropic, "/v1/messages"), anthropic,
+                     summary="Anthropic Messages", doc=openapi.MESSAGES),
+            Endpoint("POST", "/v1/messages/count_tokens",
+                     chat(adapters.ANTHROPIC_COUNT_TOKENS, "/v1/messages/count_tokens", CountTokensFlow), anthropic,
+                     summary="Anthropic token counting (the backend's tokenizer where it has one, else an estimate)",
+                     doc=openapi.COUNT_TOKENS),
+            Endpoint("POST", "/v1/embeddings", chat(openai, "/v1/embeddings", EmbeddingsFlow), openai,
+                     summary="OpenAI embeddings (string inputs; float or base64)", doc=openapi.EMBEDDINGS),
+            Endpoint("GET", "/v1/models", self._models,
+                     summary="The model aliases this key may use (Anthropic's list shape when "
+                             "anthropic-version is sent)", doc=openapi.MODELS),
+            Endpoint("POST", "/api/chat", chat(ollama, "/api/chat"), ollama, summary="Ollama chat",
+                     doc=openapi.OLLAMA_CHAT),
+            Endpoint("GET", "/api/tags", self._ollama_tags, ollama,
+                     summary="Ollama model list: the aliases this key may use", doc=openapi.OLLAMA_TAGS),
+            Endpoint("GET", "/api/version", self._ollama_version, ollama, auth="none",
+                     summary="Ollama version probe", doc=openapi.VERSION),
+            Endpoint("GET", "/health", self._health, auth="none", summary="Liveness: the process answers",
+                     doc=openapi.HEALTH),
+            Endpoint("HEAD", "/health", self._health, auth="none", summary="Liveness, without a body",
+                     doc=openapi.HEALTH),
+            Endpoint("GET", "/health/ready", self._ready, auth="none",
+                     summary="Readiness: at least one backend answers and the gateway is not draining "
+                             "(details for callers with a key)", doc=openapi.READY),
+            Endpoint("GET", "/", self._root, auth="none", summary="Reachability probe", doc=openapi.ROOT),
+            Endpoint("HEAD", "/", self._root, auth="none", summary="Reachability probe (Claude Code sends it)",
+                     doc=openapi.ROOT),
+            Endpoint("GET", "/metrics", self._metrics, auth="admin", summary="Prometheus metrics",
+                     doc=openapi.METRICS),
+            Endpoint("GET", "/openapi.json", self._openapi, auth="none", summary="This OpenAPI document",
+                     doc=openapi.OPENAPI),
+        ]
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -255,6 +290,11 @@ class Gateway:
                                  errors.GatewayError("internal gateway error; see the gateway log"))
 
     def _adapter_for(self, path: str, headers: dict[str, str]) -> DialectAdapter:
+        """The dialect errors on `path` are rendered in: the endpoint's own (endpoint table), else
+        by the path's family and the request's headers."""
+        adapter = self._dialects.get(path)
+        if adapter is not None:
+            return adapter
         if path.startswith("/api/"):
             return adapters.OLLAMA
         if path.startswith("/v1/messages") or "anthropic-version" in headers:
@@ -289,6 +329,8 @@ class Gateway:
     # ---------------------------------------------------------------- endpoints
 
     def _chat(self, adapter: DialectAdapter, endpoint: str, flow_class: type[ChatFlow] = ChatFlow) -> Handler:
+        """A handler that runs `flow_class` (the request flow: auth, preparation, limits, usage)
+        under the gateway's global slot (`limits.max_concurrent`)."""
         async def handler(scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
             if self.draining:
                 await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
@@ -367,34 +409,12 @@ class Gateway:
         render = adapters.ANTHROPIC_MODELS if adapter is adapters.ANTHROPIC else adapters.OPENAI_MODELS
         await send_json(send, 200, render(aliases))
 
-    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        adapter = adapters.ANTHROPIC
-        try:
-            principal = await self.authenticator.authenticate(headers)
-            limits = self.runtime.config.limits
-            body = await read_body(receive, headers, limits.max_body_bytes, limits.body_timeout)
-            req = adapters.parse_count_tokens(parse_json(body, limits.max_json_depth))
-            traits = RequestTraits.of(req, headers, principal.name)
-            route = self.runtime.router.route(req, traits)
-            target = route.targets[0]
-            provider = self.runtime.providers[target.deployment.provider]
-            count: int | None = None
-            if isinstance(provider, TokenCounter):
-                try:
-                    count = await provider.count_tokens(req, target.deployment.model)
-                except errors.GatewayError:
-                    count = None
-            how = "backend"
-            if count is None:
-                count, how = estimate_prompt_tokens(req), "estimate"
-            await send_json(send, 200, {"input_tokens": count}, {"x-ccproxy-token-count": how})
-        except errors.GatewayError as e:
-            await send_error(send, adapter, e)
-
     async def _ollama_tags(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        if await self._authenticated(headers, send, adapters.OLLAMA) is None:
+        principal = await self._authenticated(headers, send, adapters.OLLAMA)
+        if principal is None:
             return
-        await send_json(send, 200, adapters.OLLAMA_TAGS(self.runtime.router.aliases()))
+        await send_json(send, 200, adapters.OLLAMA_TAGS(
+            [a for a in self.runtime.router.aliases() if model_allowed(principal, a)]))
 
     async def _ollama_version(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         await send_json(send, 200, {"version": __version__})
@@ -413,5 +433,6 @@ class Gateway:
         await send_bytes(send, 200, data, content_type)
 
     async def _openapi(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        from ccproxy.openapi import spec
-        await send_json(send, 200, spec())
+        if self._openapi_doc is None:
+            self._openapi_doc = orjson.dumps(openapi.spec(openapi_paths(self.endpoints)))
+        await send_bytes(send, 200, self._openapi_doc, "application/json")

@@ -121,6 +121,12 @@ class ChatRequest:
     user: str | None = None
     seed: int | None = None
     response_format: dict[str, Any] | None = None  # OpenAI shape: {"type": "json_object"} etc.
+    # Context size the backend should load the model with (Ollama `options.num_ctx`): a client may
+    # send one; the provider's `fit` sets it for the backend (providers/ollama.py).
+    num_ctx: int | None = None
+    # Anthropic beta flags from the client's `anthropic-beta` header; only Anthropic-compatible
+    # backends receive them (providers/anthropic.py).
+    anthropic_beta: tuple[str, ...] = ()
     # Fields a same-dialect backend may understand (OpenAI `logprobs`, `presence_penalty`, ...).
     passthrough: dict[str, Any] = field(default_factory=dict)
 

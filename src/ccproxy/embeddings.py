@@ -1,38 +1,38 @@
-"""`POST /v1/embeddings`: the chat flow's pieces, applied to embeddings.
+"""`POST /v1/embeddings`: the request flow (`pipeline.ChatFlow`), serving vectors instead of chat.
 
-    authenticate -> read + parse body -> route (rules, alias) -> key allowlist -> admit (per-key
-    limits) -> call a deployment (retrying others, fallbacks) -> OpenAI JSON -> one usage row + log line.
+    authenticate -> read body -> prepare (parse, route, allowlist) -> can the route embed? ->
+    admit (per-key limits) -> call a deployment (retrying others, fallbacks) -> OpenAI JSON ->
+    one usage row + log line + metrics.
 
-`EmbeddingsFlow` is a `pipeline.ChatFlow` whose `run` differs: the request id, the usage record,
-the deployment order, retries and cooldowns, the log line and the row are the chat flow's own. The
-global slot (`limits.max_concurrent`) and draining are the gateway's handler's, as for chat. Routing
-and rules see the inputs as one user message per input (so `min_prompt_tokens`, `header`, `key`
-rules work); the row's input tokens are the backend's count, else that estimate.
+`EmbeddingsFlow` overrides only what differs from chat: how the body is parsed, the check that a
+deployment of the route can embed, and `serve`. Everything else (request id, global slot, auth,
+preparation, limits, deployment order, retries and cooldowns, the log line, the row) is the flow's
+own. Routing and rules see the inputs as one user message per input (so `min_prompt_tokens`,
+`header`, `key` rules work); the row's input tokens are the backend's count, else that estimate.
 
 Backends: `providers.embeddings.embedder` (OpenAI-compatible, Ollama, embedded with
-`embeddings: true`); a route none of whose deployments embeds (Anthropic, an
-embedded model without `embeddings: true`) gets a 400 naming the alias, before admission.
+`embeddings: true`); a route none of whose deployments embeds (Anthropic, an embedded model
+without `embeddings: true`) gets a 400 naming the alias, before admission.
 """
 
 from __future__ import annotations
 
-import logging
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 import orjson
 
 from ccproxy import errors
-from ccproxy.asgi import Receive, Send, parse_json, read_body, send_bytes
+from ccproxy.asgi import DisconnectWatcher, Send, send_bytes
 from ccproxy.core import ChatRequest, Message, TextBlock, Usage
 from ccproxy.dialects import embeddings as emb
-from ccproxy.pipeline import ChatFlow, model_allowed, send_error
+from ccproxy.pipeline import ChatFlow
+from ccproxy.preparation import Preparation
 from ccproxy.providers.embeddings import embedder
-from ccproxy.routing import RequestTraits, Route
-from ccproxy.tokens import estimate_prompt_tokens
+from ccproxy.routing import Route
 
 __all__ = ["EmbeddingsFlow"]
-
-log = logging.getLogger("ccproxy.request")
 
 
 def as_chat_request(req: emb.EmbeddingRequest) -> ChatRequest:
@@ -44,59 +44,38 @@ def as_chat_request(req: emb.EmbeddingRequest) -> ChatRequest:
 class EmbeddingsFlow(ChatFlow):
     """One embeddings request from auth to usage row."""
 
-    async def run(self, receive: Receive, send: Send) -> None:
-        ticket = None
-        usage = Usage()
-        try:
-            principal = await self.gw.authenticator.authenticate(self.headers)
-            self.record.key_name = principal.name
-            limits = self.runtime.config.limits
-            body = await read_body(receive, self.headers, limits.max_body_bytes, limits.body_timeout)
-            req = emb.parse_request(parse_json(body, limits.max_json_depth))
-            chat = as_chat_request(req)
-            self.prompt_estimate = estimate_prompt_tokens(chat)
-            route = self.runtime.router.route(chat, RequestTraits.of(chat, self.headers, principal.name,
-                                                                      self.prompt_estimate))
-            self.record.alias, self.record.rule, self.record.stream = route.alias, route.rule, False
-            if route.rule:
-                self.resp_headers["x-ccproxy-route"] = route.rule
-            if not model_allowed(principal, route.alias):
-                raise errors.Forbidden(f"key {principal.name!r} may not use model {route.alias!r}")
-            self._check_can_embed(route)
-            ticket = await self.gw.services.limiter.admit(principal, self.prompt_estimate, self.adapter.name)
-            self.admitted = True
-            self.resp_headers.update(ticket.headers)
-            result = await self._embed(req, chat, route)
-            if req.dimensions is not None and any(len(v) != req.dimensions for v in result.vectors):
-                raise errors.CapabilityMissing(
-                    f"model {route.alias!r} does not support 'dimensions': its backend answered with "
-                    f"{len(result.vectors[0])}-dimensional vectors instead of {req.dimensions}; leave "
-                    "'dimensions' out", param="dimensions")
-            usage = Usage(input_tokens=result.prompt_tokens or self.prompt_estimate)
-            out = orjson.dumps(emb.render_response(req, result, usage.input_tokens))
-            self.started = True
-            self.record.status = 200
-            self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
-            self._finish(usage)
-            await send_bytes(send, 200, out, "application/json", self.resp_headers)
-        except errors.GatewayError as e:
-            self.record.status, self.record.error_kind = e.status, e.kind
-            if not self.started:
-                self._finish(usage)
-                await send_error(send, self.adapter, e, self.resp_headers)
-        except Exception:
-            log.exception("unexpected error in request %s", self.request_id)
-            self.record.status, self.record.error_kind = 500, "internal_error"
-            if not self.started:
-                self._finish(usage)
-                await send_error(send, self.adapter, errors.GatewayError(
-                    "internal gateway error; see the gateway log for request " + self.request_id),
-                    self.resp_headers)
-        finally:
-            if not self.finished:
-                self._finish(usage)
-            if ticket is not None:
-                await ticket.release(usage.input_tokens)
+    generates = False  # no chat capabilities, no fit: embedding models take inputs as they are
+    embedding: emb.EmbeddingRequest | None = None
+
+    def parse(self, body: Any) -> ChatRequest:
+        self.embedding = emb.parse_request(body)
+        return as_chat_request(self.embedding)
+
+    def check(self, plan: Preparation) -> None:
+        assert plan.route is not None
+        self._check_can_embed(plan.route)
+
+    async def _serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Usage:
+        req, route = self.embedding, plan.route
+        assert req is not None and plan.req is not None and route is not None
+        result = await self._embed(req, plan.req, route)
+        if req.dimensions is not None and any(len(v) != req.dimensions for v in result.vectors):
+            raise errors.CapabilityMissing(
+                f"model {route.alias!r} does not support 'dimensions': its backend answered with "
+                f"{len(result.vectors[0])}-dimensional vectors instead of {req.dimensions}; leave "
+                "'dimensions' out", param="dimensions")
+        usage = Usage(input_tokens=result.prompt_tokens or self.prompt_estimate)
+        out = orjson.dumps(emb.render_response(req, result, usage.input_tokens))
+        watcher.stop()
+        self.started = True
+        self.record.status = 200
+        self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
+        self._finish(usage)
+        await send_bytes(send, 200, out, "application/json", self.resp_headers)
+        return usage
+
+    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Usage]:
+        return self._serve(send, plan, watcher)
 
     def _check_can_embed(self, route: Route) -> None:
         """Before admission, as chat's capability checks: 400 when no deployment of the route embeds."""

@@ -1,9 +1,13 @@
 """The OpenAPI 3.0 description of the gateway's HTTP API, served at GET /openapi.json.
 
-`spec()` returns a plain dict. Request schemas describe what the dialect parsers accept (so a
-generator such as schemathesis can make valid bodies, and invalid ones by breaking them); they are
-deliberately open (`additionalProperties` allowed) where the real APIs are. Error responses are
-described in each dialect's own shape: OpenAI `{"error": {"message", "type", ...}}`, Anthropic
+The paths come from the endpoint table (endpoints.py): each entry names its summary and one of the
+operation documents below (request body and responses), so an endpoint is documented where it is
+registered. `spec(paths)` wraps them with the schemas and security schemes into a plain dict.
+
+Request schemas describe what the dialect parsers accept (so a generator such as schemathesis can
+make valid bodies, and invalid ones by breaking them); they are deliberately open
+(`additionalProperties` allowed) where the real APIs are. Error responses are described in each
+dialect's own shape: OpenAI `{"error": {"message", "type", ...}}`, Anthropic
 `{"type": "error", "error": {"type", "message"}}`, Ollama `{"error": "..."}`.
 """
 
@@ -14,7 +18,7 @@ from typing import Any
 
 from ccproxy import __version__
 
-__all__ = ["spec"]
+__all__ = ["spec"]  # and the operation documents (CHAT_COMPLETIONS, ...) that endpoint entries name
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -198,6 +202,12 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {"model": {"type": "string"}, "message": {"type": "object"}, "done": {"type": "boolean"}},
     },
     "OllamaError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "OllamaTags": {
+        "type": "object", "required": ["models"],
+        "properties": {"models": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "model": {"type": "string"}}}}},
+    },
+    "Version": {"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
     # ------------------------------------------------------------------ health
     "EmbeddingsRequest": {
         "type": "object", "required": ["model", "input"],
@@ -246,9 +256,8 @@ EMBEDDINGS = {  # the POST /v1/embeddings operation: request body and responses
 }
 
 
-def _chat(summary: str, request: str, response: str, error: str, stream_type: str) -> dict[str, Any]:
-    return {"post": {
-        "summary": summary,
+def _chat(request: str, response: str, error: str, stream_type: str) -> dict[str, Any]:
+    return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
         "responses": {
             "200": {"description": "the answer (a stream when `stream` is true)",
@@ -256,58 +265,54 @@ def _chat(summary: str, request: str, response: str, error: str, stream_type: st
                                 stream_type: {"schema": {"type": "string"}}}},
             **_errors(error, _CHAT_ERRORS),
         },
-    }}
+    }
 
 
-_PATHS: dict[str, Any] = {
-    "/v1/chat/completions": _chat("OpenAI Chat Completions", "ChatCompletionRequest", "ChatCompletion",
-                                  "OpenAIError", "text/event-stream"),
-    "/v1/responses": _chat("OpenAI Responses API, stateless: previous_response_id is refused, nothing is stored",
-                           "ResponsesRequest", "Response", "OpenAIError", "text/event-stream"),
-    "/v1/messages": _chat("Anthropic Messages", "MessagesRequest", "MessageResponse", "AnthropicError",
-                          "text/event-stream"),
-    "/v1/messages/count_tokens": {"post": {
-        "summary": "Anthropic token counting (the backend's tokenizer where it has one, else an estimate)",
-        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CountTokensRequest")}}},
-        "responses": {"200": _json(_ref("CountTokensResponse"), "the prompt's token count"),
-                      **_errors("AnthropicError", (400, 401, 403, 404, 408, 413, 431, 500, 503))},
-    }},
-    "/v1/embeddings": {"post": {"summary": "OpenAI embeddings (string inputs; float or base64)", **EMBEDDINGS}},
-    "/v1/models": {"get": {
-        "summary": "The model aliases this key may use (Anthropic's list shape when anthropic-version is sent)",
-        "responses": {"200": _json(_ref("ModelList"), "the aliases"),
-                      **_errors("OpenAIError", (401, 403, 431, 500, 503))},
-    }},
-    "/api/chat": _chat("Ollama chat", "OllamaChatRequest", "OllamaChatResponse", "OllamaError",
-                       "application/x-ndjson"),
-    "/health": {"get": {
-        "summary": "Liveness: the process answers", "security": [],
-        "responses": {"200": _json(_ref("Health"), "alive")},
-    }},
-    "/health/ready": {"get": {
-        "summary": "Readiness: at least one backend answers and the gateway is not draining "
-                   "(details for callers with a key)", "security": [],
-        "responses": {"200": _json(_ref("Readiness"), "ready"),
-                      "503": _json(_ref("Readiness"), "no backend answers, or shutting down")},
-    }},
+def _text(description: str, content_type: str = "text/plain") -> dict[str, Any]:
+    return {"description": description, "content": {content_type: {"schema": {"type": "string"}}}}
+
+
+# --------------------------------------------------------------------------- operation documents
+
+CHAT_COMPLETIONS = _chat("ChatCompletionRequest", "ChatCompletion", "OpenAIError", "text/event-stream")
+MESSAGES = _chat("MessagesRequest", "MessageResponse", "AnthropicError", "text/event-stream")
+RESPONSES = _chat("ResponsesRequest", "Response", "OpenAIError", "text/event-stream")
+COUNT_TOKENS = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CountTokensRequest")}}},
+    "responses": {"200": _json(_ref("CountTokensResponse"), "the prompt's token count"),
+                  **_errors("AnthropicError", (400, 401, 403, 404, 408, 413, 429, 431, 500, 503))},
 }
+MODELS = {"responses": {"200": _json(_ref("ModelList"), "the aliases"),
+                        **_errors("OpenAIError", (401, 403, 431, 500, 503))}}
+OLLAMA_CHAT = _chat("OllamaChatRequest", "OllamaChatResponse", "OllamaError", "application/x-ndjson")
+OLLAMA_TAGS = {"responses": {"200": _json(_ref("OllamaTags"), "the aliases this key may use"),
+                             **_errors("OllamaError", (401, 403, 431, 500, 503))}}
+VERSION = {"responses": {"200": _json(_ref("Version"), "the gateway's version")}}
+HEALTH = {"responses": {"200": _json(_ref("Health"), "alive")}}
+READY = {"responses": {"200": _json(_ref("Readiness"), "ready"),
+                       "503": _json(_ref("Readiness"), "no backend answers, or shutting down")}}
+ROOT = {"responses": {"200": _text("ccproxy is running")}}
+METRICS = {"responses": {"200": _text("Prometheus text exposition"),
+                         **_errors("OpenAIError", (401, 403, 431, 500))}}
+OPENAPI = {"responses": {"200": {"description": "this document",
+                                 "content": {"application/json": {"schema": {"type": "object"}}}}}}
+DASHBOARD_API = {"responses": {"200": _json({"type": "object"}, "see src/ccproxy/ui/API.md"),
+                               **_errors("OpenAIError", (400, 401, 403, 429, 431, 500, 503))}}
 
-_SPEC: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "ccproxy", "version": __version__,
-             "description": "One URL and one key for OpenAI, Anthropic and Ollama clients over many backends."},
-    "paths": _PATHS,
-    "components": {
-        "schemas": _SCHEMAS,
-        "securitySchemes": {
-            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
-            "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+
+def spec(paths: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document for these `paths` (from `endpoints.openapi_paths`)."""
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "ccproxy", "version": __version__,
+                 "description": "One URL and one key for OpenAI, Anthropic and Ollama clients over many backends."},
+        "paths": paths,
+        "components": {
+            "schemas": copy.deepcopy(_SCHEMAS),
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+                "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
         },
-    },
-    "security": [{"bearerAuth": []}, {"apiKeyAuth": []}],
-}
-
-
-def spec() -> dict[str, Any]:
-    """The OpenAPI document (a fresh copy: callers may change it)."""
-    return copy.deepcopy(_SPEC)
+        "security": [{"bearerAuth": []}, {"apiKeyAuth": []}],
+    }

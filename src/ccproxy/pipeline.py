@@ -1,24 +1,26 @@
-"""The chat request flow, the same for every client dialect:
+"""The request flow, the same for every client dialect and every endpoint that admits a request:
 
-    authenticate -> read + parse body -> route (rules, alias) -> check capabilities, clamp,
-    size the context -> admit (rate limits, budget) -> call a deployment (retrying others until the
-    first byte reaches the client) -> render (JSON or stream) -> one usage row (with its cost) + one log line.
+    authenticate -> read body -> prepare (preparation.py: parse, route, allowlist, capabilities,
+    fit) -> admit (rate limits, budget) -> serve -> one usage row (with its cost) + one log line +
+    metrics.
 
-Dialect specifics live behind `DialectAdapter`; provider specifics behind `providers.base.Provider`.
+`ChatFlow` serves a chat request: call a deployment (retrying others until the first byte reaches
+the client) and render the answer (JSON or stream). `CountTokensFlow` is the same flow serving a
+token count instead. Dialect specifics live behind `DialectAdapter`; provider specifics behind
+`providers.base.Provider` (the flow never asks which type a provider is).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fnmatch
 import itertools
 import logging
 import math
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,26 +39,22 @@ from ccproxy.asgi import (
     start_stream,
 )
 from ccproxy.attribution import attribute
-from ccproxy.config import AliasConfig, ProviderConfig
 from ccproxy.core import (
     ChatRequest,
     ChatResponse,
     Finish,
-    Message,
     StopReason,
     StreamEvent,
-    TextBlock,
     TextDelta,
     ThinkingDelta,
     ToolCallDelta,
-    ToolResultBlock,
-    ToolUseBlock,
     Usage,
     UsageUpdate,
 )
+from ccproxy.preparation import Preparation, check_capabilities, fit_request, model_allowed
 from ccproxy.pricing import DEFAULT_OUTPUT_RESERVE, Price, cost_usd, worst_case_usd
-from ccproxy.routing import RequestTraits, Route, Target
-from ccproxy.services import Principal
+from ccproxy.providers.base import Provider, TokenCounter
+from ccproxy.routing import Route, Target
 from ccproxy.stopseq import apply_stop_sequences, collect, without_stop
 from ccproxy.tokens import estimate_prompt_tokens
 from ccproxy.usage.record import UsageRecord
@@ -88,6 +86,8 @@ class DialectAdapter:
     # Set by a dialect whose answer depends on the request (Responses gives flattened namespace tools
     # their names back); used instead of render_response: (request, response, request id) -> body.
     render_for_request: Callable[[ChatRequest, ChatResponse, str], dict[str, Any]] | None = None
+    # what the dialect takes from request headers into the parsed request (Anthropic's anthropic-beta)
+    read_headers: Callable[[ChatRequest, dict[str, str]], None] | None = None
 
 
 async def send_error(send: Send, adapter: DialectAdapter, exc: errors.GatewayError,
@@ -97,57 +97,9 @@ async def send_error(send: Send, adapter: DialectAdapter, exc: errors.GatewayErr
 
 
 # --------------------------------------------------------------------------- request preparation
-
-
-def check_capabilities(req: ChatRequest, alias: str, cfg: AliasConfig) -> None:
-    tools_off = cfg.strip_tools or (req.tool_choice is not None and req.tool_choice.type == "none")
-    if req.tools and not cfg.supports_tools and not tools_off:
-        raise errors.CapabilityMissing(
-            f"model {alias!r} does not support tools, but the request offers {len(req.tools)}; "
-            f"use an alias with supports_tools: true or send no tools", param="tools")
-    if not cfg.supports_images and req.has_images():
-        raise errors.CapabilityMissing(
-            f"model {alias!r} does not accept images; use an alias with supports_images: true "
-            f"or send text only", param="messages")
-
-
-def prepare_for(req: ChatRequest, alias: str, cfg: AliasConfig, provider: ProviderConfig,
-                prompt_tokens: int) -> ChatRequest:
-    """A copy of the request fitted to one alias: tools stripped where asked, max_tokens clamped,
-    context checked, thinking dropped where the backend has none, Ollama's num_ctx sized."""
-    changes: dict[str, Any] = {}
-    if cfg.strip_tools and (req.tools or any(isinstance(b, (ToolUseBlock, ToolResultBlock))
-                                             for m in req.messages for b in m.content)):
-        changes["tools"], changes["tool_choice"] = [], None
-        changes["messages"] = [Message(m.role, [_tool_block_as_text(b) for b in m.content]) for m in req.messages]
-        req = dataclasses.replace(req, **changes)
-        prompt_tokens = estimate_prompt_tokens(req)  # the definitions are not sent: do not count them
-    max_tokens = req.max_tokens
-    if cfg.max_output_tokens and (max_tokens is None or max_tokens > cfg.max_output_tokens):
-        max_tokens = cfg.max_output_tokens
-    if cfg.context_window:
-        if prompt_tokens >= cfg.context_window:
-            raise errors.ContextOverflow(
-                f"the prompt is about {prompt_tokens} tokens but model {alias!r} has a context window of "
-                f"{cfg.context_window} tokens; shorten the conversation or use a larger model",
-                param="messages")
-        room = cfg.context_window - prompt_tokens
-        if max_tokens is None or max_tokens > room:
-            max_tokens = room
-    changes["max_tokens"] = max_tokens
-    if req.thinking is not None and not cfg.supports_thinking:
-        changes["thinking"] = None
-    elif req.thinking is not None and req.thinking.budget_tokens and max_tokens:
-        # thinking needs budget < max_tokens; keep the client's intent within the clamp
-        budget = min(req.thinking.budget_tokens, max(1024, max_tokens - 1))
-        changes["thinking"] = dataclasses.replace(req.thinking, budget_tokens=budget)
-    if provider.type == "ollama":
-        want = prompt_tokens + (max_tokens or 1024)
-        num_ctx = int(math.ceil(want * 1.1 / 256) * 256)
-        if cfg.context_window:
-            num_ctx = min(num_ctx, cfg.context_window)
-        changes["passthrough"] = {**req.passthrough, "num_ctx": num_ctx}
-    return dataclasses.replace(req, **changes)
+# preparation.py; these names stay importable from here for the code that used them
+__all__ = ["ChatFlow", "CountTokensFlow", "DialectAdapter", "check_capabilities", "fit_request", "model_allowed",
+           "new_request_id", "send_error"]
 
 
 def capped_stop_reason(reason: StopReason, asked: ChatRequest, sent: ChatRequest) -> StopReason:
@@ -158,20 +110,6 @@ def capped_stop_reason(reason: StopReason, asked: ChatRequest, sent: ChatRequest
             asked.max_tokens is None or sent.max_tokens < asked.max_tokens):
         return "end_turn"
     return reason
-
-
-def _tool_block_as_text(b: Any) -> Any:
-    if isinstance(b, ToolUseBlock):
-        return TextBlock(f"[called tool {b.name} with {orjson.dumps(b.input).decode()}]")
-    if isinstance(b, ToolResultBlock):
-        return TextBlock(f"[tool {'error' if b.is_error else 'result'}: {b.text()}]")
-    return b
-
-
-def model_allowed(principal: Principal, alias: str) -> bool:
-    if principal.models is None:
-        return True
-    return any(fnmatch.fnmatchcase(alias, pattern) for pattern in principal.models)
 
 
 # --------------------------------------------------------------------------- the flow
@@ -187,7 +125,10 @@ def new_request_id() -> str:
 
 
 class ChatFlow:
-    """One chat request from auth to usage row. Created per request."""
+    """One request from auth to usage row, created per request. Subclasses change only `serve`
+    (what an admitted request gets) and `reserve` (what it holds against the key's token limit)."""
+
+    generates = True  # the request asks a backend for an answer (capabilities and fit apply)
 
     def __init__(self, gateway: Any, adapter: DialectAdapter, endpoint: str, headers: dict[str, str]):
         self.gw = gateway
@@ -202,7 +143,7 @@ class ChatFlow:
         self.output_events = 0
         self.prompt_estimate = 0
         self.more_attempts = False  # another deployment may still be tried (see _attempts)
-        self._prepared_first: tuple[Target, ChatRequest] | None = None
+        self.plan = Preparation(self.runtime.router, self.runtime.providers)
         self.admitted = False  # passed auth, validation and limits: the request gets a usage row
         self.finished = False  # the log line (and row) is written, just before the response ends
         self.price: Price | None = None  # of the deployment serving the request (pricing.py)
@@ -221,40 +162,21 @@ class ChatFlow:
                 self.record.tags = dict(principal.tags) or None
                 limits = self.runtime.config.limits
                 body = await read_body(receive, self.headers, limits.max_body_bytes, limits.body_timeout)
-                req = self.adapter.parse(parse_json(body, limits.max_json_depth))
-                beta = self.headers.get("anthropic-beta")
-                if beta and self.adapter.name == "anthropic":
-                    # forwarded to Anthropic-compatible backends only (providers/anthropic.py)
-                    req.passthrough["anthropic.beta"] = [f.strip() for f in beta.split(",") if f.strip()]
-                self.record.session_id, self.record.end_user = attribute(self.headers, req.user)
-                self.prompt_estimate = estimate_prompt_tokens(req)
-                traits = RequestTraits.of(req, self.headers, principal.name, self.prompt_estimate)
-                route = self.runtime.router.route(req, traits)
-                self.record.alias, self.record.rule, self.record.stream = route.alias, route.rule, req.stream
-                if route.rule:
-                    self.resp_headers["x-ccproxy-route"] = route.rule
-                if not model_allowed(principal, route.alias):
-                    raise errors.Forbidden(f"key {principal.name!r} may not use model {route.alias!r}")
-                check_capabilities(req, route.alias, route.alias_config)
-                first = route.targets[0]
-                primary = prepare_for(req, route.alias, route.alias_config,
-                                      self.runtime.config.providers[first.deployment.provider], self.prompt_estimate)
-                self._prepared_first = (first, primary)
-                ticket = await self.gw.services.limiter.admit(
-                    principal, self.prompt_estimate + (primary.max_tokens or 0), self.adapter.name)
+                plan = self.plan.run(self.parse, parse_json(body, limits.max_json_depth), self.headers,
+                                     principal, read_headers=self.adapter.read_headers, generate=self.generates)
+                self._note_route()
+                self.check(plan)
+                if plan.req is not None:
+                    self.record.session_id, self.record.end_user = attribute(self.headers, plan.req.user)
+                ticket = await self.gw.services.limiter.admit(principal, self.reserve(plan), self.adapter.name)
                 budgets = getattr(self.gw.services, "budgets", None)
                 if budgets is not None and principal.budget_usd:
-                    hold = await budgets.admit(principal, max(worst_case_usd(
-                        self.runtime.prices.get(t.alias, t.deployment), self.prompt_estimate,
-                        primary.max_tokens or DEFAULT_OUTPUT_RESERVE) for t in route.targets), self.adapter.name)
+                    hold = await budgets.admit(principal, self.worst_case_usd(plan), self.adapter.name)
                 self.admitted = True
                 self.resp_headers.update(ticket.headers)
                 watcher = DisconnectWatcher(receive)
                 watcher.start()
-                if req.stream:
-                    usage = await self._stream(send, req, route, watcher)
-                else:
-                    usage = await self._complete(send, req, route, watcher)
+                usage = await self.serve(send, plan, watcher)
             except ClientGone:
                 raise asyncio.CancelledError() from None
         except asyncio.CancelledError:
@@ -272,6 +194,7 @@ class ChatFlow:
             self.record.status = e.status
             self.record.error_kind = e.kind
             if not self.started:
+                self._note_route()  # a refusal after routing (403, 400) still names the alias in its log line
                 self._finish(usage)
                 await send_error(send, self.adapter, e, self.resp_headers)
         except Exception:
@@ -292,6 +215,48 @@ class ChatFlow:
             if hold is not None:
                 await hold.settle(self.record.cost_usd)
 
+    def _note_route(self) -> None:
+        route = self.plan.route
+        if route is None or self.record.alias is not None:
+            return
+        self.prompt_estimate = self.plan.prompt_tokens
+        self.record.alias, self.record.rule = route.alias, route.rule
+        self.record.stream = self.plan.req.stream if self.plan.req is not None else False
+        if route.rule:
+            self.resp_headers["x-ccproxy-route"] = route.rule
+
+    def parse(self, body: Any) -> ChatRequest:
+        """The client's body as a neutral request (the endpoint's dialect)."""
+        return self.adapter.parse(body)
+
+    def check(self, plan: Preparation) -> None:
+        """What an endpoint refuses after preparation and before admission (embeddings: a route
+        that cannot embed). Chat's own checks are preparation's."""
+
+    def reserve(self, plan: Preparation) -> int:
+        """Tokens to hold against the key's token-per-minute limit until the request ends."""
+        if plan.first is None or plan.first.max_tokens is None:
+            return plan.prompt_tokens
+        return plan.prompt_tokens + plan.first.max_tokens
+
+    def worst_case_usd(self, plan: Preparation) -> float:
+        """The most this request can cost (budget reservation): its prompt and full output on the
+        dearest deployment that may serve it; nothing when it generates nothing."""
+        if not self.generates or plan.route is None:
+            return 0.0
+        out = (plan.first.max_tokens if plan.first is not None else None) or DEFAULT_OUTPUT_RESERVE
+        prices = self.runtime.prices
+        return max(worst_case_usd(prices.get(t.alias, t.deployment), plan.prompt_tokens, out)
+                   for t in plan.route.targets)
+
+    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Usage]:
+        """Answer an admitted request; its usage (the response is sent, the row not yet). Returns
+        the coroutine of the answering method rather than awaiting it: no extra frame per request."""
+        assert plan.req is not None and plan.route is not None
+        if plan.req.stream:
+            return self._stream(send, plan.req, plan.route, watcher)
+        return self._complete(send, plan.req, plan.route, watcher)
+
     def _finish(self, usage: Usage) -> None:
         """Log line, usage row and metrics; called right before the response's last byte, so a
         client that has its answer can already find both."""
@@ -300,7 +265,8 @@ class ChatFlow:
         r.latency_ms = round((time.perf_counter() - self.t0) * 1000, 3)
         r.input_tokens, r.output_tokens = usage.input_tokens, usage.output_tokens
         r.cache_read_tokens, r.cache_creation_tokens = usage.cache_read_tokens, usage.cache_creation_tokens
-        r.cost_usd = cost_usd(self.price, usage)
+        # a token count generates nothing and costs nothing (it is not billed)
+        r.cost_usd = cost_usd(self.price, usage) if self.generates else (0.0 if self.price else None)
         if self.admitted:
             self.gw.services.usage.submit(r)
         self.gw.observe(r, self.admitted)
@@ -331,13 +297,7 @@ class ChatFlow:
                             extra={"fields": {"request_id": self.request_id}})
                 return
             try:
-                if target.alias != route.alias:
-                    check_capabilities(req, target.alias, target.alias_config)
-                if self._prepared_first is not None and self._prepared_first[0] is target:
-                    prepared = self._prepared_first[1]  # already fitted for the limiter's reservation
-                else:
-                    prepared = prepare_for(req, target.alias, target.alias_config,
-                                           config.providers[target.deployment.provider], self.prompt_estimate)
+                prepared = self.plan.fitted(target)
             except errors.InvalidRequest:
                 if target.alias == route.alias:
                     raise
@@ -363,6 +323,7 @@ class ChatFlow:
                                       "upstream_model": target.deployment.model, "error": e.kind}})
 
     def _note_target(self, target: Target) -> None:
+        self.record.served_alias = target.alias
         self.record.provider = target.deployment.provider
         self.record.upstream_model = target.deployment.model
         self.price = self.runtime.prices.get(target.alias, target.deployment)
@@ -505,21 +466,59 @@ class ChatFlow:
         raise last or errors.UpstreamError("no deployment could take this request")
 
 
+class CountTokensFlow(ChatFlow):
+    """`POST /v1/messages/count_tokens`: admitted exactly as chat (auth, allowlist, limits, global
+    slot, log line, metrics, usage row with 0 output tokens), then answered with the first
+    target's tokenizer where its provider has one (`TokenCounter`), else the gateway's estimate."""
+
+    generates = False  # no capabilities check, no fit: counting a prompt that is too long is the point
+
+    def reserve(self, plan: Preparation) -> int:
+        return plan.prompt_tokens
+
+    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Usage]:
+        return self._count(send, plan, watcher)
+
+    async def _count(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Usage:
+        assert plan.req is not None and plan.route is not None
+        target = plan.route.targets[0]
+        self._note_target(target)
+        provider = self.runtime.providers[target.deployment.provider]
+        count: int | None = None
+        if isinstance(provider, TokenCounter):
+            try:
+                count = await provider.count_tokens(plan.req, target.deployment.model)
+            except errors.GatewayError:
+                count = None
+        how = "backend"
+        if count is None:
+            count, how = self.prompt_estimate, "estimate"
+        watcher.stop()
+        self.started = True
+        self.record.status = 200
+        self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
+        usage = Usage(input_tokens=count)
+        self._finish(usage)
+        self.resp_headers["x-ccproxy-token-count"] = how
+        await send_json(send, 200, {"input_tokens": count}, self.resp_headers)
+        return usage
+
+
 _END = object()
 
 
-def _gateway_stops(provider: Any, req: ChatRequest) -> bool:
-    """Anthropic backends report the matched stop sequence themselves; others need the gateway."""
-    return bool(req.stop) and provider.config.type != "anthropic"
+def _gateway_stops(provider: Provider, req: ChatRequest) -> bool:
+    """A backend that reports the matched stop sequence itself stops on its own; others need the gateway."""
+    return bool(req.stop) and not provider.reports_stop_sequences
 
 
-def _call_stream(provider: Any, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
+def _call_stream(provider: Provider, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
     if _gateway_stops(provider, req):
         return apply_stop_sequences(provider.stream(without_stop(req), model), req.stop)
     return provider.stream(req, model)
 
 
-async def _call_complete(provider: Any, req: ChatRequest, model: str) -> ChatResponse:
+async def _call_complete(provider: Provider, req: ChatRequest, model: str) -> ChatResponse:
     if _gateway_stops(provider, req):
         return await collect(_call_stream(provider, dataclasses.replace(req, stream=True), model))
     return await provider.complete(req, model)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,7 +137,9 @@ class Router:
     def aliases(self) -> list[str]:
         return list(self.config.models)
 
-    def route(self, req: ChatRequest, traits: RequestTraits) -> Route:
+    def route(self, req: ChatRequest, traits: RequestTraits, visible: Callable[[str], bool] | None = None) -> Route:
+        """The alias and ordered targets for `req`. `visible` filters the aliases an unknown-model
+        error lists (those the calling key may use)."""
         for rule in self.config.rules:
             why = rule_matches(rule, traits)
             if why is not None:
@@ -146,7 +149,8 @@ class Router:
         if alias is None:
             raise errors.UnknownModel(
                 f"model {req.model!r} is not configured here; valid models (aliases): "
-                f"{', '.join(self.config.models)}", param="model")
+                f"{', '.join(a for a in self.config.models if visible is None or visible(a)) or 'none'}",
+                param="model")
         how = "exact alias" if alias == req.model else f"matches alias pattern {alias!r}"
         return self._with_targets(Route(req.model, alias, self.config.models[alias], None, how), req, traits)
 
@@ -251,14 +255,17 @@ class Router:
                         "requests": h.total, "errors": h.errors})
         return out
 
-    def explain(self, req: ChatRequest, traits: RequestTraits) -> dict[str, Any]:
+    def explain(self, req: ChatRequest, traits: RequestTraits, route: Route | None = None) -> dict[str, Any]:
+        """The routing decision as a dict, with every rule checked on the way; `route` is the one
+        already made for this request (else it is made here)."""
         checked = []
         for rule in self.config.rules:
             why = rule_matches(rule, traits)
             checked.append({"rule": rule.name, "matched": why is not None, "why": why})
             if why is not None:
                 break
-        route = self.route(req, traits)
+        if route is None:
+            route = self.route(req, traits)
         return {
             "requested_model": req.model,
             "rules_checked": checked,

@@ -19,8 +19,10 @@ Like a real backend it stops at the request's `max_completion_tokens` / `max_tok
 than N allowed, the answer is cut at exactly that many pieces with `finish_reason: "length"`.
 
 Wrong or missing `Authorization: Bearer <api_key>` -> 401 whose message echoes the presented key
-(as OpenAI's own "Incorrect API key provided: sk-..." does). `GET /_fake/stats` (no auth) gives
-{"chat": requests seen, "active": in progress, "max_active": the most at once}.
+(as OpenAI's own "Incorrect API key provided: sk-..." does). `POST /tokenize` (at the root, as
+llama.cpp's server has it) answers `{"tokens": [...]}`, one token per word. `GET /_fake/stats`
+(no auth) gives {"chat": requests seen, "active": in progress, "max_active": the most at once,
+"tokenize": tokenize requests seen}.
 
 Run directly: `python tests/integration/_fake_openai.py --port N [--api-key KEY]`.
 """
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--api-key")
     args = ap.parse_args(argv)
-    stats = {"chat": 0, "active": 0, "max_active": 0}
+    stats = {"chat": 0, "active": 0, "max_active": 0, "tokenize": 0}
 
     def authorized(request: web.Request) -> web.Response | None:
         if not args.api_key:
@@ -112,11 +114,19 @@ def main(argv: list[str] | None = None) -> None:
             return refused
         return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
 
+    async def tokenize(request: web.Request) -> web.Response:
+        stats["tokenize"] += 1
+        refused = authorized(request)
+        if refused is not None:
+            return refused
+        body = await request.json()
+        return web.json_response({"tokens": list(range(len(str(body.get("content", "")).split())))})
+
     async def get_stats(request: web.Request) -> web.Response:
         return web.json_response(stats)
 
     async def reset(request: web.Request) -> web.Response:
-        stats.update(chat=0, max_active=stats["active"])
+        stats.update(chat=0, max_active=stats["active"], tokenize=0)
         return web.json_response(stats)
 
     async def chat(request: web.Request) -> web.StreamResponse:
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", tokenize)
     app.router.add_get("/_fake/stats", get_stats)
     app.router.add_post("/_fake/reset", reset)
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, shutdown_timeout=1)

@@ -173,7 +173,8 @@ async def test_no_canary_leaks_anywhere(gateway, upstream, postgres_server, free
 
     rows_url = postgres_server.url_for(db)
     dump = await dump_database(rows_url)
-    assert dump.count('"request_id"') == 7 + 9 + 3  # every admitted chat request, nothing else
+    # every admitted request (7 chats and 1 count_tokens above, 9 + 3 below), nothing else
+    assert dump.count('"request_id"') == 8 + 9 + 3
     leaks += find_leaks("usage database", dump, secrets + [PROMPT])
 
     for args in (("usage", "--by", "key", "--format", "json"), ("usage", "--recent", "50", "--format", "json"),

@@ -142,7 +142,7 @@ async def test_base_url_with_v1_and_beta_flags(backend: Backend) -> None:
     p = make(backend.url + "/v1/")
     try:
         req = ChatRequest(model="a", messages=REQ.messages, max_tokens=5,
-                          passthrough={"anthropic.beta": ["x-1", "y-2"]})
+                          anthropic_beta=("x-1", "y-2"))
         await p.complete(req, "claude-x")
     finally:
         await p.close()

@@ -13,10 +13,10 @@ import pytest
 
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
-from ccproxy.dialects.anthropic_stream_validator import validate_stream
 from ccproxy.dialects.embeddings import EmbeddingRequest
 from ccproxy.dialects.openai_stream_validator import validate_chat_stream
 from ccproxy.providers.embedded import EmbeddedProvider
+from ccproxy.testing.anthropic_sse import check_messages_stream
 from ccproxy.testing.fake_backend import FakeBackend, decide
 
 
@@ -177,12 +177,12 @@ async def test_agent_round_in_every_dialect(fake: FakeBackend, stream: bool) -> 
     # Anthropic
     status, _, raw = await post(fake, "/v1/messages", {"model": "fake", "max_tokens": 10, "messages": user,
                                                        "stream": stream, "tools": ANTHROPIC_TOOLS})
-    use = validate_stream(raw).tool_uses[0] if stream else json.loads(raw)["content"][0]
+    use = check_messages_stream(raw).tool_uses[0] if stream else json.loads(raw)["content"][0]
     tool_id = use.id if stream else use["id"]
     result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": "ok"}]}
     _, _, raw = await post(fake, "/v1/messages", {"model": "fake", "max_tokens": 10, "stream": stream,
                                                   "messages": [*user, {"role": "assistant", "content": []}, result]})
-    assert (validate_stream(raw).text if stream else json.loads(raw)["content"][0]["text"]) == "all done"
+    assert (check_messages_stream(raw).text if stream else json.loads(raw)["content"][0]["text"]) == "all done"
     # Ollama
     _, _, raw = await post(fake, "/api/chat", {"model": "fake", "messages": user, "stream": stream,
                                                "tools": OPENAI_TOOLS})

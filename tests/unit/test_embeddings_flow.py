@@ -15,6 +15,7 @@ import pytest
 
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 from ccproxy.testing.fake_backend import FakeBackend
 
 KEY = "sk-embeddings-flow"
@@ -52,7 +53,7 @@ async def gw(fake: FakeBackend) -> AsyncIterator[tuple[Gateway, httpx.AsyncClien
     }, "embeddings.yaml")
     gateway = Gateway(config)
     await gateway.startup()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw", timeout=30)
+    client = httpx.AsyncClient(transport=_transport(gateway), base_url="http://gw", timeout=30)
     yield gateway, client
     await client.aclose()
     await gateway.shutdown()
@@ -136,3 +137,7 @@ async def test_refused_before_admission_has_no_row(gw: Any) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
     assert (await embed(client, {"model": "nope", "input": "x"})).status_code == 400
     assert len(gateway.services.usage.rows) == before
+
+
+def _transport(app: object) -> ValidatingTransport:
+    return ValidatingTransport(httpx.ASGITransport(app=app))

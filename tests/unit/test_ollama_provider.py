@@ -87,7 +87,7 @@ async def test_complete_plain(fake: FakeOllama, make: Callable[..., OllamaProvid
     p = make(keep_alive="10m")
     await p.start()
     req = ask("Hello there", max_tokens=50, temperature=0.3, stop=["END"])
-    req.passthrough["num_ctx"] = 8192
+    req.num_ctx = 8192
     resp = await p.complete(req, "llama3.2")
     assert resp.content == [TextBlock("Hello there")]
     assert resp.stop_reason == "end_turn"

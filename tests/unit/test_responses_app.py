@@ -14,6 +14,7 @@ from test_anthropic_app import FINAL, REASONING, FakeUpstream, make_config
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
 from ccproxy.dialects.responses_stream_validator import ValidatedResponse, validate_stream
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 KEY = "sk-anthropic-app-alice"  # the key of make_config
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -35,7 +36,7 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 async def client(upstream: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
     gw = Gateway(parse_config(make_config(upstream), "test.yaml"))
     await gw.startup()
-    c = httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gateway", timeout=30)
+    c = httpx.AsyncClient(transport=_transport(gw), base_url="http://gateway", timeout=30)
     yield c
     await c.aclose()
     await gw.shutdown()
@@ -149,3 +150,7 @@ async def test_errors_in_the_openai_shape(client: httpx.AsyncClient) -> None:
         err = openai_error(await client.request(method, "/v1/responses/resp_abc", headers=AUTH), 404)
         assert "'resp_abc'" in err["message"] and "does not store responses" in err["message"]
     assert openai_error(await client.get("/v1/responses", headers=AUTH), 405)
+
+
+def _transport(app: object) -> ValidatingTransport:
+    return ValidatingTransport(httpx.ASGITransport(app=app))

@@ -66,42 +66,38 @@ def _headers(values: tuple[str, ...]) -> dict[str, str]:
 
 def explain_request(config: Config, body: Any, *, key: str | None = None, headers: dict[str, str] | None = None,
                     dialect: str | None = None) -> dict[str, Any]:
-    """The routing decision for `body`, as a dict (what `--json` prints). Raises GatewayError when
-    the request itself would be refused (unparsable, unknown model)."""
+    """The routing decision for `body`, as a dict (what `--json` prints), made by the gateway's own
+    request preparation (`preparation.Preparation`). Raises GatewayError when the request itself
+    would be refused (unparsable, unknown model)."""
     from ccproxy.dialects import adapters
-    from ccproxy.pipeline import check_capabilities, model_allowed, prepare_for
-    from ccproxy.routing import RequestTraits, Router
+    from ccproxy.preparation import Preparation, model_allowed
+    from ccproxy.providers import make_provider
+    from ccproxy.routing import Router
     from ccproxy.services import Principal
 
     how = "given with --dialect"
     if dialect is None:
         dialect, how = detect_dialect(body)
     adapter = adapters.ANTHROPIC if dialect == "anthropic" else adapters.OPENAI
-    req = adapter.parse(body)
     hdrs = dict(headers or {})
-    traits = RequestTraits.of(req, hdrs, key or "")
+    kc = next((k for k in config.keys if k.name == key), None) if key is not None else None
+    principal = Principal(name=key or "", models=tuple(kc.models) if kc and kc.models is not None else None)
     router = Router(config)
-    out = router.explain(req, traits)
+    providers = {name: make_provider(name, pc) for name, pc in config.providers.items()}  # not started: no I/O
+    plan = Preparation(router, providers).run(adapter.parse, body, hdrs, principal,
+                                              read_headers=adapter.read_headers, strict=False)
+    assert plan.req is not None and plan.traits is not None
+    out = router.explain(plan.req, plan.traits, plan.route)
     out["dialect"] = dialect
     out["dialect_reason"] = how
     out["rules_total"] = len(config.rules)
     out["key"] = key
     if key is not None:
-        kc = next((k for k in config.keys if k.name == key), None)
         out["key_in_config"] = kc is not None
-        principal = Principal(name=key, models=tuple(kc.models) if kc and kc.models is not None else None)
-        allowed = model_allowed(principal, out["alias"])
-        out["key_allowed"] = allowed
+        out["key_allowed"] = model_allowed(principal, out["alias"])
         out["key_models"] = kc.models if kc else None
-    refused = None
-    try:
-        check_capabilities(req, out["alias"], config.models[out["alias"]])
-        first = out["targets"][0]
-        prepare_for(req, out["alias"], config.models[out["alias"]], config.providers[first["provider"]],
-                    traits.prompt_tokens)
-    except errors.GatewayError as e:
-        refused = e.message
-    out["refused"] = refused
+    out["skipped_fallbacks"] = [{"alias": alias, "reason": why} for alias, why in plan.skipped]
+    out["refused"] = plan.refused.message if plan.refused is not None else None
     prices = PriceBook(config)
     for t in out["targets"]:
         price = prices.get(t["alias"], Deployment(provider=t["provider"], model=t["model"]))
@@ -135,6 +131,8 @@ def format_explain(out: dict[str, Any], source: str) -> str:
         lines.append(f"access: DENIED (403): key {out['key']!r} may use only {out['key_models']}")
     if out["refused"]:
         lines.append(f"refused before any backend is called: {out['refused']}")
+    for skip in out.get("skipped_fallbacks", []):
+        lines.append(f"fallback {skip['alias']!r} skipped: {skip['reason']}")
     lines.append("would be served by (in order; retries/fallbacks before the first byte only):")
     for i, t in enumerate(out["targets"], 1):
         tag = "" if t["alias"] == out["alias"] else "  [fallback]"

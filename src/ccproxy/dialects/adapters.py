@@ -3,6 +3,7 @@ the shape the request pipeline expects."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ccproxy import errors
@@ -18,13 +19,24 @@ OPENAI = DialectAdapter(
     render_error=openai.render_error,
 )
 
+def _anthropic_beta(req: ChatRequest, headers: dict[str, str]) -> None:
+    """The client's `anthropic-beta` flags (forwarded to Anthropic-compatible backends only)."""
+    beta = headers.get("anthropic-beta")
+    if beta:
+        req.anthropic_beta = tuple(f.strip() for f in beta.split(",") if f.strip())
+
+
 ANTHROPIC = DialectAdapter(
     name="anthropic",
     parse=anthropic.parse_request,
     render_response=anthropic.render_response,
     make_renderer=lambda req, model, rid, est: anthropic.AnthropicStreamRenderer(model, rid, est),
     render_error=anthropic.render_error,
+    read_headers=_anthropic_beta,
 )
+
+# POST /v1/messages/count_tokens: the Anthropic dialect with the count_tokens body (no max_tokens)
+ANTHROPIC_COUNT_TOKENS = dataclasses.replace(ANTHROPIC, parse=anthropic.parse_count_tokens)
 
 
 class _OllamaRenderer:

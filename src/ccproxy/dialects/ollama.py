@@ -12,7 +12,7 @@ Client direction (ccproxy serves Ollama clients on /api/chat and /api/tags):
     render_error(exc) -> (status, {"error": message});   render_tags(aliases) -> dict
 
 `num_ctx` is not computed here: the caller passes it in (the provider takes it from
-`req.passthrough["num_ctx"]`, which the app fills from the alias's context window and a token
+`req.num_ctx`, which the Ollama provider's `fit` sets from the alias's context window and a token
 estimate). Wire-format facts: the shared protocol reference, sections 3 (Ollama) and 4 (mapping).
 
 `think` is always sent: Ollama thinks by default when it is omitted and the model can think
@@ -389,8 +389,8 @@ def parse_client_request(body: Any) -> ChatRequest:
     """An Ollama client's /api/chat body as a neutral request. `stream` defaults to true.
 
     All system messages are joined (in order, with "\\n\\n") into `system`; tool messages and the
-    user text after them fold into one user turn, tool results first. `options.num_ctx` and other
-    options without a neutral field go to `passthrough`.
+    user text after them fold into one user turn, tool results first. `options.num_ctx` goes to
+    `num_ctx`; other options without a neutral field go to `passthrough`.
     """
     if not isinstance(body, dict):
         raise errors.InvalidRequest("request body must be a JSON object")
@@ -543,8 +543,13 @@ def _options_in(req: ChatRequest, o: Any) -> None:
             not (isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
         raise errors.InvalidRequest("options.stop must be a string or a list of strings", param="options.stop")
     req.stop = [stop] if isinstance(stop, str) else list(stop or [])
+    num_ctx = o.get("num_ctx")
+    if num_ctx is not None:
+        if isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or num_ctx <= 0:
+            raise errors.InvalidRequest("options.num_ctx must be a positive integer", param="options.num_ctx")
+        req.num_ctx = num_ctx
     for key, val in o.items():
-        if key not in ("num_predict", "temperature", "top_p", "top_k", "seed", "stop") and val is not None:
+        if key not in ("num_predict", "temperature", "top_p", "top_k", "seed", "stop", "num_ctx") and val is not None:
             req.passthrough[key] = val
 
 

@@ -443,7 +443,7 @@ def build_backend_request(req: ChatRequest, model: str) -> dict[str, Any]:
                 body["parallel_tool_calls"] = False
     if req.thinking and req.thinking.effort:
         body["reasoning_effort"] = req.thinking.effort
-    # only OpenAI fields: other dialects keep their own extras under "anthropic.*" / "num_ctx"
+    # only OpenAI fields: other dialects keep their own extras (e.g. "anthropic.*", Ollama options)
     body.update((k, v) for k, v in req.passthrough.items() if k in _PASSTHROUGH)
     return body
 

@@ -19,6 +19,7 @@ import orjson
 
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
+from ccproxy.providers.base import ProviderDefaults
 from ccproxy.tracing import outgoing_headers
 
 
@@ -159,7 +160,7 @@ async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: Provi
         resp.close()  # closing (not releasing) aborts the backend request if we stop early
 
 
-class HttpProvider:
+class HttpProvider(ProviderDefaults):
     """What every HTTP backend shares: its name and config, one pooled session kept open between
     `start()` and `close()`, and the JSON decoding of answers."""
 

@@ -28,6 +28,8 @@ _MAX_MODEL_PAGES = 20
 
 
 class AnthropicProvider(_http.HttpProvider):
+    reports_stop_sequences = True  # the Messages API stops itself and names the sequence
+
     def __init__(self, name: str, config: ProviderConfig):
         super().__init__(name, config)
         base = (config.base_url or "").rstrip("/")
@@ -41,9 +43,8 @@ class AnthropicProvider(_http.HttpProvider):
             self._headers["authorization"] = f"Bearer {config.api_key}"
 
     def _request_headers(self, req: ChatRequest) -> dict[str, str]:
-        beta = req.passthrough.get("anthropic.beta")  # flags the app may forward from the client
-        if isinstance(beta, list | tuple) and beta:
-            return {**self._headers, "anthropic-beta": ",".join(str(b) for b in beta)}
+        if req.anthropic_beta:  # the client's `anthropic-beta` flags
+            return {**self._headers, "anthropic-beta": ",".join(req.anthropic_beta)}
         return self._headers
 
     async def _post(self, path: str, body: dict[str, Any], req: ChatRequest) -> aiohttp.ClientResponse:

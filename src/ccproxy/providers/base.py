@@ -5,15 +5,21 @@ neutral `ChatResponse` or an async iterator of `StreamEvent`s. Providers map the
 failures to `ccproxy.errors` once, at this boundary (connection refused -> UpstreamError, timeouts ->
 UpstreamTimeout, error statuses -> UpstreamStatus), with messages that name the provider, never its
 URL credentials or key.
+
+Providers also own how they differ, so the request flow never asks which type a provider is:
+`fit` adds what one backend type needs to a request already fitted to its alias (Ollama sizes
+`num_ctx`), `reports_stop_sequences` says whether the backend itself reports which stop sequence
+ended an answer (otherwise the gateway applies stop sequences), and a provider with a tokenizer
+implements `TokenCounter`. `ProviderDefaults` gives the common answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from ccproxy.config import ProviderConfig
+from ccproxy.config import AliasConfig, ProviderConfig
 from ccproxy.core import ChatRequest, ChatResponse, StreamEvent
 
 
@@ -30,6 +36,11 @@ class ModelListing:
 class Provider(Protocol):
     name: str
     config: ProviderConfig
+    reports_stop_sequences: bool  # the backend stops at `req.stop` and says which one matched
+
+    def fit(self, req: ChatRequest, alias: AliasConfig, prompt_tokens: int, changes: dict[str, Any]) -> None:
+        """Add this backend type's own changes to `changes` (field -> value, applied to `req` by the
+        caller in one `dataclasses.replace`). `changes["max_tokens"]` is already the clamped value."""
 
     async def start(self) -> None:
         """Open pooled clients / load engines. Called once before serving."""
@@ -57,3 +68,12 @@ class TokenCounter(Protocol):
 
     async def count_tokens(self, req: ChatRequest, model: str) -> int | None:
         ...
+
+
+class ProviderDefaults:
+    """What most backends answer to the questions of the `Provider` seam."""
+
+    reports_stop_sequences: ClassVar[bool] = False
+
+    def fit(self, req: ChatRequest, alias: AliasConfig, prompt_tokens: int, changes: dict[str, Any]) -> None:
+        return None

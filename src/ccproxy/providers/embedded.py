@@ -58,7 +58,7 @@ from ccproxy.dialects import embeddings as emb
 from ccproxy.dialects import openai as dialect
 from ccproxy.providers import embedded_model
 from ccproxy.providers._engine_bridge import Engine, EngineBridge
-from ccproxy.providers.base import ModelListing
+from ccproxy.providers.base import ModelListing, ProviderDefaults
 
 __all__ = ["EmbeddedProvider", "default_model_path"]
 
@@ -125,7 +125,7 @@ def _engine_error(provider: str, err: Any) -> errors.GatewayError:
 # --------------------------------------------------------------------------- the provider
 
 
-class EmbeddedProvider:
+class EmbeddedProvider(ProviderDefaults):
     """A local model served in-process. `engine_factory(config, model_path)` builds the engine (an
     xllamacpp Server by default); tests pass a fake."""
 

@@ -1,10 +1,10 @@
 """An Ollama server as a backend, through its native `POST /api/chat` (not the /v1 layer, which
 drops parameters such as num_ctx).
 
-`num_ctx` comes from `req.passthrough["num_ctx"]` when the app has put it there (computed from the
-alias's context window and a token estimate); without it Ollama uses its default, and silently
-truncates long prompts. `keep_alive` comes from the provider config. This provider only reads
-(`/api/chat`, `/api/tags`); it never pulls, creates, pushes or deletes models.
+`fit` sizes `num_ctx` from the estimated prompt plus `max_tokens` (capped at the alias's context
+window): without it Ollama uses its default, and silently truncates long prompts. `keep_alive`
+comes from the provider config. This provider only reads (`/api/chat`, `/api/tags`); it never
+pulls, creates, pushes or deletes models.
 
 A request that did not ask to think (or whose alias has no `supports_thinking`: the app drops
 `thinking` for it) sends `think: false` (dialects/ollama.py), and any thinking Ollama sends anyway
@@ -13,6 +13,7 @@ A request that did not ask to think (or whose alias has no `supports_thinking`: 
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,7 @@ import aiohttp
 import orjson
 
 from ccproxy import errors
-from ccproxy.config import ProviderConfig
+from ccproxy.config import AliasConfig, ProviderConfig
 from ccproxy.core import ChatRequest, ChatResponse, StreamEvent, ThinkingBlock, ThinkingDelta
 from ccproxy.dialects.ollama import OllamaStreamParser, build_chat_request, parse_chat_response
 from ccproxy.providers import _http
@@ -76,10 +77,17 @@ class OllamaProvider(_http.HttpProvider):
             return ModelListing(reachable=True, models=[],
                                 error=f"provider '{self.name}' sent an unexpected /api/tags answer")
 
+    def fit(self, req: ChatRequest, alias: AliasConfig, prompt_tokens: int, changes: dict[str, Any]) -> None:
+        """Ollama loads a model with `num_ctx` tokens of context and drops the start of a longer
+        prompt without a word: ask for the prompt plus the answer, with 10% headroom, in steps of 256."""
+        want = prompt_tokens + (changes.get("max_tokens", req.max_tokens) or 1024)
+        num_ctx = int(math.ceil(want * 1.1 / 256) * 256)
+        if alias.context_window:
+            num_ctx = min(num_ctx, alias.context_window)
+        changes["num_ctx"] = num_ctx
+
     def _body(self, req: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
-        num_ctx = req.passthrough.get("num_ctx")
-        return build_chat_request(req, model, num_ctx=num_ctx if isinstance(num_ctx, int) else None,
-                                  keep_alive=self.config.keep_alive, stream=stream)
+        return build_chat_request(req, model, num_ctx=req.num_ctx, keep_alive=self.config.keep_alive, stream=stream)
 
     async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         return await _http.post(self.session, self._base + "/api/chat", provider=self.name, config=self.config,

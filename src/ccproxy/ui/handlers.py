@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ccproxy import __version__, errors
+from ccproxy import __version__, errors, openapi
 from ccproxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_bytes, send_json
 from ccproxy.auth import presented_keys
 from ccproxy.checks import model_listed
 from ccproxy.dialects import adapters
+from ccproxy.endpoints import Endpoint
 from ccproxy.pipeline import send_error
 from ccproxy.ui.sessions import LoginThrottle, Sessions
 from ccproxy.usage.query import GROUPS, recent
@@ -38,7 +39,6 @@ from ccproxy.usage.timeseries import key_rates, timeseries, usage_report
 
 log = logging.getLogger("ccproxy.ui")
 
-Handler = Callable[[Scope, Receive, Send, dict[str, str]], Awaitable[None]]
 
 COOKIE = "ccproxy_ui"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -83,20 +83,27 @@ class Dashboard:
         self._index = (STATIC_DIR / "index.html").read_text().replace("__V__", tag).encode()
         self._login = (STATIC_DIR / "login.html").read_text().replace("__V__", tag)
 
-    def routes(self) -> dict[tuple[str, str], Handler]:
-        table: dict[tuple[str, str], Handler] = {
-            ("GET", "/ui"): self.page,
-            ("POST", "/ui/login"): self.login,
-            ("GET", "/ui/login"): self.link_login,
-            ("POST", "/ui/logout"): self.logout,
-            ("GET", "/ui/api/usage"): self.api_usage,
-            ("GET", "/ui/api/timeseries"): self.api_timeseries,
-            ("GET", "/ui/api/requests"): self.api_requests,
-            ("GET", "/ui/api/live"): self.api_live,
-            ("POST", "/ui/api/one-time-link"): self.api_one_time_link,
-        }
-        for path in self._static:
-            table[("GET", path)] = self.static
+    def endpoints(self) -> list[Endpoint]:
+        """The dashboard's entries in the gateway's endpoint table (endpoints.py). The pages and
+        files are for a browser (hidden from the OpenAPI document); the JSON API is documented."""
+        api = openapi.DASHBOARD_API
+        table = [
+            Endpoint("GET", "/ui", self.page, auth="admin", hidden=True),
+            Endpoint("POST", "/ui/login", self.login, auth="none", hidden=True),
+            Endpoint("GET", "/ui/login", self.link_login, auth="none", hidden=True),
+            Endpoint("POST", "/ui/logout", self.logout, auth="none", hidden=True),
+            Endpoint("GET", "/ui/api/usage", self.api_usage, auth="admin",
+                     summary="Dashboard: usage aggregates (?by=key|alias|provider|status|day&since=SECONDS)", doc=api),
+            Endpoint("GET", "/ui/api/timeseries", self.api_timeseries, auth="admin",
+                     summary="Dashboard: requests, errors, tokens per time bucket (?since=&bucket=)", doc=api),
+            Endpoint("GET", "/ui/api/requests", self.api_requests, auth="admin",
+                     summary="Dashboard: the most recent requests (?limit=N)", doc=api),
+            Endpoint("GET", "/ui/api/live", self.api_live, auth="admin",
+                     summary="Dashboard: backends, deployments, keys near their limits", doc=api),
+            Endpoint("POST", "/ui/api/one-time-link", self.api_one_time_link, auth="admin",
+                     summary="Dashboard: a one-time login link", doc=api),
+        ]
+        table += [Endpoint("GET", path, self.static, auth="none", hidden=True) for path in self._static]
         return table
 
     # ------------------------------------------------------------------ who is asking

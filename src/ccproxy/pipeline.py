@@ -30,7 +30,6 @@ from ccproxy.asgi import (
     DisconnectWatcher,
     Receive,
     Send,
-    parse_json,
     read_body,
     send_bytes,
     send_json,
@@ -53,6 +52,7 @@ from ccproxy.core import (
     Usage,
     UsageUpdate,
 )
+from ccproxy.request_body import decode_request
 from ccproxy.routing import RequestTraits, Route, Target
 from ccproxy.services import Principal
 from ccproxy.stopseq import apply_stop_sequences, collect, without_stop
@@ -213,12 +213,11 @@ class ChatFlow:
                 self.record.key_name = principal.name
                 limits = self.runtime.config.limits
                 body = await read_body(receive, self.headers, limits.max_body_bytes, limits.body_timeout)
-                req = self.adapter.parse(parse_json(body, limits.max_json_depth))
+                req, self.prompt_estimate = await decode_request(body, limits, self.adapter.parse)
                 beta = self.headers.get("anthropic-beta")
                 if beta and self.adapter.name == "anthropic":
                     # forwarded to Anthropic-compatible backends only (providers/anthropic.py)
                     req.passthrough["anthropic.beta"] = [f.strip() for f in beta.split(",") if f.strip()]
-                self.prompt_estimate = estimate_prompt_tokens(req)
                 traits = RequestTraits.of(req, self.headers, principal.name, self.prompt_estimate)
                 route = self.runtime.router.route(req, traits)
                 self.record.alias, self.record.rule, self.record.stream = route.alias, route.rule, req.stream

@@ -221,9 +221,9 @@ def _parse_tool_choice(raw: Any, parallel: Any) -> ToolChoice | None:
         return ToolChoice(raw, disable_parallel=disable_parallel)
     if raw == "required":
         return ToolChoice("any", disable_parallel=disable_parallel)
-    if isinstance(raw, dict) and isinstance(raw.get("function"), dict) and isinstance(raw["function"].get("name"), str) \
-            and raw["function"]["name"]:
-        return ToolChoice("tool", raw["function"]["name"], disable_parallel)
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]:
+        return ToolChoice("tool", fn["name"], disable_parallel)
     raise errors.InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
                                 "{type:'function', function:{name}}", param="tool_choice")
 

@@ -16,16 +16,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ccproxy import __version__, errors, redact
-from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body, send_bytes, send_json
+from ccproxy.asgi import Receive, Scope, Send, header_map, read_body, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
 from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.providers import make_provider
 from ccproxy.providers.base import ModelListing, Provider, TokenCounter
+from ccproxy.request_body import decode_request
 from ccproxy.routing import DeploymentHealth, RequestTraits, Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
-from ccproxy.tokens import estimate_prompt_tokens
+from ccproxy.slots import GlobalSlots, SlotAfterBody
 from ccproxy.ui import Dashboard
 from ccproxy.usage.record import UsageRecord
 
@@ -117,7 +118,7 @@ class Gateway:
         self.services = services if services is not None else _Services()
         self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
         self.draining = False
-        self.in_flight = 0
+        self.slots = GlobalSlots(getattr(getattr(self.services, "metrics", None), "in_flight", None))
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -140,6 +141,11 @@ class Gateway:
         }
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
         self._routes.update(self.ui.routes())
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a global slot (limits.max_concurrent)."""
+        return self.slots.in_use
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -285,25 +291,15 @@ class Gateway:
                 await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
                                                                   "another replica"), {"connection": "close"})
                 return
-            limit = self.runtime.config.limits.max_concurrent
-            if self.in_flight >= limit:
-                await send_error(send, adapter, errors.Overloaded(
-                    f"the gateway is at its limit of {limit} concurrent requests (limits.max_concurrent); "
-                    "retry shortly", headers={"retry-after": "1"}))
-                return
-            self.in_flight += 1
-            metrics = getattr(self.services, "metrics", None)
-            if metrics is not None:
-                metrics.in_flight.inc()
             flow = ChatFlow(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
+            # the global slot is taken once the body is in, not during a (slow) upload: slots.py
+            slot = SlotAfterBody(self.slots, receive, flow.runtime.config.limits.max_concurrent)
             flow.runtime.active += 1
             try:
-                await flow.run(receive, send)
+                await flow.run(slot, send)
             finally:
                 flow.runtime.active -= 1
-                self.in_flight -= 1
-                if metrics is not None:
-                    metrics.in_flight.dec()
+                slot.release()
         return handler
 
     async def _health(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
@@ -364,8 +360,8 @@ class Gateway:
             principal = await self.authenticator.authenticate(headers)
             limits = self.runtime.config.limits
             body = await read_body(receive, headers, limits.max_body_bytes, limits.body_timeout)
-            req = adapters.parse_count_tokens(parse_json(body, limits.max_json_depth))
-            traits = RequestTraits.of(req, headers, principal.name)
+            req, estimate = await decode_request(body, limits, adapters.parse_count_tokens)
+            traits = RequestTraits.of(req, headers, principal.name, estimate)
             route = self.runtime.router.route(req, traits)
             target = route.targets[0]
             provider = self.runtime.providers[target.deployment.provider]
@@ -377,7 +373,7 @@ class Gateway:
                     count = None
             how = "backend"
             if count is None:
-                count, how = estimate_prompt_tokens(req), "estimate"
+                count, how = estimate, "estimate"
             await send_json(send, 200, {"input_tokens": count}, {"x-ccproxy-token-count": how})
         except errors.GatewayError as e:
             await send_error(send, adapter, e)

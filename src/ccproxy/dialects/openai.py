@@ -255,7 +255,7 @@ def parse_request(body: Any) -> ChatRequest:
     _expect(isinstance(model, str) and model != "", "model is required (a model alias, see GET /v1/models)", "model")
     system, messages = parse_messages(body.get("messages"))
     n = body.get("n")
-    _expect(n in (None, 1), "n must be 1: ccproxy returns one choice per request", "n")
+    _expect(n is None or (type(n) is int and n == 1), "n must be 1: ccproxy returns one choice per request", "n")
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:  # an explicit null must not hide max_tokens
         max_tokens = body.get("max_tokens")
@@ -269,7 +269,8 @@ def parse_request(body: Any) -> ChatRequest:
             "stop must be a string or a list of strings", "stop")
     stream = body.get("stream", False)
     _expect(isinstance(stream, bool), "stream must be true or false", "stream")
-    so = body.get("stream_options") or {}
+    so = body.get("stream_options")
+    so = {} if so is None else so
     _expect(isinstance(so, dict), "stream_options must be an object", "stream_options")
     include_usage = _opt_bool(so, "include_usage", "stream_options")
     effort = _opt_str(body, "reasoning_effort", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from typing import Any
 
@@ -91,3 +92,21 @@ def test_errors_from_the_thread_reach_the_caller() -> None:
         asyncio.run(decode_request(large, Limits(max_messages=10), openai.parse_request))
     with pytest.raises(errors.InvalidRequest, match="not valid JSON"):
         asyncio.run(decode_request(large[:-1], Limits(), openai.parse_request))
+
+
+def test_the_cyclic_gc_is_paused_only_while_a_large_body_is_decoded() -> None:
+    enabled: list[bool] = []
+
+    def parse(obj: Any) -> ChatRequest:
+        enabled.append(gc.isenabled())
+        return openai.parse_request(obj)
+
+    async def run() -> None:
+        await decode_request(_body(2), Limits(), parse)
+        await decode_request(_body(2, "x" * (OFFLOAD_BYTES + 1)), Limits(), parse)
+        with pytest.raises(errors.InvalidRequest):
+            await decode_request(_body(20, "x" * OFFLOAD_BYTES), Limits(max_messages=10), parse)
+
+    assert gc.isenabled()
+    asyncio.run(run())
+    assert enabled == [True, False] and gc.isenabled()

@@ -195,6 +195,11 @@ def test_kept_regressions(parser: str, body: Any) -> None:
 # --------------------------------------------------------------------------- type confusion
 
 
+# one request per dialect with every field its parser reads
+FULL = [(case["parser"], case["body"])
+        for case in json.loads((FIXTURES / "fuzz/full_requests.json").read_text())["cases"]]
+
+
 def _valid_requests() -> list[tuple[str, Any]]:
     """(parser, body) for every request of the dialects' parse fixtures."""
     out: list[tuple[str, Any]] = []
@@ -203,10 +208,7 @@ def _valid_requests() -> list[tuple[str, Any]]:
                                 ("anthropic_count", "anthropic/parse_count_tokens.json", "input"),
                                 ("ollama", "ollama/parse_client_request.json", "body")):
         out += [(parser, case[field]) for case in json.loads((FIXTURES / path).read_text()) if "error" not in case]
-    # and one request per dialect with every field its parser reads
-    full = json.loads((FIXTURES / "fuzz/full_requests.json").read_text())["cases"]
-    out += [(case["parser"], case["body"]) for case in full]
-    return out
+    return out + FULL
 
 
 VALID = _valid_requests()
@@ -289,7 +291,7 @@ any_type = st.sampled_from(["null", "bool", "int", "float", "str", "list", "dict
 def test_one_field_of_a_valid_request_with_any_value(data: st.DataObject) -> None:
     """Property: a valid request with one field (at any depth) replaced by any JSON value, or a
     few fields at once, parses or fails with a 4xx."""
-    parser, body = data.draw(st.sampled_from(VALID))
+    parser, body = data.draw(st.sampled_from(FULL) | st.sampled_from(VALID))
     for _ in range(data.draw(st.integers(1, 3))):
         paths = _paths(body)
         if not paths:

@@ -36,6 +36,7 @@ from ccproxy.providers.base import ModelListing, Provider
 from ccproxy.proxyheaders import apply_forwarded
 from ccproxy.routing import DeploymentHealth, Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
+from ccproxy.slots import GlobalSlots, SlotAfterBody
 from ccproxy.ui import Dashboard
 from ccproxy.usage.record import UsageRecord
 
@@ -125,7 +126,7 @@ class Gateway:
         self.services = services if services is not None else _Services()
         self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
         self.draining = False
-        self.in_flight = 0
+        self.slots = GlobalSlots(getattr(getattr(self.services, "metrics", None), "in_flight", None))
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -181,6 +182,11 @@ class Gateway:
             Endpoint("GET", "/openapi.json", self._openapi, auth="none", summary="This OpenAPI document",
                      doc=openapi.OPENAPI),
         ]
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a global slot (limits.max_concurrent)."""
+        return self.slots.in_use
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -336,25 +342,15 @@ class Gateway:
                 await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
                                                                   "another replica"), {"connection": "close"})
                 return
-            limit = self.runtime.config.limits.max_concurrent
-            if self.in_flight >= limit:
-                await send_error(send, adapter, errors.Overloaded(
-                    f"the gateway is at its limit of {limit} concurrent requests (limits.max_concurrent); "
-                    "retry shortly", headers={"retry-after": "1"}))
-                return
-            self.in_flight += 1
-            metrics = getattr(self.services, "metrics", None)
-            if metrics is not None:
-                metrics.in_flight.inc()
             flow = flow_class(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
+            # the global slot is taken once the body is in, not during a (slow) upload: slots.py
+            slot = SlotAfterBody(self.slots, receive, flow.runtime.config.limits.max_concurrent)
             flow.runtime.active += 1
             try:
-                await flow.run(receive, send)
+                await flow.run(slot, send)
             finally:
                 flow.runtime.active -= 1
-                self.in_flight -= 1
-                if metrics is not None:
-                    metrics.in_flight.dec()
+                slot.release()
         return handler
 
     async def _health(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:

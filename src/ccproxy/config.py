@@ -206,6 +206,9 @@ class Limits(_Strict):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_concurrent: int = Field(512, ge=1, description="requests in flight over all keys")
     max_json_depth: int = Field(64, ge=4)
+    max_messages: int = Field(10_000, ge=1, description="messages per request (request_body.py)")
+    max_content_blocks: int = Field(20_000, ge=1, description="content blocks, tool definitions and stop "
+                                    "sequences per request (request_body.py)")
     header_timeout: float = Field(10.0, gt=0)
     body_timeout: float = Field(30.0, gt=0)
     max_header_bytes: int = Field(32 * 1024, ge=1024)

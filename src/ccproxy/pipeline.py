@@ -32,7 +32,6 @@ from ccproxy.asgi import (
     DisconnectWatcher,
     Receive,
     Send,
-    parse_json,
     read_body,
     send_bytes,
     send_json,
@@ -54,6 +53,7 @@ from ccproxy.core import (
 from ccproxy.preparation import Preparation, check_capabilities, fit_request, model_allowed
 from ccproxy.pricing import DEFAULT_OUTPUT_RESERVE, Price, cost_usd, worst_case_usd
 from ccproxy.providers.base import Provider, TokenCounter
+from ccproxy.request_body import decode_request
 from ccproxy.routing import Route, Target
 from ccproxy.stopseq import apply_stop_sequences, collect, without_stop
 from ccproxy.tokens import estimate_prompt_tokens
@@ -162,8 +162,9 @@ class ChatFlow:
                 self.record.tags = dict(principal.tags) or None
                 limits = self.runtime.config.limits
                 body = await read_body(receive, self.headers, limits.max_body_bytes, limits.body_timeout)
-                plan = self.plan.run(self.parse, parse_json(body, limits.max_json_depth), self.headers,
-                                     principal, read_headers=self.adapter.read_headers, generate=self.generates)
+                req, estimate = await decode_request(body, limits, self.parse)
+                plan = self.plan.run_parsed(req, estimate, self.headers, principal,
+                                            read_headers=self.adapter.read_headers, generate=self.generates)
                 self._note_route()
                 self.check(plan)
                 if plan.req is not None:

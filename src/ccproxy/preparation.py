@@ -123,10 +123,19 @@ class Preparation:
         dialect takes from headers), route it, check the key's allowlist, then, when the request
         will generate (`generate`; count_tokens does not), the capabilities of the alias and the
         fit to the first backend."""
-        req = self.req = parse(body)
+        req = parse(body)
+        return self.run_parsed(req, estimate_prompt_tokens(req), headers, principal, read_headers=read_headers,
+                               generate=generate, strict=strict)
+
+    def run_parsed(self, req: ChatRequest, prompt_tokens: int, headers: dict[str, str], principal: Principal,
+                   *, read_headers: Callable[[ChatRequest, dict[str, str]], None] | None = None,
+                   generate: bool = True, strict: bool = True) -> Preparation:
+        """`run` for a request already parsed and estimated (the flow decodes large bodies off the
+        event loop: request_body.py)."""
+        self.req = req
         if read_headers is not None:
             read_headers(req, headers)
-        self.prompt_tokens = estimate_prompt_tokens(req)
+        self.prompt_tokens = prompt_tokens
         traits = self.traits = RequestTraits.of(req, headers, principal.name, self.prompt_tokens)
         if principal.models is None:
             route = self.route = self.router.route(req, traits)

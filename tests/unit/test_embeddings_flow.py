@@ -119,10 +119,10 @@ async def test_backend_4xx_passes_through(gw: Any) -> None:
 
 async def test_global_slot_and_draining(gw: Any) -> None:
     gateway, client = gw
-    gateway.in_flight = gateway.runtime.config.limits.max_concurrent
+    gateway.slots.in_use = gateway.runtime.config.limits.max_concurrent
     r = await embed(client, {"model": "emb", "input": "x"})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    gateway.in_flight = 0
+    gateway.slots.in_use = 0
     gateway.draining = True
     r = await embed(client, {"model": "emb", "input": "x"})
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]

@@ -1,10 +1,15 @@
 """Property tests: the request parsers and translators never fail except with a 4xx GatewayError.
 
 Arbitrary JSON (and JSON shaped like each dialect's request, with arbitrary values in its fields)
-goes through `parse_json`, the three client parsers, then the three backend translators and the
-prompt estimate. A parser may reject a body (InvalidRequest and friends: 4xx); anything else
-(a KeyError, a TypeError, a 5xx) is a bug. Inputs that once failed are kept as `@example`s and in
-tests/fixtures/regressions/parsers.json.
+goes through `parse_json`, the three client parsers, then the three backend translators, the
+routing traits and the prompt estimate. A parser may reject a body (InvalidRequest and friends:
+4xx); anything else (a KeyError, a TypeError, a 5xx) is a bug. Inputs that once failed are kept as
+`@example`s and in tests/fixtures/regressions/parsers.json.
+
+Type confusion: random shapes rarely reach deep fields with the wrong type, so the valid requests
+of each dialect's fixture file are also mutated one field at a time, at every depth: each field is
+replaced by a value of every JSON type (exhaustively, with one value per type, and by hypothesis,
+with arbitrary values) or removed.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from ccproxy import errors
 from ccproxy.asgi import parse_json
 from ccproxy.core import ChatRequest
 from ccproxy.dialects import anthropic, ollama, openai
+from ccproxy.routing import RequestTraits
 from ccproxy.tokens import estimate_prompt_tokens
 
-REGRESSIONS = Path(__file__).resolve().parents[1] / "fixtures/regressions/parsers.json"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REGRESSIONS = FIXTURES / "regressions/parsers.json"
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --------------------------------------------------------------------------- strategies
@@ -110,6 +117,7 @@ PARSERS = {"openai": openai.parse_request, "anthropic": anthropic.parse_request,
 
 def _translate(req: ChatRequest) -> None:
     estimate_prompt_tokens(req)
+    RequestTraits.of(req, {}, "key")
     openai.build_backend_request(req, "backend-model")
     anthropic.build_request(req, "backend-model")
     ollama.build_chat_request(req, "backend-model", num_ctx=4096)
@@ -181,4 +189,113 @@ def test_kept_regressions(parser: str, body: Any) -> None:
         except errors.GatewayError as e:
             assert e.status == 400
         return
+    check(parser, body)
+
+
+# --------------------------------------------------------------------------- type confusion
+
+
+# one request per dialect with every field its parser reads
+FULL = [(case["parser"], case["body"])
+        for case in json.loads((FIXTURES / "fuzz/full_requests.json").read_text())["cases"]]
+
+
+def _valid_requests() -> list[tuple[str, Any]]:
+    """(parser, body) for every request of the dialects' parse fixtures."""
+    out: list[tuple[str, Any]] = []
+    for parser, path, field in (("openai", "openai/parse_request.json", "input"),
+                                ("anthropic", "anthropic/parse_request.json", "input"),
+                                ("anthropic_count", "anthropic/parse_count_tokens.json", "input"),
+                                ("ollama", "ollama/parse_client_request.json", "body")):
+        out += [(parser, case[field]) for case in json.loads((FIXTURES / path).read_text()) if "error" not in case]
+    return out + FULL
+
+
+VALID = _valid_requests()
+Path_ = tuple[str | int, ...]
+
+
+def _paths(obj: Any, at: Path_ = ()) -> list[Path_]:
+    """Every field and list item below the root, at any depth."""
+    out: list[Path_] = []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        out.append((*at, k))
+        out += _paths(v, (*at, k))
+    return out
+
+
+_REMOVE = object()
+
+
+def _replaced(obj: Any, path: Path_, value: Any) -> Any:
+    """A copy of `obj` with the field at `path` set to `value` (or removed, for `_REMOVE`)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        out = dict(obj)
+        if not rest and value is _REMOVE:
+            del out[head]
+        else:
+            out[head] = _replaced(obj[head], rest, value)
+        return out
+    out_list = list(obj)
+    assert isinstance(head, int)
+    if not rest and value is _REMOVE:
+        del out_list[head]
+    else:
+        out_list[head] = _replaced(obj[head], rest, value)
+    return out_list
+
+
+# One value of each JSON type (two for numbers and strings), and removal.
+ONE_OF_EACH_TYPE: list[Any] = [None, True, False, 0, -1, 2.5, "", "x", [], [1], {}, {"x": 1}, _REMOVE]
+
+
+def _mutations() -> list[tuple[str, Any]]:
+    return [(parser, _replaced(body, path, value)) for parser, body in VALID for path in _paths(body)
+            for value in ONE_OF_EACH_TYPE]
+
+
+@pytest.mark.parametrize("parser, body", VALID)
+def test_the_requests_mutated_are_valid(parser: str, body: Any) -> None:
+    assert isinstance(PARSERS[parser](body), ChatRequest)
+    check(parser, body)
+
+
+def test_every_field_of_every_dialect_with_every_json_type() -> None:
+    """Exhaustive: each field of each valid fixture request, replaced by each JSON type or removed."""
+    failures = []
+    cases = _mutations()
+    assert len(cases) > 5000  # every dialect's fixtures are really walked
+    for parser, body in cases:
+        try:
+            check(parser, body)
+        except AssertionError as e:
+            failures.append(f"{parser}: {orjson.dumps(body).decode()[:300]}: {e}")
+        except Exception as e:  # noqa: BLE001 - the bug this test looks for
+            failures.append(f"{parser}: {orjson.dumps(body).decode()[:300]}: {type(e).__name__}: {e}")
+    assert not failures, f"{len(failures)} of {len(cases)} mutations failed:\n" + "\n".join(failures[:40])
+
+
+any_type = st.sampled_from(["null", "bool", "int", "float", "str", "list", "dict"]).flatmap(lambda t: {
+    "null": st.none(), "bool": st.booleans(), "int": st.integers(-(2**64), 2**64),
+    "float": st.floats(allow_nan=False, allow_infinity=False), "str": st.text(max_size=8),
+    "list": st.lists(json_values, max_size=3), "dict": st.dictionaries(st.text(max_size=6), json_values, max_size=3),
+}[t])
+
+
+@SETTINGS
+@given(data=st.data())
+def test_one_field_of_a_valid_request_with_any_value(data: st.DataObject) -> None:
+    """Property: a valid request with one field (at any depth) replaced by any JSON value, or a
+    few fields at once, parses or fails with a 4xx."""
+    parser, body = data.draw(st.sampled_from(FULL) | st.sampled_from(VALID))
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = _paths(body)
+        if not paths:
+            break
+        path = data.draw(st.sampled_from(paths))
+        body = _replaced(body, path, data.draw(any_type | st.just(_REMOVE)))
     check(parser, body)

@@ -127,8 +127,11 @@ def test_synthesized_ids_are_unique() -> None:
 @pytest.mark.parametrize("case", cases("parse_client_request.json"))
 def test_parse_client_request(case: dict[str, Any]) -> None:
     if "error" in case:
-        with pytest.raises(getattr(errors, case["error"])):
+        with pytest.raises(getattr(errors, case["error"])) as info:
             ollama.parse_client_request(case["body"])
+        assert info.value.status == 400
+        if "param" in case:  # a field of the wrong type is named
+            assert info.value.param == case["param"] and case["param"] in info.value.message
         return
     got = ollama.parse_client_request(case["body"])
     assert asdict(got) == asdict(neutral_request(case["expected"]))

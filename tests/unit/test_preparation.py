@@ -200,10 +200,10 @@ async def test_count_tokens_is_admitted_like_chat(gw: tuple[Gateway, Backend, ht
 
 async def test_count_tokens_takes_a_global_slot(gw: tuple[Gateway, Backend, httpx.AsyncClient]) -> None:
     gateway, backend, client = gw
-    gateway.in_flight = gateway.runtime.config.limits.max_concurrent  # every slot is taken
+    gateway.slots.in_use = gateway.runtime.config.limits.max_concurrent  # every slot is taken
     resp = await count(client, WIDE, "fast")
     assert resp.status_code == 503 and "limits.max_concurrent" in resp.text
-    gateway.in_flight = 0
+    gateway.slots.in_use = 0
     assert (await count(client, WIDE, "fast")).status_code == 200
     assert gateway.in_flight == 0  # released
 

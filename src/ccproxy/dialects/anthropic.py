@@ -143,8 +143,12 @@ def _document(block: dict[str, Any], where: str) -> list[TextBlock]:
     raise _bad(f"{where}: document blocks are only supported with text sources (no PDF)", where)
 
 
-def _search_result(b: dict[str, Any]) -> list[TextBlock]:
-    texts = [c.get("text") for c in b.get("content") or [] if isinstance(c, dict)]
+def _search_result(b: dict[str, Any], where: str) -> list[TextBlock]:
+    content = b.get("content") or []
+    if not isinstance(content, list):
+        raise _bad(f"{where}.content: expected a list of text blocks, got {type(content).__name__}",
+                   f"{where}.content")
+    texts = [c.get("text") for c in content if isinstance(c, dict)]
     text = "\n".join(t for t in texts if isinstance(t, str) and t)
     title = b.get("title")
     if isinstance(title, str) and title and text:
@@ -174,7 +178,7 @@ def _tool_result_content(raw: Any, where: str) -> list[TextBlock | ImageBlock]:
         elif kind == "document":
             out.extend(_document(b, w))
         elif kind == "search_result":
-            out.extend(_search_result(b))
+            out.extend(_search_result(b, w))
         else:
             raise _bad(f"{w}.type: a tool_result may hold text, image or document blocks, got {kind!r}", w)
     return out
@@ -196,7 +200,7 @@ def _block(b: Any, role: str, where: str) -> list[Block]:
     if kind == "document":
         return list(_document(b, where))
     if kind == "search_result":
-        return list(_search_result(b))
+        return list(_search_result(b, where))
     if kind == "tool_use":
         if role != "assistant":
             raise _bad(f"{where}: tool_use blocks are only allowed in assistant messages", where)

@@ -242,7 +242,8 @@ def _format_out(rf: dict[str, Any] | None) -> str | dict[str, Any] | None:
     if kind == "json_object":
         return "json"
     if kind == "json_schema":
-        schema = (rf.get("json_schema") or {}).get("schema") or rf.get("schema")
+        js = rf.get("json_schema")
+        schema = (js.get("schema") if isinstance(js, dict) else None) or rf.get("schema")
         return schema if isinstance(schema, dict) else "json"
     return None
 
@@ -435,24 +436,26 @@ def parse_client_request(body: Any) -> ChatRequest:
             append("user", blocks + images)
         elif role == "assistant":
             blocks = []
-            if m.get("thinking"):
-                blocks.append(ThinkingBlock(thinking=m["thinking"]))
+            thinking = _opt(m, "thinking", str, where, "a string")
+            if thinking:
+                blocks.append(ThinkingBlock(thinking=thinking))
             if text:
                 blocks.append(TextBlock(text))
             blocks.extend(images)
-            for tc in m.get("tool_calls") or []:
+            for k, tc in enumerate(_opt(m, "tool_calls", list, where, "a list") or []):
                 fn = tc.get("function") if isinstance(tc, dict) else None
                 name = fn.get("name") if isinstance(fn, dict) else None
                 if not isinstance(name, str) or not name:
-                    raise errors.InvalidRequest(f"{where}.tool_calls must be [{{function: {{name, arguments}}}}]",
-                                                param="messages")
+                    raise errors.InvalidRequest(f"{where}.tool_calls[{k}] must be {{function: {{name, arguments}}}} "
+                                                "with a string name", param=f"{where}.tool_calls[{k}]")
                 assert isinstance(tc, dict) and isinstance(fn, dict)
-                call_id = str(tc.get("id") or new_tool_id())
+                call_id = _opt(tc, "id", str, f"{where}.tool_calls[{k}]", "a string") or new_tool_id()
                 pending.append((call_id, name))
                 blocks.append(ToolUseBlock(id=call_id, name=name, input=_arguments(fn.get("arguments"))))
             append("assistant", blocks)
         elif role == "tool":
-            call_id = _match_tool_call(pending, m.get("tool_call_id"), m.get("tool_name"))
+            call_id = _match_tool_call(pending, _opt(m, "tool_call_id", str, where, "a string"),
+                                       _opt(m, "tool_name", str, where, "a string"))
             content: list[TextBlock | ImageBlock] = [TextBlock(text)] if text else []
             content.extend(images)
             result = ToolResultBlock(tool_use_id=call_id, content=content)
@@ -468,22 +471,36 @@ def parse_client_request(body: Any) -> ChatRequest:
                                         param="messages")
 
     req = ChatRequest(model=model, messages=messages, system="\n\n".join(system) or None,
-                      stream=body.get("stream") is not False)
+                      stream=_opt(body, "stream", bool, "", "true or false") is not False)
     _options_in(req, body.get("options") or {})
     if not isinstance(body.get("tools") or [], list):
         raise errors.InvalidRequest("tools must be a list", param="tools")
     req.tools = [_tool_in(t, i) for i, t in enumerate(body.get("tools") or [])]
-    think = body.get("think")
+    think = _opt(body, "think", (bool, str), "", "true, false or 'low' | 'medium' | 'high'")
     if think is not None and think is not False:
         req.thinking = Thinking(enabled=True, effort=think if isinstance(think, str) else None)
     elif think is False:
         req.thinking = Thinking(enabled=False)
     fmt = body.get("format")
+    if fmt not in (None, "", "json") and not isinstance(fmt, dict):
+        raise errors.InvalidRequest("format must be 'json' or a JSON Schema object", param="format")
     if fmt == "json":
         req.response_format = {"type": "json_object"}
     elif isinstance(fmt, dict):
         req.response_format = {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
     return req
+
+
+def _opt(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    """obj[key] if it has the type `kind` (bool is not an int here), None if absent or null; any
+    other type is a 400 naming the field."""
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        name = f"{where}.{key}" if where else key
+        raise errors.InvalidRequest(f"{name} must be {what}, got {type(v).__name__}", param=name)
+    return v
 
 
 def _match_tool_call(pending: list[tuple[str, str]], call_id: Any, name: Any) -> str:
@@ -517,11 +534,13 @@ def _sniff(data: str) -> str:
 
 def _tool_in(t: Any, i: int) -> Tool:
     fn = (t or {}).get("function") if isinstance(t, dict) else None
-    if not isinstance(fn, dict) or not fn.get("name"):
-        raise errors.InvalidRequest(f"tools[{i}] must be {{type: function, function: {{name, ...}}}}",
-                                    param="tools")
-    return Tool(name=fn["name"], description=fn.get("description"),
-                input_schema=fn.get("parameters") or {"type": "object", "properties": {}})
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise errors.InvalidRequest(f"tools[{i}] must be {{type: function, function: {{name, ...}}}} with a "
+                                    "string name", param=f"tools[{i}]")
+    where = f"tools[{i}].function"
+    return Tool(name=fn["name"], description=_opt(fn, "description", str, where, "a string"),
+                input_schema=_opt(fn, "parameters", dict, where, "a JSON Schema object")
+                or {"type": "object", "properties": {}})
 
 
 def _options_in(req: ChatRequest, o: Any) -> None:
@@ -530,7 +549,8 @@ def _options_in(req: ChatRequest, o: Any) -> None:
     n = o.get("num_predict")
     if isinstance(n, int) and n > 0:
         req.max_tokens = n
-    for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int), ("seed", int)):
+    for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int), ("seed", int),
+                        ("num_predict", int), ("num_ctx", int)):
         v = o.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
             raise errors.InvalidRequest(f"options.{name} must be a number", param=f"options.{name}")

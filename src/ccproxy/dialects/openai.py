@@ -64,6 +64,21 @@ def _expect(cond: bool, message: str, param: str) -> None:
         raise errors.InvalidRequest(message, param=param)
 
 
+def _opt_str(obj: dict[str, Any], key: str, where: str) -> str | None:
+    """obj[key] when it is a string, None when absent or null; any other type is a 400 naming it."""
+    v = obj.get(key)
+    name = f"{where}.{key}" if where else key
+    _expect(v is None or isinstance(v, str), f"{name} must be a string, got {type(v).__name__}", name)
+    return v
+
+
+def _opt_bool(obj: dict[str, Any], key: str, where: str = "") -> bool | None:
+    v = obj.get(key)
+    name = f"{where}.{key}" if where else key
+    _expect(v is None or isinstance(v, bool), f"{name} must be true or false, got {type(v).__name__}", name)
+    return v
+
+
 def _parse_image_url(part: dict[str, Any], where: str) -> ImageBlock:
     img = part.get("image_url")
     url = img.get("url") if isinstance(img, dict) else img
@@ -96,7 +111,7 @@ def _parse_parts(content: Any, where: str, *, allow_images: bool) -> list[Block]
         elif ptype == "image_url" and allow_images:
             out.append(_parse_image_url(part, pw))
         elif ptype == "refusal":
-            out.append(TextBlock(str(part.get("refusal", ""))))
+            out.append(TextBlock(_opt_str(part, "refusal", pw) or ""))
         else:
             raise errors.InvalidRequest(f"{pw}.type {ptype!r} is not supported here "
                                         f"(use 'text'{' or image_url' if allow_images else ''})", param=pw)
@@ -148,8 +163,8 @@ def parse_messages(raw: Any) -> tuple[str | None, list[Message]]:
             _append(messages, "user", _parse_parts(m.get("content"), where, allow_images=True))
         elif role == "assistant":
             blocks = _parse_parts(m.get("content"), where, allow_images=False)
-            reasoning = m.get("reasoning_content") or m.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
+            reasoning = _opt_str(m, "reasoning_content", where) or _opt_str(m, "reasoning", where)
+            if reasoning:
                 blocks.insert(0, ThinkingBlock(reasoning))
             calls = m.get("tool_calls") or []
             _expect(isinstance(calls, list), f"{where}.tool_calls must be a list", where)
@@ -159,7 +174,7 @@ def parse_messages(raw: Any) -> tuple[str | None, list[Message]]:
                         f"{cw} must be {{id, type:'function', function:{{name, arguments}}}}", cw)
                 fn = c["function"]
                 _expect(isinstance(fn.get("name"), str) and fn["name"] != "", f"{cw}.function.name is required", cw)
-                blocks.append(ToolUseBlock(str(c.get("id") or new_tool_id()), fn["name"],
+                blocks.append(ToolUseBlock(_opt_str(c, "id", cw) or new_tool_id(), fn["name"],
                                            _parse_arguments(fn.get("arguments"), cw)))
             _append(messages, "assistant", blocks)
         elif role == "tool":
@@ -183,14 +198,22 @@ def _parse_tools(raw: Any) -> list[Tool]:
     tools = []
     for i, t in enumerate(raw):
         fn = t.get("function") if isinstance(t, dict) else None
-        _expect(isinstance(fn, dict) and isinstance(fn.get("name"), str),
+        _expect(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] != "",
                 f"tools.{i} must be {{type:'function', function:{{name, description, parameters}}}}", f"tools.{i}")
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        tools.append(Tool(fn["name"], fn.get("description"), params))
+        assert isinstance(t, dict) and isinstance(fn, dict)
+        _expect(t.get("type") in (None, "function"), f"tools.{i}.type must be 'function'", f"tools.{i}.type")
+        where = f"tools.{i}.function"
+        description = _opt_str(fn, "description", where)
+        params = fn.get("parameters")
+        _expect(params is None or isinstance(params, dict), f"{where}.parameters must be a JSON Schema object",
+                f"{where}.parameters")
+        tools.append(Tool(fn["name"], description, params or {"type": "object", "properties": {}}))
     return tools
 
 
 def _parse_tool_choice(raw: Any, parallel: Any) -> ToolChoice | None:
+    _expect(parallel is None or isinstance(parallel, bool), "parallel_tool_calls must be true or false",
+            "parallel_tool_calls")
     disable_parallel = parallel is False
     if raw is None:
         return ToolChoice("auto", disable_parallel=True) if disable_parallel else None
@@ -198,8 +221,9 @@ def _parse_tool_choice(raw: Any, parallel: Any) -> ToolChoice | None:
         return ToolChoice(raw, disable_parallel=disable_parallel)
     if raw == "required":
         return ToolChoice("any", disable_parallel=disable_parallel)
-    if isinstance(raw, dict) and isinstance(raw.get("function"), dict) and raw["function"].get("name"):
-        return ToolChoice("tool", raw["function"]["name"], disable_parallel)
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]:
+        return ToolChoice("tool", fn["name"], disable_parallel)
     raise errors.InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
                                 "{type:'function', function:{name}}", param="tool_choice")
 
@@ -213,13 +237,25 @@ def _opt_number(body: dict[str, Any], name: str, kind: type | tuple[type, ...] =
     return v
 
 
+def _response_format(rf: Any) -> dict[str, Any] | None:
+    if rf is None:
+        return None
+    _expect(isinstance(rf, dict) and rf.get("type") in ("text", "json_object", "json_schema"),
+            "response_format must be an object {type: 'text' | 'json_object' | 'json_schema'}", "response_format")
+    if rf["type"] == "json_schema":
+        js = rf.get("json_schema")
+        _expect(isinstance(js, dict) and isinstance(js.get("schema", {}), dict),
+                "response_format.json_schema must be {name, schema: {...}}", "response_format.json_schema")
+    return rf
+
+
 def parse_request(body: Any) -> ChatRequest:
     _expect(isinstance(body, dict), "the request body must be a JSON object", "body")
     model = body.get("model")
     _expect(isinstance(model, str) and model != "", "model is required (a model alias, see GET /v1/models)", "model")
     system, messages = parse_messages(body.get("messages"))
     n = body.get("n")
-    _expect(n in (None, 1), "n must be 1: ccproxy returns one choice per request", "n")
+    _expect(n is None or (type(n) is int and n == 1), "n must be 1: ccproxy returns one choice per request", "n")
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:  # an explicit null must not hide max_tokens
         max_tokens = body.get("max_tokens")
@@ -233,11 +269,13 @@ def parse_request(body: Any) -> ChatRequest:
             "stop must be a string or a list of strings", "stop")
     stream = body.get("stream", False)
     _expect(isinstance(stream, bool), "stream must be true or false", "stream")
-    so = body.get("stream_options") or {}
-    effort = body.get("reasoning_effort")
-    thinking = Thinking(enabled=effort != "none", effort=effort) if isinstance(effort, str) else None
-    rf = body.get("response_format")
-    _expect(rf is None or isinstance(rf, dict), "response_format must be an object", "response_format")
+    so = body.get("stream_options")
+    so = {} if so is None else so
+    _expect(isinstance(so, dict), "stream_options must be an object", "stream_options")
+    include_usage = _opt_bool(so, "include_usage", "stream_options")
+    effort = _opt_str(body, "reasoning_effort", "")
+    thinking = Thinking(enabled=effort != "none", effort=effort) if effort is not None else None
+    rf = _response_format(body.get("response_format"))
     return ChatRequest(
         model=model,
         messages=messages,
@@ -248,11 +286,11 @@ def parse_request(body: Any) -> ChatRequest:
         top_k=_opt_number(body, "top_k", int),
         stop=[s for s in (stop or []) if s],
         stream=stream,
-        include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
+        include_usage=bool(include_usage),
         tools=_parse_tools(body.get("tools")),
         tool_choice=_parse_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls")),
         thinking=thinking,
-        user=body.get("user") if isinstance(body.get("user"), str) else None,
+        user=_opt_str(body, "user", ""),
         seed=_opt_number(body, "seed", int),
         response_format=rf,
         passthrough={k: body[k] for k in _PASSTHROUGH if k in body},

@@ -109,7 +109,7 @@ class AnthropicProvider(_http.HttpProvider):
         try:
             resp = await self._post("/v1/messages/count_tokens", body, req)
         except errors.UpstreamStatus as e:
-            if e.status in (404, 405, 501):
+            if e.upstream_status in (404, 405, 501):
                 return None
             raise
         data = self._json(await _http.read_body(resp, self.name, self.config))

@@ -41,7 +41,7 @@ class OllamaProvider(_http.HttpProvider):
                                        provider=self.name)
         if "error" in data:
             raise errors.UpstreamError(f"provider '{self.name}': {data['error']}", provider=self.name)
-        return parse_chat_response(data)
+        return parse_chat_response(data, self.name)
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         resp = await self._post(self._body(req, model, stream=True))

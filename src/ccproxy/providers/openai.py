@@ -33,14 +33,14 @@ class OpenAIProvider(_http.HttpProvider):
         body.pop("stream_options", None)
         resp = await self._post(body)
         data = self._json(await _http.read_body(resp, self.name, self.config))
-        return dialect.parse_backend_response(data, req.stop)
+        return dialect.parse_backend_response(data, req.stop, self.name)
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         body = dialect.build_backend_request(req, model)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         resp = await self._post(body)
-        parser = dialect.OpenAIStreamParser(req.stop)
+        parser = dialect.OpenAIStreamParser(req.stop, self.name)
         async for chunk in _http.iter_chunks(resp, self.name, self.config):
             for ev in parser.feed(chunk):
                 yield ev

@@ -17,6 +17,8 @@ from ccproxy import errors
 
 __all__ = ["as_dict", "as_str", "count", "dicts", "malformed"]
 
+MAX_COUNT = 10**12  # no answer has more tokens; larger would not fit the usage tables' integers
+
 
 def malformed(provider: str | None, what: str) -> errors.UpstreamError:
     who = f"provider '{provider}'" if provider else "the backend"
@@ -54,11 +56,11 @@ def as_str(value: Any, where: str, provider: str | None) -> str:
 
 
 def count(value: Any, where: str, provider: str | None) -> int:
-    """A token count: a non-negative integer (2.0 is accepted as 2); null or absent reads as 0."""
+    """A token count: an integer from 0 to MAX_COUNT (2.0 is accepted as 2); null or absent reads as 0."""
     if value is None:
         return 0
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise malformed(provider, f"{where} is not a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise malformed(provider, f"{where} is not a token count (an integer from 0 to {MAX_COUNT})")
     return value

@@ -248,8 +248,10 @@ def _format_out(rf: dict[str, Any] | None) -> str | dict[str, Any] | None:
     return None
 
 
-def parse_chat_response(body: dict[str, Any], provider: str | None = None) -> ChatResponse:
+def parse_chat_response(body: Any, provider: str | None = None) -> ChatResponse:
     """A `stream:false` /api/chat answer as a neutral response."""
+    if not isinstance(body, dict):
+        raise answer.malformed(provider, "the answer is not a JSON object")
     if "error" in body:
         raise errors.UpstreamError(f"Ollama error: {body['error']}")
     content: list[Block] = []

@@ -36,18 +36,18 @@ class OllamaProvider(_http.HttpProvider):
     async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
         resp = await self._post(self._body(req, model, stream=False))
         data = self._json(await _http.read_body(resp, self.name, self.config))
-        if not isinstance(data, dict):
-            raise errors.UpstreamError(f"provider '{self.name}' answered with a non-object JSON body",
-                                       provider=self.name)
-        if "error" in data:
+        if isinstance(data, dict) and "error" in data:
             raise errors.UpstreamError(f"provider '{self.name}': {data['error']}", provider=self.name)
-        return parse_chat_response(data, self.name)
+        with _http.reading(self.name):
+            return parse_chat_response(data, self.name)
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         resp = await self._post(self._body(req, model, stream=True))
         parser = OllamaStreamParser(provider=self.name)
         async for chunk in _http.iter_chunks(resp, self.name, self.config):
-            for ev in parser.feed(chunk):
+            with _http.reading(self.name):
+                events = parser.feed(chunk)
+            for ev in events:
                 yield ev
             if parser.done:
                 return

@@ -33,7 +33,8 @@ class OpenAIProvider(_http.HttpProvider):
         body.pop("stream_options", None)
         resp = await self._post(body)
         data = self._json(await _http.read_body(resp, self.name, self.config))
-        return dialect.parse_backend_response(data, req.stop, self.name)
+        with _http.reading(self.name):
+            return dialect.parse_backend_response(data, req.stop, self.name)
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         body = dialect.build_backend_request(req, model)
@@ -42,7 +43,9 @@ class OpenAIProvider(_http.HttpProvider):
         resp = await self._post(body)
         parser = dialect.OpenAIStreamParser(req.stop, self.name)
         async for chunk in _http.iter_chunks(resp, self.name, self.config):
-            for ev in parser.feed(chunk):
+            with _http.reading(self.name):
+                events = parser.feed(chunk)
+            for ev in events:
                 yield ev
             if parser.done:
                 break

@@ -135,8 +135,8 @@ async def test_no_canary_leaks_anywhere(gateway, upstream, postgres_server, free
     assert statuses[:8] == [200] * 8, results[:8]
     assert statuses[8:14] == [403, 403, 401, 403, 403, 403]
     assert all(400 <= s < 500 for s in statuses[14:19]), statuses[14:19]
-    assert statuses[19:24] == [502, 502, 502, 502, 500]  # a backend 500 passes through
-    assert statuses[24:26] == [400, 503] and statuses[26:] == [200, 200]  # 200: the break is in-band
+    assert statuses[19:24] == [502, 502, 502, 502, 502]  # a backend 500 reaches the client as 502
+    assert statuses[24:26] == [400, 502] and statuses[26:] == [200, 200]  # 200: the break is in-band
 
     for i in (23, 24, 25):  # the backend's echo of its Authorization header reached the client masked
         assert b"Bearer [redacted]" in results[i][2], results[i][2]
@@ -185,3 +185,26 @@ async def test_no_canary_leaks_anywhere(gateway, upstream, postgres_server, free
     log = gw.log_text() + gw.stdout_text()
     leaks += find_leaks("gateway stdout/stderr", log, secrets + [PROMPT])
     assert leaks == [], "\n".join(leaks)
+
+
+def prefixes(secret: str, shortest: int = 8) -> list[str]:
+    """Every start of `secret` long enough to identify it (what a cut copy would show)."""
+    return [secret[:n].lower() for n in range(shortest, len(secret) + 1)]
+
+
+async def test_backend_error_echo_is_redacted_before_it_is_cut_and_in_any_case(gateway, upstream) -> None:
+    """The gateway keeps 1,000 characters of a backend's error message: a key echoed across that
+    cut, or echoed upper-cased, must not show any part of itself (it once did: `sk-canary-upst`)."""
+    gw = gateway({"keys": [{"name": "alice", "key": CLIENT}],
+                  "providers": {"up": {"type": "openai", "base_url": upstream.base_url, "api_key": UPSTREAM}},
+                  "models": {"fast": {"provider": "up", "model": "m"}}})
+    echo_at = len("backend exploded; request headers were Bearer ")
+    texts = [f"status=500 pad={1000 - echo_at - n}" for n in range(1, len(UPSTREAM))] + ["status=500 upper=1"]
+    results = await send_all([(gw.url, "/v1/chat/completions", {"authorization": f"Bearer {CLIENT}"},
+                               chat_body(t)) for t in texts])
+    assert [s for s, _, _ in results] == [502] * len(texts)
+    assert b"[REDACTED]" not in results[-1][2] and b"BEARER [redacted]" in results[-1][2], results[-1][2]
+    assert gw.terminate() == 0
+    seen = [b.decode().lower() for _, _, b in results] + [gw.log_text().lower()]
+    leaks = [(i, p) for i, text in enumerate(seen) for p in prefixes(UPSTREAM) if p in text]
+    assert leaks == [], leaks[:5]

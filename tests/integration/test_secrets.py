@@ -208,3 +208,21 @@ async def test_backend_error_echo_is_redacted_before_it_is_cut_and_in_any_case(g
     seen = [b.decode().lower() for _, _, b in results] + [gw.log_text().lower()]
     leaks = [(i, p) for i, text in enumerate(seen) for p in prefixes(UPSTREAM) if p in text]
     assert leaks == [], leaks[:5]
+
+
+def test_yaml_syntax_error_on_reload_logs_where_not_the_line(gateway, upstream) -> None:
+    """PyYAML's message quotes the offending line; a key on it belongs to a config that never
+    loaded, so redaction does not know it: the log says where, never the text."""
+    import signal
+
+    new_key = "sk-canary-notyetloaded-5e0c9a"
+    gw = gateway({"keys": [{"name": "alice", "key": CLIENT}],
+                  "providers": {"up": {"type": "openai", "base_url": upstream.base_url, "api_key": UPSTREAM}},
+                  "models": {"fast": {"provider": "up", "model": "m"}}})
+    gw.write_config(f"keys:\n  - {{key: {new_key}, name: bob\nproviders: {{}}\n")
+    gw.proc.send_signal(signal.SIGHUP)
+    line = gw.wait_for_log("config reload rejected")
+    assert "not valid YAML" in line and "line 2, column" in line, line
+    assert gw.terminate() == 0
+    log = (gw.log_text() + gw.stdout_text()).lower()
+    assert [p for p in prefixes(new_key) if p in log] == []

@@ -226,3 +226,54 @@ def test_yaml_syntax_error_on_reload_logs_where_not_the_line(gateway, upstream) 
     assert gw.terminate() == 0
     log = (gw.log_text() + gw.stdout_text()).lower()
     assert [p for p in prefixes(new_key) if p in log] == []
+
+
+def test_dashboard_never_sends_the_admin_key_after_a_redirect(tmp_path: Path, free_port) -> None:
+    """`ccproxy dashboard --url` against a server that redirects to another host: the CLI stops
+    with a clear error, and the other host receives nothing (urllib used to follow, key and all)."""
+    import http.server
+    import threading
+
+    import yaml
+
+    seen: list[dict[str, str]] = []
+    other = ("127.0.0.2", free_port())
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"path": "/ui/login?token=x"}')
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Redirector(Elsewhere):
+        def do_POST(self) -> None:  # noqa: N802
+            self.send_response(302)
+            self.send_header("location", f"http://{other[0]}:{other[1]}/ui/api/one-time-link")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirector),
+               http.server.ThreadingHTTPServer(other, Elsewhere)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        config = tmp_path / "ccproxy.yaml"
+        config.write_text(yaml.safe_dump({
+            "admin_key": ADMIN, "keys": [{"name": "alice", "key": CLIENT}],
+            "providers": {"up": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+            "models": {"fast": {"provider": "up", "model": "m"}}, "database": str(tmp_path / "u.db")}))
+        out = cli("dashboard", "--no-open", "--config", str(config),
+                  "--url", f"http://127.0.0.1:{servers[0].server_address[1]}")
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    assert seen == []
+    assert out.returncode != 0 and "redirect (302)" in out.stderr and f"http://{other[0]}:{other[1]}" in out.stderr
+    assert find_leaks("ccproxy dashboard", out.stdout + out.stderr, [ADMIN]) == []

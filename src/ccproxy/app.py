@@ -120,6 +120,7 @@ class Gateway:
         self.in_flight = 0
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
+        self._ready_probe: asyncio.Task[dict[str, ModelListing]] | None = None  # shared by concurrent callers
         self._retiring: set[asyncio.Task[None]] = set()
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self._health,
@@ -313,9 +314,17 @@ class Gateway:
         await send_bytes(send, 200, b"ccproxy is running\n", "text/plain; charset=utf-8")
 
     async def probe_backends(self) -> dict[str, ModelListing]:
+        """Every backend's model listing, probed at most once per READY_CACHE_SECONDS: callers that
+        arrive while a probe runs wait for that one (single flight), so a crowd of unauthenticated
+        /health/ready callers cannot multiply the load on the backends."""
         now = time.monotonic()
         if self._ready_cache and now - self._ready_cache[0] < READY_CACHE_SECONDS:
             return self._ready_cache[1]
+        if self._ready_probe is None or self._ready_probe.done():
+            self._ready_probe = asyncio.get_running_loop().create_task(self._probe_backends(now))
+        return await asyncio.shield(self._ready_probe)  # one caller leaving does not cancel it for the rest
+
+    async def _probe_backends(self, now: float) -> dict[str, ModelListing]:
         providers = self.runtime.providers
 
         async def probe(p: Provider) -> ModelListing:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ccproxy import __version__, errors, redact
+from ccproxy import __version__, asgi, errors, redact
 from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
@@ -194,6 +194,8 @@ class Gateway:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif kind == "websocket":  # no endpoint speaks it: 403, not the 500 of an unanswered upgrade
+            await asgi.refuse_websocket(receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

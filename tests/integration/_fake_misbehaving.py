@@ -13,13 +13,15 @@ The upstream `model` of the request picks the behaviour (so one alias per behavi
     retry-VALUE   503 with `Retry-After: VALUE` (inf, nan, 1e400, ...) and message "busy, retry later"
     status-CODE   that status with message "backend exploded"
 
-`GET /v1/models` and `/api/tags` list `good`. `GET /_fake/stats` (no auth) counts requests by path.
-Run directly: `python tests/integration/_fake_misbehaving.py --port N`.
+`GET /v1/models` and `/api/tags` list `good`, after `listing_delay` seconds. `GET /_fake/stats`
+(no auth) counts requests by path. Run directly: `python tests/integration/_fake_misbehaving.py
+--port N [--listing-delay S]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import json
 import sys
@@ -57,12 +59,17 @@ MALFORMED: dict[str, dict[str, tuple[Any, Any]]] = {
 class FakeMisbehaving(Service):
     name = "fake-misbehaving"
 
+    def __init__(self, workdir: Path, listing_delay: float = 0.0) -> None:
+        super().__init__(workdir)
+        self.listing_delay = listing_delay
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [str(REPO / ".venv/bin/python"), __file__, "--port", str(self.port)]
+        return [str(REPO / ".venv/bin/python"), __file__, "--port", str(self.port),
+                "--listing-delay", str(self.listing_delay)]
 
     def ready(self) -> bool:
         return http_status(f"{self.url}/_fake/stats") == 200
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--listing-delay", type=float, default=0.0)
     args = ap.parse_args(argv)
     stats: collections.Counter[str] = collections.Counter()
 
@@ -145,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def listing(request: web.Request) -> web.Response:
         stats[request.path] += 1
+        await asyncio.sleep(args.listing_delay)
         if request.path == "/api/tags":
             return web.json_response({"models": [{"name": "good", "model": "good"}]})
         return web.json_response({"object": "list", "data": [{"id": "good", "object": "model"}]})

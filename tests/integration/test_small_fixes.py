@@ -25,7 +25,7 @@ READY_CACHE_SECONDS = 2.0  # ccproxy.app.READY_CACHE_SECONDS
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory):
-    fake = FakeMisbehaving(tmp_path_factory.mktemp("misbehaving"))
+    fake = FakeMisbehaving(tmp_path_factory.mktemp("misbehaving"), listing_delay=0.5)  # probes overlap
     fake.start()
     yield fake
     fake.stop()
@@ -54,3 +54,33 @@ async def test_ready_probes_are_shared_by_concurrent_callers(gw, backend) -> Non
     probes = backend.stats().get("/v1/models", 0) - before
     # one probe per cache period the burst spanned, plus the start-up report's own listing
     assert 1 <= probes <= math.ceil(elapsed / READY_CACHE_SECONDS) + 1, (probes, elapsed)
+
+
+def upgrade(port: int, path: str) -> bytes:
+    """Send a WebSocket upgrade request; the raw response head."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Authorization: Bearer {KEY}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_websocket_upgrades_get_a_403_not_a_500(gateway, backend, free_port) -> None:
+    """Closed before the handshake is accepted, as ASGI says; the server answers 403."""
+    metrics_port = free_port()
+    gw = gateway({"keys": [{"name": "alice", "key": KEY}], "metrics_listen": f"127.0.0.1:{metrics_port}",
+                  "providers": {"oa": {"type": "openai", "base_url": backend.url + "/v1"}},
+                  "models": {"good": {"provider": "oa", "model": "good"}}})
+    for port, path in ((gw.port, "/v1/chat/completions"), (gw.port, "/v1/messages"), (gw.port, "/api/chat"),
+                       (gw.port, "/nowhere"), (metrics_port, "/metrics")):
+        answer = upgrade(port, path)
+        assert answer.startswith(b"HTTP/1.1 403"), (port, path, answer[:300])
+    assert gw.terminate() == 0
+    log = gw.log_text()
+    assert "Traceback" not in log and '"level":"error"' not in log, log[-2000:]

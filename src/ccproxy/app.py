@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ccproxy import __version__, asgi, errors, redact
-from ccproxy.asgi import Receive, Scope, Send, header_map, parse_json, read_body, send_bytes, send_json
+from ccproxy.asgi import ClientGone, Receive, Scope, Send, header_map, parse_json, read_body, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
@@ -242,6 +242,8 @@ class Gateway:
             return
         try:
             await handler(scope, receive, send, headers)
+        except ClientGone:
+            return  # the client left while its body was uploading: no one to answer, nothing to log
         except Exception:
             # Endpoints answer their own errors; this is the last line (a bug): a JSON 500 in the
             # client's dialect, never a stack trace, and never a success.

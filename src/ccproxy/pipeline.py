@@ -206,6 +206,7 @@ class ChatFlow:
     async def run(self, receive: Receive, send: Send) -> None:
         ticket = None
         watcher: DisconnectWatcher | None = None
+        gone = False  # the client left while its body was uploading (before the watcher runs)
         usage = Usage()
         try:
             try:
@@ -242,9 +243,10 @@ class ChatFlow:
                 else:
                     usage = await self._complete(send, req, route, watcher)
             except ClientGone:
+                gone = True
                 raise asyncio.CancelledError() from None
         except asyncio.CancelledError:
-            if watcher is None or not watcher.gone:
+            if not gone and (watcher is None or not watcher.gone):
                 # a real cancellation (drain time over at shutdown): the row says so, then it propagates
                 self.record.error_kind = "cancelled"
                 self.record.status = self.record.status if self.started else 503

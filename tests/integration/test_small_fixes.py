@@ -84,3 +84,19 @@ def test_websocket_upgrades_get_a_403_not_a_500(gateway, backend, free_port) -> 
     assert gw.terminate() == 0
     log = gw.log_text()
     assert "Traceback" not in log and '"level":"error"' not in log, log[-2000:]
+
+
+def test_client_gone_during_body_upload_is_a_499_without_traceback(gw) -> None:
+    for path in ("/v1/chat/completions", "/v1/messages", "/api/chat", "/v1/messages/count_tokens"):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nx-api-key: {KEY}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": \"good\"".encode())
+            time.sleep(0.3)  # let the gateway start reading the body; then the client is gone
+    gw.wait_for_log('"endpoint":"/api/chat"')
+    rows = [r for r in gw.log_records() if r.get("msg") == "request"]
+    assert [(r["endpoint"], r["status"], r["error"]) for r in rows] == [
+        ("/v1/chat/completions", 499, "client_disconnect"), ("/v1/messages", 499, "client_disconnect"),
+        ("/api/chat", 499, "client_disconnect")]
+    assert gw.terminate() == 0
+    log = gw.log_text()
+    assert "Traceback" not in log and '"level":"error"' not in log, log[-3000:]

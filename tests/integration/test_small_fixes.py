@@ -5,6 +5,7 @@ a traceback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import socket
 import sys
@@ -100,3 +101,23 @@ def test_client_gone_during_body_upload_is_a_499_without_traceback(gw) -> None:
     assert gw.terminate() == 0
     log = gw.log_text()
     assert "Traceback" not in log and '"level":"error"' not in log, log[-3000:]
+
+
+def test_keys_create_refuses_empty_reserved_and_control_character_names(tmp_path: Path) -> None:
+    from _fake_openai import cli
+
+    config = tmp_path / "ccproxy.yaml"
+    config.write_text(f"keys: [{{name: alice, key: {KEY}}}]\nproviders: {{oa: {{type: openai, base_url: "
+                      f"'http://127.0.0.1:9/v1'}}}}\nmodels: {{good: {{provider: oa, model: good}}}}\n"
+                      f"database: {tmp_path / 'usage.db'}\n")
+    refused = {"": "empty", "   ": "empty", "admin": "reserved", "Admin": "reserved", "-": "reserved",
+               "bob\x1b[31m": "control", "bob\nkey=alice": "control", "eve\u202etxt.exe": "control",
+               " bob": "space", "x" * 101: "longer than 100"}
+    for name, why in refused.items():
+        out = cli("keys", "create", "--name", name, "--config", str(config))
+        assert out.returncode == 2 and "--name" in out.stderr and why in out.stderr, (name, out.stderr)
+        assert out.stdout == "", name  # no key printed
+    made = cli("keys", "create", "--name", "ci-bot", "--config", str(config))
+    assert made.returncode == 0 and made.stdout.startswith("ccp_"), made.stderr
+    listed = cli("keys", "list", "--format", "json", "--config", str(config))
+    assert [k["name"] for k in json.loads(listed.stdout)] == ["ci-bot"]

@@ -15,7 +15,7 @@ import asyncpg
 import click
 
 from ccproxy.config import Config, ConfigError
-from ccproxy.keys import digest, generate_key, parse_duration
+from ccproxy.keys import check_key_name, digest, generate_key, parse_duration
 from ccproxy.usage.store import KeyExists, KeyRow, Store, open_store
 
 T = TypeVar("T")
@@ -80,6 +80,9 @@ def keys() -> None:
 def create(name: str, rpm: int | None, tpm: int | None, max_concurrent: int | None,
            models: str | None, expires: str | None, config_path: str | None) -> None:
     """Create a key and print it, once: it cannot be shown again."""
+    problem = check_key_name(name)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--name")
     now = time.time()
     try:
         expires_at = now + parse_duration(expires) if expires else None

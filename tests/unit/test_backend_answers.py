@@ -116,3 +116,52 @@ def test_fuzzed_answers_fail_only_with_upstream_errors(dialect: str, data: st.Da
 def test_fuzzed_streams_fail_only_with_upstream_errors(dialect: str, data: st.DataObject) -> None:
     lines = data.draw(st.lists(STREAM_LINES[dialect] | values, min_size=1, max_size=4))
     only_upstream_errors(parse_stream, dialect, [orjson.dumps(line) for line in lines])
+
+
+# --------------------------------------------------------------------------- the provider edge
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("inf", None), ("nan", None), ("1e400", None), ("-inf", None), ("soon", None), ("", None),
+    ("-5", 0.0), ("7", 7.0), ("2.5", 2.5), ("99999999", 3600.0),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), ("Fri, 01 Jan 2100 00:00:00 GMT", 3600.0)])
+def test_retry_after_is_finite_and_bounded(header: str, seconds: float | None) -> None:
+    from ccproxy.providers._http import parse_retry_after
+
+    assert parse_retry_after({"retry-after": header}) == seconds
+    # what the client then sees never breaks the error's own header
+    e = errors.UpstreamStatus("busy", status=429, retry_after=parse_retry_after({"retry-after": header}))
+    assert e.headers.get("retry-after", "1").isdigit()
+
+
+async def test_odd_model_lists_and_tokenizer_answers_are_not_crashes() -> None:
+    from aiohttp import web
+
+    from ccproxy.config import ProviderConfig
+    from ccproxy.core import ChatRequest, Message, TextBlock
+    from ccproxy.providers.ollama import OllamaProvider
+    from ccproxy.providers.openai import OpenAIProvider
+
+    async def odd(request: web.Request) -> web.Response:
+        if request.path.endswith("tokenize"):  # llama.cpp's /tokenize, then /extras/tokenize
+            return web.Response(text="[1, 2]" if request.path == "/tokenize" else "not json")
+        return web.json_response({"data": [{"id": 5}, "x", {"id": "m"}], "models": [{"name": ["a"]}, {"model": "b"}]})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", odd)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    oa = OpenAIProvider("oa", ProviderConfig(type="openai", base_url=url + "/v1"))
+    ol = OllamaProvider("ol", ProviderConfig(type="ollama", base_url=url))
+    try:
+        assert (await oa.list_models()).models == ["m"]
+        assert (await ol.list_models()).models == ["b"]
+        req = ChatRequest(model="a", messages=[Message("user", [TextBlock("hi")])])
+        assert await oa.count_tokens(req, "m") is None
+    finally:
+        await oa.close()
+        await ol.close()
+        await runner.cleanup()

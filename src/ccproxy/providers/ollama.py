@@ -59,12 +59,12 @@ class OllamaProvider(_http.HttpProvider):
             data = await self._get_json(self._base + "/api/tags", self._headers)
         except errors.GatewayError as exc:
             return ModelListing(reachable=False, models=[], error=exc.message)
-        try:
-            return ModelListing(reachable=True, models=[m.get("name") or m.get("model", "")
-                                                         for m in data.get("models") or []])
-        except (AttributeError, TypeError):
+        listed = (data.get("models") or []) if isinstance(data, dict) else None
+        if not isinstance(listed, list):
             return ModelListing(reachable=True, models=[],
                                 error=f"provider '{self.name}' sent an unexpected /api/tags answer")
+        names = [m.get("name") or m.get("model") for m in listed if isinstance(m, dict)]
+        return ModelListing(reachable=True, models=[n for n in names if isinstance(n, str) and n])
 
     def _body(self, req: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
         num_ctx = req.passthrough.get("num_ctx")

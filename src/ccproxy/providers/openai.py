@@ -56,8 +56,9 @@ class OpenAIProvider(_http.HttpProvider):
             data = await self._get_json(self._base + "/models", self._headers)
         except errors.GatewayError as e:
             return ModelListing(False, [], e.message)
-        models = [m.get("id", "") for m in (data.get("data") or []) if isinstance(m, dict)] \
-            if isinstance(data, dict) else []
+        listed = data.get("data") if isinstance(data, dict) else None
+        models = [m["id"] for m in listed if isinstance(m, dict) and isinstance(m.get("id"), str)] \
+            if isinstance(listed, list) else []
         return ModelListing(True, models)
 
     async def count_tokens(self, req: ChatRequest, model: str) -> int | None:
@@ -72,9 +73,9 @@ class OpenAIProvider(_http.HttpProvider):
                         if resp.status != 200:
                             continue
                         data = await resp.json(loads=orjson.loads, content_type=None)
-            except errors.GatewayError:
+            except (errors.GatewayError, ValueError):  # not JSON: no usable tokenizer there
                 return None
-            tokens = data.get("tokens")
+            tokens = data.get("tokens") if isinstance(data, dict) else None
             if isinstance(tokens, list):
                 return len(tokens)
         return None

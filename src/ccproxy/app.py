@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from ccproxy import __version__, errors, openapi, redact
-from ccproxy.asgi import Receive, Scope, Send, header_map, send_bytes, send_json
+from ccproxy import __version__, asgi, errors, openapi, redact
+from ccproxy.asgi import ClientGone, Receive, Scope, Send, header_map, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
@@ -129,6 +129,7 @@ class Gateway:
         self.slots = GlobalSlots(getattr(getattr(self.services, "metrics", None), "in_flight", None))
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
+        self._ready_probe: asyncio.Task[dict[str, ModelListing]] | None = None  # shared by concurrent callers
         self._retiring: set[asyncio.Task[None]] = set()
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
         self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints()
@@ -240,6 +241,8 @@ class Gateway:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif kind == "websocket":  # no endpoint speaks it: 403, not the 500 of an unanswered upgrade
+            await asgi.refuse_websocket(receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -287,6 +290,8 @@ class Gateway:
             return
         try:
             await handler(scope, receive, send, headers)
+        except ClientGone:
+            return  # the client left while its body was uploading: no one to answer, nothing to log
         except Exception:
             # Endpoints answer their own errors; this is the last line (a bug): a JSON 500 in the
             # client's dialect, never a stack trace, and never a success.
@@ -360,9 +365,17 @@ class Gateway:
         await send_bytes(send, 200, b"ccproxy is running\n", "text/plain; charset=utf-8")
 
     async def probe_backends(self) -> dict[str, ModelListing]:
+        """Every backend's model listing, probed at most once per READY_CACHE_SECONDS: callers that
+        arrive while a probe runs wait for that one (single flight), so a crowd of unauthenticated
+        /health/ready callers cannot multiply the load on the backends."""
         now = time.monotonic()
         if self._ready_cache and now - self._ready_cache[0] < READY_CACHE_SECONDS:
             return self._ready_cache[1]
+        if self._ready_probe is None or self._ready_probe.done():
+            self._ready_probe = asyncio.get_running_loop().create_task(self._probe_backends(now))
+        return await asyncio.shield(self._ready_probe)  # one caller leaving does not cancel it for the rest
+
+    async def _probe_backends(self, now: float) -> dict[str, ModelListing]:
         providers = self.runtime.providers
 
         async def probe(p: Provider) -> ModelListing:

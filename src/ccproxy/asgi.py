@@ -123,6 +123,14 @@ async def start_stream(send: Send, content_type: str, headers: dict[str, str] | 
     await send({"type": "http.response.start", "status": 200, "headers": raw})
 
 
+async def refuse_websocket(receive: Receive, send: Send) -> None:
+    """Refuse a WebSocket upgrade: close before accepting, which the server answers with 403 (ASGI
+    spec). A handler that returned without doing so would make the server answer 500. (Not the
+    `websocket.http.response` extension's 404: uvicorn then logs a handshake error.)"""
+    if (await receive())["type"] == "websocket.connect":  # else the client left already
+        await send({"type": "websocket.close", "code": 1008})
+
+
 class DisconnectWatcher:
     """Cancels the request's task when the client disconnects, so the backend call is aborted
     (freeing its slot) instead of generating for nobody."""

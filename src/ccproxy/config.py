@@ -373,6 +373,17 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     return cfg.model_copy(update={"source": source})
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what, never the file's text: PyYAML's own message quotes the offending line, which
+    may hold a secret of a config that never loaded (so it is not among those redacted)."""
+    parts = []
+    for text, mark in ((getattr(e, "context", None), getattr(e, "context_mark", None)),
+                       (getattr(e, "problem", None), getattr(e, "problem_mark", None))):
+        if text:
+            parts.append(str(text) + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""))
+    return ": " + "; ".join(parts) if parts else ""
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     p = Path(path)
     try:
@@ -382,6 +393,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML{_yaml_problem(e)}") from None
     cfg = parse_config(data, str(p))
     return cfg.model_copy(update={"source": str(p.resolve())})

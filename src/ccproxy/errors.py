@@ -14,7 +14,7 @@
     ├── Overloaded                503  queue full / gateway saturated / shutting down
     └── UpstreamError             502  the backend failed (connection refused, bad answer)
         ├── UpstreamTimeout       504  connect, first-byte or idle timeout
-        └── UpstreamStatus        4xx/5xx passed through from the backend
+        └── UpstreamStatus        a backend's 4xx passed through; its 5xx becomes 502
 
 `kind` is a short stable string used in usage rows and metrics. Messages must never contain a
 secret: providers build them from provider names, never from URLs with credentials or keys; and
@@ -122,7 +122,9 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamStatus(UpstreamError):
-    """The backend answered with an error status; `status` is the backend's."""
+    """The backend answered with an error status, kept in `upstream_status`. A 4xx is passed on as
+    is; a 5xx reaches the client as 502 (with the backend's message), since a 500 would look like
+    the gateway's own crash to monitoring."""
 
     kind = "upstream_status"
 
@@ -130,7 +132,9 @@ class UpstreamStatus(UpstreamError):
                  retry_after: float | None = None, **kw):
         # 4xx are the client's fault and not worth retrying elsewhere, except 408/429.
         retryable = status >= 500 or status in (408, 429)
-        super().__init__(message, provider=provider, retryable=retryable, status=status, **kw)
+        super().__init__(message, provider=provider, retryable=retryable,
+                         status=502 if status >= 500 else status, **kw)
+        self.upstream_status = status
         self.retry_after = retry_after
         if retry_after is not None:  # the client's SDK honours it, as the backend asked
             self.headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))

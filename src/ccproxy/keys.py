@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 import time
+import unicodedata
 
 from ccproxy.errors import Overloaded
 from ccproxy.services import Principal
@@ -24,7 +25,7 @@ from ccproxy.usage.store import KeyRow, Store
 
 log = logging.getLogger("ccproxy.keys")
 
-__all__ = ["KEY_PREFIX", "DbKeyStore", "digest", "generate_key", "parse_duration"]
+__all__ = ["KEY_PREFIX", "DbKeyStore", "check_key_name", "digest", "generate_key", "parse_duration"]
 
 KEY_PREFIX = "ccp_"
 
@@ -34,6 +35,28 @@ _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(24)  # 24 random bytes -> 32 characters
+
+
+# "admin" is how the admin key shows in logs and usage; "-" is the name of an unknown caller.
+RESERVED_NAMES = frozenset({"admin", "-"})
+MAX_NAME_LENGTH = 100
+
+
+def check_key_name(name: str) -> str | None:
+    """Why `name` cannot name a key, or None. Names appear in logs, usage rows, metrics labels and
+    the dashboard: an empty one, a control or invisible formatting character (a forged log line,
+    a right-to-left override) or a reserved name would make them lie about who called."""
+    if not name.strip():
+        return "the key name is empty; give a name such as alice or ci-bot"
+    if name != name.strip():
+        return "the key name starts or ends with a space"
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        return "the key name contains control or invisible formatting characters"
+    if name.lower() in RESERVED_NAMES:
+        return f"the key name {name!r} is reserved ('admin' names the admin key, admin_key in the config)"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"the key name is longer than {MAX_NAME_LENGTH} characters"
+    return None
 
 
 def digest(key: str) -> str:

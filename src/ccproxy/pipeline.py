@@ -154,6 +154,7 @@ class ChatFlow:
         ticket = None
         hold = None
         watcher: DisconnectWatcher | None = None
+        gone = False  # the client left while its body was uploading (before the watcher runs)
         usage = Usage()
         try:
             try:
@@ -179,9 +180,10 @@ class ChatFlow:
                 watcher.start()
                 usage = await self.serve(send, plan, watcher)
             except ClientGone:
+                gone = True
                 raise asyncio.CancelledError() from None
         except asyncio.CancelledError:
-            if watcher is None or not watcher.gone:
+            if not gone and (watcher is None or not watcher.gone):
                 # a real cancellation (drain time over at shutdown): the row says so, then it propagates
                 self.record.error_kind = "cancelled"
                 self.record.status = self.record.status if self.started else 503

@@ -3,7 +3,9 @@
 A backend may echo what it received (its api_key in an error body, a header dump), and a library
 may put a URL with its password in an exception. Two choke points use `redact()`: every
 `GatewayError` message (what clients see in any dialect, in-band stream errors included, and what
-the logs print) and every JSON log line. Each secret is replaced by `[redacted]`.
+the logs print) and every JSON log line. Each secret is replaced by `[redacted]`, whatever its
+letter case (a backend may echo a key upper-cased, as in a header dump). Text to be shortened is
+redacted first, then cut: cut first, a key at the cut would leak its first characters.
 
 `use_config(config)` runs whenever a config is put to use (start-up, reload, CLI commands): it
 adds the provider api_keys, the client and admin keys of the file, and the passwords in
@@ -13,6 +15,7 @@ draining with its old key after a reload stays covered.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -26,6 +29,7 @@ MASK = "[redacted]"
 MIN_LENGTH = 6  # shorter values would mangle ordinary words; no real secret is that short
 
 _secrets: tuple[str, ...] = ()
+_pattern: re.Pattern[str] | None = None
 _lock = threading.Lock()
 
 
@@ -49,10 +53,13 @@ def secrets_of(config: Config) -> list[str]:
 
 
 def add_secrets(values: list[str]) -> None:
-    global _secrets
+    global _secrets, _pattern
     with _lock:
         new = {v for v in values if v and len(v) >= MIN_LENGTH} | set(_secrets)
+        if len(new) == len(_secrets):
+            return
         _secrets = tuple(sorted(new, key=len, reverse=True))  # longest first: no partial leftovers
+        _pattern = re.compile("|".join(re.escape(s) for s in _secrets), re.IGNORECASE)
 
 
 def use_config(config: Config) -> None:
@@ -60,7 +67,5 @@ def use_config(config: Config) -> None:
 
 
 def redact(text: str) -> str:
-    for s in _secrets:
-        if s in text:
-            text = text.replace(s, MASK)
-    return text
+    pattern = _pattern
+    return text if pattern is None else pattern.sub(MASK, text)

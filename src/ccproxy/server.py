@@ -144,9 +144,11 @@ class MetricsServer(uvicorn.Server):
 
 def metrics_app(gateway):
     """A tiny ASGI app serving only the gateway's /metrics (for a scraper on a private address)."""
-    from ccproxy.asgi import send_bytes
+    from ccproxy.asgi import refuse_websocket, send_bytes
 
     async def app(scope, receive, send) -> None:
+        if scope["type"] == "websocket":
+            await refuse_websocket(receive, send)
         if scope["type"] != "http":
             return
         if scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD"):

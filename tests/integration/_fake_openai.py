@@ -14,6 +14,7 @@ gateways never depend on a shared script:
     fail_mid=K    stream K pieces, then drop the connection (no finish, no [DONE])
     status=CODE   answer with that error status; the body echoes the Authorization header seen
                   (a careless backend: the gateway must not pass that on)
+    pad=N         (with status) N characters before that message; upper=1: the echo upper-cased
 
 Like a real backend it stops at the request's `max_completion_tokens` / `max_tokens`: with fewer
 than N allowed, the answer is cut at exactly that many pieces with `finish_reason: "length"`.
@@ -152,8 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         if stall:
             await asyncio.sleep(stall)
         if "status" in d:
-            return web.json_response({"error": {"message": "backend exploded; request headers were "
-                                                           f"{request.headers.get('authorization')}"}},
+            seen = request.headers.get("authorization") or ""
+            seen = seen.upper() if d.get("upper") == "1" else seen
+            return web.json_response({"error": {"message": "x" * int(d.get("pad", 0)) + "backend exploded; "
+                                                           f"request headers were {seen}"}},
                                      status=int(d["status"]))
         model = body.get("model", "m")
         finish = "stop"

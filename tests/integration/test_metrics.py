@@ -89,19 +89,19 @@ async def test_counters_are_exact_after_known_traffic(setup, upstream, postgres_
     plan = (
         [openai_req(ALICE, "chunks=2 ptok=5")] * 3                       # 200, 5 in / 2 out each
         + [anthropic_req(ALICE, "chunks=4 ptok=9", stream=True)] * 2     # 200 streamed, 9 in / 4 out
-        + [openai_req(ALICE, "status=500")]                              # backend 500 -> 500
+        + [openai_req(ALICE, "status=500")]                              # backend 500 -> 502
         + [openai_req(ALICE, "hi", model="down")]                        # backend down -> 502
         + [openai_req(LIMITED, "chunks=1 ptok=1")] * 3                   # 2 x 200, then 429
         + [openai_req("sk-metrics-wrong", "hi")]                         # 403 before routing
         + [("/v1/chat/completions", {"authorization": f"Bearer {ALICE}"}, b'{"model": "fast", "messages": [')]
     )
     statuses = [(await send_all([(gw.url, *item)]))[0][0] for item in plan]
-    assert statuses == [200] * 5 + [500, 502, 200, 200, 429, 403, 400]
+    assert statuses == [200] * 5 + [502, 502, 200, 200, 429, 403, 400]
 
     m = scrape(f"{gw.url}/metrics")
     assert only(m, "ccproxy_requests_total") == {
         L(alias="fast", provider="up", status="200"): 7,
-        L(alias="fast", provider="up", status="500"): 1,
+        L(alias="fast", provider="up", status="502"): 1,
         L(alias="down", provider="dead", status="502"): 1,
         L(alias="fast", provider="none", status="429"): 1,
         L(alias="none", provider="none", status="403"): 1,

@@ -135,8 +135,8 @@ async def test_no_canary_leaks_anywhere(gateway, upstream, postgres_server, free
     assert statuses[:8] == [200] * 8, results[:8]
     assert statuses[8:14] == [403, 403, 401, 403, 403, 403]
     assert all(400 <= s < 500 for s in statuses[14:19]), statuses[14:19]
-    assert statuses[19:24] == [502, 502, 502, 502, 500]  # a backend 500 passes through
-    assert statuses[24:26] == [400, 503] and statuses[26:] == [200, 200]  # 200: the break is in-band
+    assert statuses[19:24] == [502, 502, 502, 502, 502]  # a backend 500 reaches the client as 502
+    assert statuses[24:26] == [400, 502] and statuses[26:] == [200, 200]  # 200: the break is in-band
 
     for i in (23, 24, 25):  # the backend's echo of its Authorization header reached the client masked
         assert b"Bearer [redacted]" in results[i][2], results[i][2]
@@ -186,3 +186,95 @@ async def test_no_canary_leaks_anywhere(gateway, upstream, postgres_server, free
     log = gw.log_text() + gw.stdout_text()
     leaks += find_leaks("gateway stdout/stderr", log, secrets + [PROMPT])
     assert leaks == [], "\n".join(leaks)
+
+
+def prefixes(secret: str, shortest: int = 8) -> list[str]:
+    """Every start of `secret` long enough to identify it (what a cut copy would show)."""
+    return [secret[:n].lower() for n in range(shortest, len(secret) + 1)]
+
+
+async def test_backend_error_echo_is_redacted_before_it_is_cut_and_in_any_case(gateway, upstream) -> None:
+    """The gateway keeps 1,000 characters of a backend's error message: a key echoed across that
+    cut, or echoed upper-cased, must not show any part of itself (it once did: `sk-canary-upst`)."""
+    gw = gateway({"keys": [{"name": "alice", "key": CLIENT}],
+                  "providers": {"up": {"type": "openai", "base_url": upstream.base_url, "api_key": UPSTREAM}},
+                  "models": {"fast": {"provider": "up", "model": "m"}}})
+    echo_at = len("backend exploded; request headers were Bearer ")
+    texts = [f"status=500 pad={1000 - echo_at - n}" for n in range(1, len(UPSTREAM))] + ["status=500 upper=1"]
+    results = await send_all([(gw.url, "/v1/chat/completions", {"authorization": f"Bearer {CLIENT}"},
+                               chat_body(t)) for t in texts])
+    assert [s for s, _, _ in results] == [502] * len(texts)
+    assert b"[REDACTED]" not in results[-1][2] and b"BEARER [redacted]" in results[-1][2], results[-1][2]
+    assert gw.terminate() == 0
+    seen = [b.decode().lower() for _, _, b in results] + [gw.log_text().lower()]
+    leaks = [(i, p) for i, text in enumerate(seen) for p in prefixes(UPSTREAM) if p in text]
+    assert leaks == [], leaks[:5]
+
+
+def test_yaml_syntax_error_on_reload_logs_where_not_the_line(gateway, upstream) -> None:
+    """PyYAML's message quotes the offending line; a key on it belongs to a config that never
+    loaded, so redaction does not know it: the log says where, never the text."""
+    import signal
+
+    new_key = "sk-canary-notyetloaded-5e0c9a"
+    gw = gateway({"keys": [{"name": "alice", "key": CLIENT}],
+                  "providers": {"up": {"type": "openai", "base_url": upstream.base_url, "api_key": UPSTREAM}},
+                  "models": {"fast": {"provider": "up", "model": "m"}}})
+    gw.write_config(f"keys:\n  - {{key: {new_key}, name: bob\nproviders: {{}}\n")
+    gw.proc.send_signal(signal.SIGHUP)
+    line = gw.wait_for_log("config reload rejected")
+    assert "not valid YAML" in line and "line 2, column" in line, line
+    assert gw.terminate() == 0
+    log = (gw.log_text() + gw.stdout_text()).lower()
+    assert [p for p in prefixes(new_key) if p in log] == []
+
+
+def test_dashboard_never_sends_the_admin_key_after_a_redirect(tmp_path: Path, free_port) -> None:
+    """`ccproxy dashboard --url` against a server that redirects to another host: the CLI stops
+    with a clear error, and the other host receives nothing (urllib used to follow, key and all)."""
+    import http.server
+    import threading
+
+    import yaml
+
+    seen: list[dict[str, str]] = []
+    other = ("127.0.0.2", free_port())
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"path": "/ui/login?token=x"}')
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Redirector(Elsewhere):
+        def do_POST(self) -> None:  # noqa: N802
+            self.send_response(302)
+            self.send_header("location", f"http://{other[0]}:{other[1]}/ui/api/one-time-link")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirector),
+               http.server.ThreadingHTTPServer(other, Elsewhere)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        config = tmp_path / "ccproxy.yaml"
+        config.write_text(yaml.safe_dump({
+            "admin_key": ADMIN, "keys": [{"name": "alice", "key": CLIENT}],
+            "providers": {"up": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+            "models": {"fast": {"provider": "up", "model": "m"}}, "database": str(tmp_path / "u.db")}))
+        out = cli("dashboard", "--no-open", "--config", str(config),
+                  "--url", f"http://127.0.0.1:{servers[0].server_address[1]}")
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    assert seen == []
+    assert out.returncode != 0 and "redirect (302)" in out.stderr and f"http://{other[0]}:{other[1]}" in out.stderr
+    assert find_leaks("ccproxy dashboard", out.stdout + out.stderr, [ADMIN]) == []

@@ -179,7 +179,7 @@ def test_parser_error_event_raises(etype: str, status: int) -> None:
     with pytest.raises(errors.UpstreamStatus) as info:
         p.feed(b'event: error\ndata: {"type":"error","error":{"type":"%s","message":"Overloaded"}}\n\n'
                % etype.encode())
-    assert info.value.status == status and info.value.provider == "up" and info.value.message == "Overloaded"
+    assert info.value.upstream_status == status and info.value.provider == "up" and info.value.message == "Overloaded"
 
 
 def test_parser_rejects_garbage_and_truncation() -> None:
@@ -198,7 +198,7 @@ def test_parser_returns_events_before_an_error_then_raises_it() -> None:
     raw = r.start() + r.feed(TextDelta("par")) + r.error(errors.UpstreamStatus("Overloaded", status=529))
     p = AnthropicStreamParser("up")
     assert TextDelta("par") in p.feed(raw)
-    assert isinstance(p.error, errors.UpstreamStatus) and p.error.status == 529
+    assert isinstance(p.error, errors.UpstreamStatus) and p.error.status == 502  # rendered as api_error
     with pytest.raises(errors.UpstreamStatus):
         p.feed(b"")
     with pytest.raises(errors.UpstreamStatus):

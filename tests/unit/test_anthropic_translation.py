@@ -186,5 +186,5 @@ def test_round_trip_client_to_backend_and_back() -> None:
 ])
 def test_upstream_error_mapping(payload: dict[str, Any], status: int, cls: type) -> None:
     exc = anthropic.upstream_error(payload, "up")
-    assert type(exc) is cls and exc.status == status and exc.provider == "up"
+    assert type(exc) is cls and getattr(exc, "upstream_status", exc.status) == status and exc.provider == "up"
     assert exc.message == payload["error"]["message"]

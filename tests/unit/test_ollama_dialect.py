@@ -235,7 +235,7 @@ def test_render_error_statuses() -> None:
     assert ollama.render_error(errors.InvalidRequest("bad")) == (400, {"error": "bad"})
     assert ollama.render_error(errors.RateLimited("slow down"))[0] == 429
     assert ollama.render_error(errors.UpstreamTimeout("late"))[0] == 504
-    assert ollama.render_error(errors.UpstreamStatus("gone", status=503))[0] == 503
+    assert ollama.render_error(errors.UpstreamStatus("gone", status=503))[0] == 502
     assert ollama.render_error_line(errors.UpstreamError("broke")) == b'{"error":"broke"}\n'
 
 

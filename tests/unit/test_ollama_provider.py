@@ -236,7 +236,8 @@ async def test_server_error_status_and_retry_after(fake: FakeOllama, make: Calla
     fake.script(Reply(status=503, error="server busy, please try again.  maximum pending requests exceeded"))
     with pytest.raises(errors.UpstreamStatus) as info:
         await make().complete(ask(), "llama3.2")
-    assert info.value.status == 503 and info.value.retryable and "server busy" in info.value.message
+    assert info.value.upstream_status == 503 and info.value.status == 502 and info.value.retryable
+    assert "server busy" in info.value.message
 
 
 async def test_connection_refused_is_upstream_error(make: Callable[..., OllamaProvider]) -> None:

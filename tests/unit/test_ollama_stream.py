@@ -124,11 +124,11 @@ def test_garbage_line_raises() -> None:
         OllamaStreamParser().feed(b"[1]\n")
 
 
-def test_odd_shapes_do_not_crash() -> None:
-    events = run([b'{"message":"text?","done":false}\n{"message":{"tool_calls":["x",{"function":"y"}]}}\n'
-                  b'{"done":true}\n'])
-    assert isinstance(events[0], ToolCallStart) and events[0].name == ""
-    assert isinstance(events[-1], Finish)
+@pytest.mark.parametrize("line", [b'{"message":"text?","done":false}\n',
+                                  b'{"message":{"tool_calls":["x",{"function":"y"}]}}\n'])
+def test_odd_shapes_are_a_malformed_answer_not_a_crash(line: bytes) -> None:
+    with pytest.raises(errors.UpstreamError, match="provider 'local' sent a malformed answer: message"):
+        OllamaStreamParser(provider="local").feed(line)
 
 
 def test_lines_after_done_are_ignored() -> None:

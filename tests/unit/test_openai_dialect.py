@@ -172,7 +172,7 @@ def test_render_response(fixed_clock: None, data: dict[str, Any], expected: dict
         (errors.UpstreamTimeout("slow", provider="p"), 504, "timeout_error", "timeout"),
         (errors.UpstreamStatus("nope", status=404, provider="p"), 404, "invalid_request_error",
          "upstream_client_error"),
-        (errors.UpstreamStatus("boom", status=500, provider="p"), 500, "upstream_error", "upstream_error"),
+        (errors.UpstreamStatus("boom", status=500, provider="p"), 502, "upstream_error", "upstream_error"),
         (errors.GatewayError("internal"), 500, "server_error", "internal_error"),
     ],
 )
@@ -222,7 +222,7 @@ def test_stream_parser_error_chunk() -> None:
 
 @pytest.mark.parametrize("line", [b"data: {not json}\n", b"data: [1,2]\n"])
 def test_stream_parser_malformed_chunk(line: bytes) -> None:
-    with pytest.raises(errors.UpstreamError, match="malformed stream chunk"):
+    with pytest.raises(errors.UpstreamError, match="malformed answer: a stream chunk"):
         dialect.OpenAIStreamParser().feed(line)
 
 

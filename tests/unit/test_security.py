@@ -452,3 +452,21 @@ async def test_sql_metacharacters_are_stored_verbatim(tmp_path: Path) -> None:
             await store.usage_rows(0, ["ts; DROP TABLE usage"])
     finally:
         await store.close()
+
+
+# --------------------------------------------------------------------------- redaction
+
+
+def test_redaction_ignores_letter_case_and_comes_before_the_cut() -> None:
+    from ccproxy.providers._http import error_message
+    from ccproxy.redact import MASK, add_secrets, redact
+
+    secret = "sk-unit-redact-Q7fz93kd"
+    add_secrets([secret])
+    assert redact(f"a {secret.upper()} b {secret.lower()} c {secret}") == f"a {MASK} b {MASK} c {MASK}"
+    for cut in (1000, 300):  # JSON error bodies keep 1,000 characters, other bodies 300
+        for n in range(1, len(secret)):
+            text = "x" * (cut - n) + secret
+            body = orjson.dumps({"error": {"message": text}}) if cut == 1000 else text.encode()
+            shown = error_message(body)
+            assert secret[:4].lower() not in shown.lower(), (cut, n, shown[-30:])

@@ -2,7 +2,8 @@
 
 The command asks the running gateway for the link (`POST /ui/api/one-time-link` with the admin
 key from the config, or from CCPROXY_ADMIN_KEY), so the link is minted by the process that will
-redeem it. The link works once, for a short time, and opens a normal dashboard session.
+redeem it. The link works once, for a short time, and opens a normal dashboard session. Redirects
+are never followed: the admin key goes to the URL given, and nowhere a redirect points.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import ssl
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import webbrowser
 from typing import NoReturn
@@ -51,6 +53,18 @@ def gateway_url(config: Config) -> str:
     return f"{scheme}://{host}:{config.port}"
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx stays an HTTPError: following it would send the admin key to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.scheme else "(elsewhere)"
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -79,10 +93,17 @@ def dashboard(config_path: str | None, base_url: str | None, no_open: bool, inse
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
     try:
-        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
+        with urllib.request.build_opener(*handlers).open(req, timeout=10) as resp:
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            target = urllib.parse.urljoin(f"{base}/", e.headers.get("location") or "")
+            _fail(f"the gateway at {base} answered with a redirect ({e.code}) to {_origin(target)}; the admin "
+                  "key is not sent after a redirect: pass the gateway's own address with --url")
         try:
             detail = json.loads(e.read())["error"]["message"]
         except Exception:

@@ -15,7 +15,7 @@ import asyncpg
 import click
 
 from ccproxy.config import Config, ConfigError, check_tags
-from ccproxy.keys import digest, generate_key, parse_duration
+from ccproxy.keys import check_key_name, digest, generate_key, parse_duration
 from ccproxy.usage.store import KeyExists, KeyRow, Store, open_store
 
 T = TypeVar("T")
@@ -105,6 +105,9 @@ def create(name: str, rpm: int | None, tpm: int | None, max_concurrent: int | No
            models: str | None, expires: str | None, budget_usd: float | None, budget_period: str | None,
            tags: tuple[str, ...], config_path: str | None) -> None:
     """Create a key and print it, once: it cannot be shown again."""
+    problem = check_key_name(name)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--name")
     if budget_period and budget_usd is None:
         raise click.BadParameter("give --budget-usd with --budget-period", param_hint="--budget-period")
     tag_map = _tags(tags)

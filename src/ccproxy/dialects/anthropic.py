@@ -54,6 +54,7 @@ from ccproxy.core import (
     Usage,
     UsageUpdate,
 )
+from ccproxy.dialects import answer
 
 __all__ = [
     "PLACEHOLDER_SIGNATURE",
@@ -656,8 +657,8 @@ def error_type_for_status(status: int) -> str:
 
 def render_error(exc: errors.GatewayError, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
     """`(status, body)` in Anthropic's error shape. The status is the exception's own: a full queue
-    (Overloaded) stays 503 with `overloaded_error`; 529 is only passed through from a backend that
-    said 529. Headers (retry-after) are in `exc.headers`."""
+    (Overloaded) stays 503 with `overloaded_error`; a backend's 5xx (529 included) arrives as 502
+    (errors.UpstreamStatus). Headers (retry-after) are in `exc.headers`."""
     status = exc.status
     body: dict[str, Any] = {"type": "error", "error": {"type": error_type_for_status(status),
                                                         "message": exc.message}}
@@ -827,22 +828,23 @@ def _out_tool(t: Tool) -> dict[str, Any]:
 
 
 def _stop_reason(v: Any) -> StopReason:
-    if v in _STOP_REASONS:
+    if isinstance(v, str) and v in _STOP_REASONS:
         return v
     if v == "model_context_window_exceeded":
         return "max_tokens"
     return "end_turn"
 
 
-def _parse_usage(u: Any, into: Usage | None = None) -> Usage:
+def _parse_usage(u: Any, into: Usage | None = None, provider: str | None = None) -> Usage:
+    """Counts present in `u` replace those in `into` (a stream's message_delta may repeat some)."""
     usage = into or Usage()
-    if isinstance(u, dict):
-        for src, dst in (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
-                         ("cache_read_input_tokens", "cache_read_tokens"),
-                         ("cache_creation_input_tokens", "cache_creation_tokens")):
-            v = u.get(src)
-            if _is_int(v):
-                setattr(usage, dst, v)
+    u = answer.as_dict(u, "usage", provider)
+    for src, dst in (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
+                     ("cache_read_input_tokens", "cache_read_tokens"),
+                     ("cache_creation_input_tokens", "cache_creation_tokens")):
+        v = u.get(src)
+        if v is not None:
+            setattr(usage, dst, answer.count(v, f"usage.{src}", provider))
     return usage
 
 
@@ -853,28 +855,29 @@ def parse_response(body: Any, provider: str | None = None) -> ChatResponse:
         raise errors.UpstreamError(
             f"provider {provider!r} returned a response that is not an Anthropic message", provider=provider)
     content: list[Block] = []
-    for b in body["content"]:
-        if not isinstance(b, dict):
-            continue
-        kind = b.get("type")
-        if kind == "text" and isinstance(b.get("text"), str):
-            if b["text"]:
-                content.append(TextBlock(b["text"]))
+    for i, b in enumerate(answer.dicts(body["content"], "content", provider)):
+        kind, where = b.get("type"), f"content[{i}]"
+        if kind == "text":
+            text = answer.as_str(b.get("text"), f"{where}.text", provider)
+            if text:
+                content.append(TextBlock(text))
         elif kind == "thinking":
             sig = b.get("signature")
-            content.append(ThinkingBlock(thinking=str(b.get("thinking") or ""),
+            content.append(ThinkingBlock(thinking=answer.as_str(b.get("thinking"), f"{where}.thinking", provider),
                                          signature=sig if isinstance(sig, str) and sig else None))
         elif kind == "redacted_thinking":
-            content.append(ThinkingBlock(thinking="", redacted_data=str(b.get("data") or "")))
+            content.append(ThinkingBlock(thinking="", redacted_data=answer.as_str(b.get("data"), f"{where}.data",
+                                                                                  provider)))
         elif kind == "tool_use":
             inp = b.get("input")
-            content.append(ToolUseBlock(id=str(b.get("id") or ""), name=str(b.get("name") or ""),
+            content.append(ToolUseBlock(id=answer.as_str(b.get("id"), f"{where}.id", provider),
+                                        name=answer.as_str(b.get("name"), f"{where}.name", provider),
                                         input=inp if isinstance(inp, dict) else {}))
     seq = body.get("stop_sequence")
     return ChatResponse(content=content, stop_reason=_stop_reason(body.get("stop_reason")),
                         stop_sequence=seq if isinstance(seq, str) else None,
-                        usage=_parse_usage(body.get("usage")), id=body.get("id") if isinstance(body.get("id"),
-                                                                                               str) else None)
+                        usage=_parse_usage(body.get("usage"), provider=provider),
+                        id=body.get("id") if isinstance(body.get("id"), str) else None)
 
 
 _STATUS_FOR_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
@@ -992,7 +995,7 @@ class AnthropicStreamParser:
         if kind == "message_start":
             msg = ev.get("message")
             if isinstance(msg, dict):
-                _parse_usage(msg.get("usage"), self._usage)
+                _parse_usage(msg.get("usage"), self._usage, self.provider)
                 u = self._usage
                 out.append(UsageUpdate(Usage(u.input_tokens, u.output_tokens, u.cache_read_tokens,
                                              u.cache_creation_tokens)))
@@ -1006,7 +1009,7 @@ class AnthropicStreamParser:
                 self._stop_reason = _stop_reason(delta["stop_reason"])
             seq = delta.get("stop_sequence")
             self._stop_sequence = seq if isinstance(seq, str) else None
-            _parse_usage(ev.get("usage"), self._usage)
+            _parse_usage(ev.get("usage"), self._usage, self.provider)
         elif kind == "message_stop":
             self.done = True
             out.append(Finish(stop_reason=self._stop_reason, usage=self._usage,
@@ -1018,43 +1021,43 @@ class AnthropicStreamParser:
         if not _is_int(index) or not isinstance(block, dict):
             raise errors.UpstreamError(f"provider {self.provider!r} sent a malformed content_block_start",
                                        provider=self.provider)
-        kind = block.get("type")
+        kind, p = block.get("type"), self.provider
         if kind == "text":
             self._blocks[index] = ("text", -1)
-            if block.get("text"):
-                out.append(TextDelta(str(block["text"])))
+            if text := answer.as_str(block.get("text"), "content_block.text", p):
+                out.append(TextDelta(text))
         elif kind == "thinking":
             self._blocks[index] = ("thinking", -1)
-            if block.get("thinking"):
-                out.append(ThinkingDelta(str(block["thinking"])))
+            if thinking := answer.as_str(block.get("thinking"), "content_block.thinking", p):
+                out.append(ThinkingDelta(thinking))
         elif kind == "redacted_thinking":
             self._blocks[index] = ("redacted_thinking", -1)
-            out.append(ThinkingDelta("", redacted_data=str(block.get("data") or "")))
+            out.append(ThinkingDelta("", redacted_data=answer.as_str(block.get("data"), "content_block.data", p)))
         elif kind == "tool_use":
             k = self._tools
             self._tools += 1
             self._blocks[index] = ("tool_use", k)
-            out.append(ToolCallStart(index=k, id=str(block.get("id") or f"toolu_{k}"),
-                                     name=str(block.get("name") or "")))
+            out.append(ToolCallStart(index=k, id=answer.as_str(block.get("id"), "content_block.id", p) or f"toolu_{k}",
+                                     name=answer.as_str(block.get("name"), "content_block.name", p)))
             if isinstance(block.get("input"), dict) and block["input"]:
                 out.append(ToolCallDelta(index=k, arguments=orjson.dumps(block["input"]).decode()))
         else:
             self._blocks[index] = ("other", -1)  # server tools etc.: not representable, skipped
 
     def _block_delta(self, ev: dict[str, Any], out: list[StreamEvent]) -> None:
-        delta = ev.get("delta")
-        kind, k = self._blocks.get(ev.get("index"), ("other", -1))  # type: ignore[arg-type]
+        delta, index, p = ev.get("delta"), ev.get("index"), self.provider
+        kind, k = self._blocks.get(index, ("other", -1)) if _is_int(index) else ("other", -1)
         if not isinstance(delta, dict):
             return
         dt = delta.get("type")
         if dt == "text_delta" and kind == "text":
-            if delta.get("text"):
-                out.append(TextDelta(str(delta["text"])))
+            if text := answer.as_str(delta.get("text"), "delta.text", p):
+                out.append(TextDelta(text))
         elif dt == "thinking_delta" and kind == "thinking":
-            if delta.get("thinking"):
-                out.append(ThinkingDelta(str(delta["thinking"])))
+            if thinking := answer.as_str(delta.get("thinking"), "delta.thinking", p):
+                out.append(ThinkingDelta(thinking))
         elif dt == "signature_delta" and kind == "thinking":
-            out.append(ThinkingDelta("", signature=str(delta.get("signature") or "")))
+            out.append(ThinkingDelta("", signature=answer.as_str(delta.get("signature"), "delta.signature", p)))
         elif dt == "input_json_delta" and kind == "tool_use":
-            if delta.get("partial_json"):
-                out.append(ToolCallDelta(index=k, arguments=str(delta["partial_json"])))
+            if partial := answer.as_str(delta.get("partial_json"), "delta.partial_json", p):
+                out.append(ToolCallDelta(index=k, arguments=partial))

@@ -56,6 +56,7 @@ from ccproxy.core import (
     Usage,
     UsageUpdate,
 )
+from ccproxy.dialects import answer
 
 __all__ = [
     "OllamaClientStreamRenderer",
@@ -248,32 +249,35 @@ def _format_out(rf: dict[str, Any] | None) -> str | dict[str, Any] | None:
     return None
 
 
-def parse_chat_response(body: dict[str, Any]) -> ChatResponse:
+def parse_chat_response(body: Any, provider: str | None = None) -> ChatResponse:
     """A `stream:false` /api/chat answer as a neutral response."""
+    if not isinstance(body, dict):
+        raise answer.malformed(provider, "the answer is not a JSON object")
     if "error" in body:
         raise errors.UpstreamError(f"Ollama error: {body['error']}")
-    msg = _dict(body.get("message"))
     content: list[Block] = []
-    if msg.get("thinking"):
-        content.append(ThinkingBlock(thinking=msg["thinking"]))
-    if msg.get("content"):
-        content.append(TextBlock(text=msg["content"]))
-    calls = _calls(msg)
-    for tc in calls:
-        fn = _dict(tc.get("function"))
-        content.append(ToolUseBlock(id=tc.get("id") or new_tool_id(), name=fn.get("name", ""),
-                                    input=_arguments(fn.get("arguments"))))
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+    thinking, text = _message(body, calls, provider)
+    if thinking:
+        content.append(ThinkingBlock(thinking=thinking))
+    if text:
+        content.append(TextBlock(text=text))
+    content += [ToolUseBlock(id=call_id, name=name, input=args) for call_id, name, args in calls]
     return ChatResponse(content=content, stop_reason=_stop_reason(body.get("done_reason"), bool(calls)),
-                        usage=_usage(body))
+                        usage=_usage(body, provider))
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _calls(msg: dict[str, Any]) -> list[dict[str, Any]]:
-    calls = msg.get("tool_calls")
-    return [tc for tc in calls if isinstance(tc, dict)] if isinstance(calls, list) else []
+def _message(body: dict[str, Any], calls: list[tuple[str, str, dict[str, Any]]],
+             provider: str | None) -> tuple[str, str]:
+    """(thinking, content) of an answer's `message`; its tool calls go to `calls` as (id, name, args)."""
+    msg = answer.as_dict(body.get("message"), "message", provider)
+    for i, tc in enumerate(answer.dicts(msg.get("tool_calls"), "message.tool_calls", provider)):
+        fn = answer.as_dict(tc.get("function"), f"message.tool_calls[{i}].function", provider)
+        calls.append((answer.as_str(tc.get("id"), f"message.tool_calls[{i}].id", provider) or new_tool_id(),
+                      answer.as_str(fn.get("name"), f"message.tool_calls[{i}].function.name", provider),
+                      _arguments(fn.get("arguments"))))
+    return (answer.as_str(msg.get("thinking"), "message.thinking", provider),
+            answer.as_str(msg.get("content"), "message.content", provider))
 
 
 def _arguments(args: Any) -> dict[str, Any]:
@@ -289,14 +293,15 @@ def _arguments(args: Any) -> dict[str, Any]:
     return {}
 
 
-def _stop_reason(done_reason: str | None, tool_calls: bool) -> StopReason:
+def _stop_reason(done_reason: Any, tool_calls: bool) -> StopReason:
     if done_reason == "length":
         return "max_tokens"
     return "tool_use" if tool_calls else "end_turn"
 
 
-def _usage(body: dict[str, Any]) -> Usage:
-    return Usage(input_tokens=body.get("prompt_eval_count") or 0, output_tokens=body.get("eval_count") or 0)
+def _usage(body: dict[str, Any], provider: str | None = None) -> Usage:
+    return Usage(input_tokens=answer.count(body.get("prompt_eval_count"), "prompt_eval_count", provider),
+                 output_tokens=answer.count(body.get("eval_count"), "eval_count", provider))
 
 
 class OllamaStreamParser:
@@ -363,23 +368,22 @@ class OllamaStreamParser:
         if "error" in obj:
             raise errors.UpstreamError(self._who() + f"Ollama error: {obj['error']}", provider=self.provider)
         events: list[StreamEvent] = []
-        msg = _dict(obj.get("message"))
-        if msg.get("thinking"):
-            events.append(ThinkingDelta(thinking=msg["thinking"]))
-        if msg.get("content"):
-            events.append(TextDelta(text=msg["content"]))
-        for tc in _calls(msg):
-            fn = _dict(tc.get("function"))
+        calls: list[tuple[str, str, dict[str, Any]]] = []
+        thinking, text = _message(obj, calls, self.provider)
+        if thinking:
+            events.append(ThinkingDelta(thinking=thinking))
+        if text:
+            events.append(TextDelta(text=text))
+        for call_id, name, args in calls:
             i = self._tool_calls
             self._tool_calls += 1
             self._saw_tool_calls = True
-            events.append(ToolCallStart(index=i, id=tc.get("id") or new_tool_id(), name=fn.get("name", "")))
-            events.append(ToolCallDelta(index=i, arguments=json.dumps(_arguments(fn.get("arguments")),
-                                                                      ensure_ascii=False)))
+            events.append(ToolCallStart(index=i, id=call_id, name=name))
+            events.append(ToolCallDelta(index=i, arguments=json.dumps(args, ensure_ascii=False)))
         if obj.get("done"):
             self.done = True
             events.append(Finish(stop_reason=_stop_reason(obj.get("done_reason"), self._saw_tool_calls),
-                                 usage=_usage(obj)))
+                                 usage=_usage(obj, self.provider)))
         return events
 
 

@@ -37,6 +37,7 @@ from ccproxy.core import (
     Usage,
     UsageUpdate,
 )
+from ccproxy.dialects import answer
 
 # Fields an OpenAI-compatible backend may understand that have no neutral meaning.
 _PASSTHROUGH = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
@@ -486,16 +487,19 @@ def build_backend_request(req: ChatRequest, model: str) -> dict[str, Any]:
     return body
 
 
-def _parse_usage(u: Any) -> Usage:
-    if not isinstance(u, dict):
-        return Usage()
-    cached = ((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    return Usage(input_tokens=max(0, int(u.get("prompt_tokens") or 0) - cached),
-                 output_tokens=int(u.get("completion_tokens") or 0), cache_read_tokens=cached)
+def _parse_usage(u: Any, provider: str | None = None) -> Usage:
+    u = answer.as_dict(u, "usage", provider)
+    details = answer.as_dict(u.get("prompt_tokens_details"), "usage.prompt_tokens_details", provider)
+    cached = answer.count(details.get("cached_tokens"), "usage.prompt_tokens_details.cached_tokens", provider)
+    prompt = answer.count(u.get("prompt_tokens"), "usage.prompt_tokens", provider)
+    return Usage(input_tokens=max(0, prompt - cached),
+                 output_tokens=answer.count(u.get("completion_tokens"), "usage.completion_tokens", provider),
+                 cache_read_tokens=cached)
 
 
 def _stop_reason(choice: dict[str, Any], req_stop: list[str] | None) -> tuple[StopReason, str | None]:
-    reason = FINISH_TO_STOP.get(choice.get("finish_reason") or "stop", "end_turn")
+    finish = choice.get("finish_reason")
+    reason = FINISH_TO_STOP.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
     # vLLM reports the matched stop string in `stop_reason`
     matched = choice.get("stop_reason")
     if reason == "end_turn" and isinstance(matched, str) and req_stop and matched in req_stop:
@@ -503,29 +507,39 @@ def _stop_reason(choice: dict[str, Any], req_stop: list[str] | None) -> tuple[St
     return reason, None
 
 
-def parse_backend_response(body: Any, req_stop: list[str] | None = None) -> ChatResponse:
+def _tool_call(c: dict[str, Any], where: str, provider: str | None) -> tuple[str | None, str, Any]:
+    """(id, name, arguments) of one backend tool call, each checked."""
+    fn = answer.as_dict(c.get("function"), f"{where}.function", provider)
+    call_id = answer.as_str(c.get("id"), f"{where}.id", provider) or None
+    return call_id, answer.as_str(fn.get("name"), f"{where}.function.name", provider), fn.get("arguments")
+
+
+def parse_backend_response(body: Any, req_stop: list[str] | None = None, provider: str | None = None) -> ChatResponse:
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
-        raise errors.UpstreamError("the backend's answer has no choices (not an OpenAI chat.completion)")
-    choice = body["choices"][0]
-    msg = choice.get("message") or {}
+        raise answer.malformed(provider, "no choices (not an OpenAI chat.completion)")
+    choice = answer.dicts(body["choices"], "choices", provider)[0]
+    msg = answer.as_dict(choice.get("message"), "choices[0].message", provider)
     content: list[Block] = []
     reasoning = msg.get("reasoning_content") or msg.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
         content.append(ThinkingBlock(reasoning))
-    if isinstance(msg.get("content"), str) and msg["content"]:
-        content.append(TextBlock(msg["content"]))
-    for c in msg.get("tool_calls") or []:
-        fn = c.get("function") or {}
+    text = answer.as_str(msg.get("content"), "choices[0].message.content", provider)
+    if text:
+        content.append(TextBlock(text))
+    calls = answer.dicts(msg.get("tool_calls"), "choices[0].message.tool_calls", provider)
+    for i, c in enumerate(calls):
+        call_id, name, raw_args = _tool_call(c, f"choices[0].message.tool_calls[{i}]", provider)
         try:
-            args = _parse_arguments(fn.get("arguments"), "tool_call")
+            args = _parse_arguments(raw_args, "tool_call")
         except errors.InvalidRequest:
-            args = {"raw_arguments": fn.get("arguments")}
-        content.append(ToolUseBlock(c.get("id") or new_tool_id(), fn.get("name") or "", args))
+            args = {"raw_arguments": raw_args}
+        content.append(ToolUseBlock(call_id or new_tool_id(), name, args))
     reason, seq = _stop_reason(choice, req_stop)
     if reason == "end_turn" and any(isinstance(b, ToolUseBlock) for b in content):
         reason = "tool_use"
+    rid = body.get("id")
     return ChatResponse(content=content, stop_reason=reason, stop_sequence=seq,
-                        usage=_parse_usage(body.get("usage")), id=body.get("id"))
+                        usage=_parse_usage(body.get("usage"), provider), id=rid if isinstance(rid, str) else None)
 
 
 class OpenAIStreamParser:
@@ -534,9 +548,10 @@ class OpenAIStreamParser:
     The Finish event is held back until the stream ends, because the usage chunk comes after the
     finish chunk; `close()` returns it."""
 
-    def __init__(self, req_stop: list[str] | None = None):
+    def __init__(self, req_stop: list[str] | None = None, provider: str | None = None):
         self._buf = b""
         self._req_stop = req_stop
+        self._provider = provider
         self._tool_ids: dict[int, str] = {}
         self._finish: tuple[StopReason, str | None] | None = None
         self._usage = Usage()
@@ -564,39 +579,43 @@ class OpenAIStreamParser:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise errors.UpstreamError("the backend sent a malformed stream chunk (invalid JSON)") from None
+            raise answer.malformed(self._provider, "a stream chunk is not valid JSON") from None
         if not isinstance(obj, dict):
-            raise errors.UpstreamError("the backend sent a malformed stream chunk")
+            raise answer.malformed(self._provider, "a stream chunk is not a JSON object")
         events.extend(self.feed_chunk(obj))
 
     def feed_chunk(self, obj: dict[str, Any]) -> list[StreamEvent]:
         """One decoded `chat.completion.chunk` -> neutral events (engines that hand out dicts)."""
+        provider = self._provider
         events: list[StreamEvent] = []
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else str(err)
-            raise errors.UpstreamError(f"the backend failed mid-stream: {msg}")
+            who = f"provider '{provider}'" if provider else "the backend"
+            raise errors.UpstreamError(f"{who} failed mid-stream: {msg}", provider=provider)
         if obj.get("usage"):
-            self._usage = _parse_usage(obj["usage"])
+            self._usage = _parse_usage(obj["usage"], provider)
             events.append(UsageUpdate(self._usage))
-        for choice in obj.get("choices") or []:
-            delta = choice.get("delta") or {}
+        for choice in answer.dicts(obj.get("choices"), "choices", provider):
+            delta = answer.as_dict(choice.get("delta"), "choices[].delta", provider)
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 events.append(ThinkingDelta(reasoning))
-            text = delta.get("content")
-            if isinstance(text, str) and text:
+            text = answer.as_str(delta.get("content"), "choices[].delta.content", provider)
+            if text:
                 events.append(TextDelta(text))
-            for tc in delta.get("tool_calls") or []:
-                idx = int(tc.get("index", len(self._tool_ids)))
-                fn = tc.get("function") or {}
+            for tc in answer.dicts(delta.get("tool_calls"), "choices[].delta.tool_calls", provider):
+                raw_idx = tc.get("index")
+                idx = len(self._tool_ids) if raw_idx is None else \
+                    answer.count(raw_idx, "choices[].delta.tool_calls[].index", provider)
+                call_id, name, args = _tool_call(tc, "choices[].delta.tool_calls[]", provider)
                 if idx not in self._tool_ids:
-                    self._tool_ids[idx] = tc.get("id") or new_tool_id()
+                    self._tool_ids[idx] = call_id or new_tool_id()
                     self._saw_tool = True
-                    events.append(ToolCallStart(idx, self._tool_ids[idx], fn.get("name") or ""))
-                args = fn.get("arguments")
+                    events.append(ToolCallStart(idx, self._tool_ids[idx], name))
                 if isinstance(args, dict):  # some servers send objects
                     args = orjson.dumps(args).decode()
+                args = answer.as_str(args, "choices[].delta.tool_calls[].function.arguments", provider)
                 if args:
                     events.append(ToolCallDelta(idx, args))
             if choice.get("finish_reason"):
@@ -606,7 +625,9 @@ class OpenAIStreamParser:
     def close(self) -> Finish:
         """The stream ended: the Finish event (raises if the backend never finished)."""
         if self._finish is None:
-            raise errors.UpstreamError("the backend's stream ended before it finished the answer")
+            who = f"the stream of provider '{self._provider}'" if self._provider else "the backend's stream"
+            raise errors.UpstreamError(f"{who} ended before it finished the answer",
+                                       provider=self._provider)
         reason, seq = self._finish
         if reason == "end_turn" and self._saw_tool:
             reason = "tool_use"

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
+import logging
+import math
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -20,7 +24,11 @@ import orjson
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
 from ccproxy.providers.base import ProviderDefaults
+from ccproxy.redact import redact
+from ccproxy.routing import MAX_RETRY_AFTER
 from ccproxy.tracing import outgoing_headers
+
+log = logging.getLogger("ccproxy.provider")
 
 
 def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
@@ -56,25 +64,36 @@ def mapped_errors(provider: str) -> Iterator[None]:
 
 
 def error_message(body: bytes) -> str:
-    """The human part of a backend's error body, whatever its dialect."""
+    """The human part of a backend's error body, whatever its dialect: secrets redacted first, then
+    shortened (the other way round, a key cut at the limit would leak its first characters)."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body[:300].decode("utf-8", "replace").strip() or "no details"
+        return redact(body.decode("utf-8", "replace")).strip()[:300] or "no details"
     if isinstance(obj, dict):
         err = obj.get("error", obj.get("detail", obj))
         if isinstance(err, dict):
-            return str(err.get("message") or err.get("msg") or err)[:1000]
-        return str(err)[:1000]
-    return str(obj)[:1000]
+            err = err.get("message") or err.get("msg") or err
+        obj = err
+    return redact(str(obj))[:1000]
 
 
 def parse_retry_after(headers: Any) -> float | None:
+    """A backend's Retry-After (RFC 9110 section 10.2.3: seconds or an HTTP date) in seconds, within
+    0..MAX_RETRY_AFTER; None when absent or unreadable (`inf`, `nan` and `1e400` included)."""
     v = headers.get("retry-after")
-    try:
-        return float(v) if v is not None else None
-    except ValueError:
+    if v is None:
         return None
+    try:
+        seconds = float(v)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(v).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
@@ -88,6 +107,19 @@ async def raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
                                    f"check its api_key in the config", provider=provider)
     raise errors.UpstreamStatus(f"provider '{provider}' answered {resp.status}: {error_message(body)}",
                                 status=resp.status, provider=provider, retry_after=parse_retry_after(resp.headers))
+
+
+@contextlib.contextmanager
+def reading(provider: str) -> Iterator[None]:
+    """Around the parsing of a backend's answer: a shape the parser did not foresee (it reads fields
+    through ccproxy.dialects.answer, so this is a last line) is the backend's malformed answer, a
+    502 that moves on to the next deployment, never the gateway's 500."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as e:
+        log.warning("provider %r sent an answer the parser could not read: %s", provider, type(e).__name__)
+        raise errors.UpstreamError(f"provider '{provider}' sent a malformed answer ({type(e).__name__})",
+                                   provider=provider) from None
 
 
 async def post(session: aiohttp.ClientSession, url: str, *, provider: str, config: ProviderConfig,

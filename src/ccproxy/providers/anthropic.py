@@ -56,7 +56,8 @@ class AnthropicProvider(_http.HttpProvider):
         body.pop("stream", None)
         resp = await self._post("/v1/messages", body, req)
         raw = await _http.read_body(resp, self.name, self.config)
-        return dialect.parse_response(self._json(raw), self.name)
+        with _http.reading(self.name):
+            return dialect.parse_response(self._json(raw), self.name)
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         body = dialect.build_request(req, model)
@@ -70,7 +71,8 @@ class AnthropicProvider(_http.HttpProvider):
                     async with asyncio.timeout(wait):
                         chunk = await resp.content.readany()
                     wait = self.config.timeouts.idle
-                    events = parser.feed(chunk) if chunk else parser.close()
+                    with _http.reading(self.name):
+                        events = parser.feed(chunk) if chunk else parser.close()
                     for ev in events:
                         yield ev
                     if parser.error is not None:  # an `error` event after the events above
@@ -110,7 +112,7 @@ class AnthropicProvider(_http.HttpProvider):
         try:
             resp = await self._post("/v1/messages/count_tokens", body, req)
         except errors.UpstreamStatus as e:
-            if e.status in (404, 405, 501):
+            if e.upstream_status in (404, 405, 501):
                 return None
             raise
         data = self._json(await _http.read_body(resp, self.name, self.config))

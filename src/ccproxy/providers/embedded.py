@@ -171,7 +171,7 @@ class EmbeddedProvider(ProviderDefaults):
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         bridge = self._ready()
         body = _to_openai_request(req, model)
-        parser = dialect.OpenAIStreamParser(req.stop)
+        parser = dialect.OpenAIStreamParser(req.stop, self.name)
         chunks = bridge.chunks(body)
         try:
             async for chunk in chunks:

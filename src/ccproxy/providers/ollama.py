@@ -41,12 +41,10 @@ class OllamaProvider(_http.HttpProvider):
     async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
         resp = await self._post(self._body(req, model, stream=False))
         data = self._json(await _http.read_body(resp, self.name, self.config))
-        if not isinstance(data, dict):
-            raise errors.UpstreamError(f"provider '{self.name}' answered with a non-object JSON body",
-                                       provider=self.name)
-        if "error" in data:
+        if isinstance(data, dict) and "error" in data:
             raise errors.UpstreamError(f"provider '{self.name}': {data['error']}", provider=self.name)
-        resp = parse_chat_response(data)
+        with _http.reading(self.name):
+            resp = parse_chat_response(data, self.name)
         if not _asked_to_think(req):
             resp.content = [b for b in resp.content if not isinstance(b, ThinkingBlock)]
         return resp
@@ -56,7 +54,9 @@ class OllamaProvider(_http.HttpProvider):
         parser = OllamaStreamParser(provider=self.name)
         think = _asked_to_think(req)
         async for chunk in _http.iter_chunks(resp, self.name, self.config):
-            for ev in parser.feed(chunk):
+            with _http.reading(self.name):
+                events = parser.feed(chunk)
+            for ev in events:
                 if think or not isinstance(ev, ThinkingDelta):
                     yield ev
             if parser.done:
@@ -70,12 +70,12 @@ class OllamaProvider(_http.HttpProvider):
             data = await self._get_json(self._base + "/api/tags", self._headers)
         except errors.GatewayError as exc:
             return ModelListing(reachable=False, models=[], error=exc.message)
-        try:
-            return ModelListing(reachable=True, models=[m.get("name") or m.get("model", "")
-                                                         for m in data.get("models") or []])
-        except (AttributeError, TypeError):
+        listed = (data.get("models") or []) if isinstance(data, dict) else None
+        if not isinstance(listed, list):
             return ModelListing(reachable=True, models=[],
                                 error=f"provider '{self.name}' sent an unexpected /api/tags answer")
+        names = [m.get("name") or m.get("model") for m in listed if isinstance(m, dict)]
+        return ModelListing(reachable=True, models=[n for n in names if isinstance(n, str) and n])
 
     def fit(self, req: ChatRequest, alias: AliasConfig, prompt_tokens: int, changes: dict[str, Any]) -> None:
         """Ollama loads a model with `num_ctx` tokens of context and drops the start of a longer

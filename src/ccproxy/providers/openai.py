@@ -33,16 +33,19 @@ class OpenAIProvider(_http.HttpProvider):
         body.pop("stream_options", None)
         resp = await self._post(body)
         data = self._json(await _http.read_body(resp, self.name, self.config))
-        return dialect.parse_backend_response(data, req.stop)
+        with _http.reading(self.name):
+            return dialect.parse_backend_response(data, req.stop, self.name)
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         body = dialect.build_backend_request(req, model)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         resp = await self._post(body)
-        parser = dialect.OpenAIStreamParser(req.stop)
+        parser = dialect.OpenAIStreamParser(req.stop, self.name)
         async for chunk in _http.iter_chunks(resp, self.name, self.config):
-            for ev in parser.feed(chunk):
+            with _http.reading(self.name):
+                events = parser.feed(chunk)
+            for ev in events:
                 yield ev
             if parser.done:
                 break
@@ -53,8 +56,9 @@ class OpenAIProvider(_http.HttpProvider):
             data = await self._get_json(self._base + "/models", self._headers)
         except errors.GatewayError as e:
             return ModelListing(False, [], e.message)
-        models = [m.get("id", "") for m in (data.get("data") or []) if isinstance(m, dict)] \
-            if isinstance(data, dict) else []
+        listed = data.get("data") if isinstance(data, dict) else None
+        models = [m["id"] for m in listed if isinstance(m, dict) and isinstance(m.get("id"), str)] \
+            if isinstance(listed, list) else []
         return ModelListing(True, models)
 
     async def count_tokens(self, req: ChatRequest, model: str) -> int | None:
@@ -69,9 +73,9 @@ class OpenAIProvider(_http.HttpProvider):
                         if resp.status != 200:
                             continue
                         data = await resp.json(loads=orjson.loads, content_type=None)
-            except errors.GatewayError:
+            except (errors.GatewayError, ValueError):  # not JSON: no usable tokenizer there
                 return None
-            tokens = data.get("tokens")
+            tokens = data.get("tokens") if isinstance(data, dict) else None
             if isinstance(tokens, list):
                 return len(tokens)
         return None

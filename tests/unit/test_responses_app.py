@@ -5,6 +5,7 @@ is checked from its records; every streamed answer goes through the Responses st
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from ccproxy.app import Gateway
 from ccproxy.config import parse_config
 from ccproxy.core import Finish, TextDelta, ThinkingDelta, Usage
 from ccproxy.dialects.responses_stream_validator import ValidatedResponse, validate_stream
+from ccproxy.testing.fake_ollama import FakeOllama, Reply, ToolCall
 
 KEY = "sk-anthropic-app-alice"  # the key of make_config
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -210,3 +212,37 @@ async def test_encrypted_reasoning_goes_back_only_to_the_kind_of_backend_that_ma
             assert sent[1]["content"] == [{"type": "text", "text": "ok"}]
     finally:
         await gw.shutdown()
+
+
+# --------------------------------------------------------------------------- an Ollama backend
+
+
+async def test_tool_round_and_thinking_through_an_ollama_backend(upstream: FakeUpstream) -> None:
+    async with FakeOllama(models={"qwen3": {"thinking": True}}) as fake:
+        fake.script(Reply(thinking="Weather needs a tool.", tool_calls=[ToolCall("get_weather", {"city": "Paris"})]),
+                    Reply(text="Sunny in Paris."))
+        config = make_config(upstream)
+        config["providers"]["ol"] = {"type": "ollama", "base_url": fake.base_url}
+        config["models"]["local"] = {"provider": "ol", "model": "qwen3", "supports_thinking": True}
+        gw = Gateway(parse_config(config, "test.yaml"))
+        await gw.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gateway",
+                                         timeout=30) as client:
+                first = await streamed(client, model="local", input="Weather in Paris?", tools=NAMESPACED,
+                                       reasoning={"effort": "low"})
+                assert first.reasoning == "Weather needs a tool."
+                [call] = first.function_calls
+                assert (call["namespace"], call["name"], json.loads(call["arguments"])) == (
+                    "weather", "get_weather", {"city": "Paris"})
+                history = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                           {"type": "function_call_output", "call_id": call["call_id"], "output": "Sunny"}]
+                second = await streamed(client, model="local", input=history, tools=NAMESPACED)
+                assert second.text == "Sunny in Paris."
+            sent = fake.chat_requests[1]["messages"]
+            assert [(m["role"], m.get("tool_name")) for m in sent] == [
+                ("user", None), ("assistant", None), ("tool", "get_weather")]
+            assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+            assert sent[2]["content"] == "Sunny"
+        finally:
+            await gw.shutdown()

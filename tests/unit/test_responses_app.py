@@ -1,20 +1,26 @@
 """`/v1/responses` end to end in-process: the ASGI app in front of the fake OpenAI-compatible upstream of
-test_anthropic_app (tool calls, reasoning, a backend that dies mid-stream). What reaches the upstream
+test_anthropic_app (tool calls, reasoning, a backend that dies mid-stream) and a fake Anthropic backend
+that signs its thinking (test_anthropic_provider). What reaches the upstream
 is checked from its records; every streamed answer goes through the Responses stream validator."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2 as httpx
 import pytest
+from aiohttp import web
 from test_anthropic_app import FINAL, REASONING, FakeUpstream, make_config
+from test_anthropic_provider import Backend, sse_body, stream_route
 
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
+from ccproxy.core import Finish, TextDelta, ThinkingDelta, Usage
 from ccproxy.dialects.responses_stream_validator import ValidatedResponse, validate_stream
 from ccproxy.testing.anthropic_sse import ValidatingTransport
+from ccproxy.testing.fake_ollama import FakeOllama, Reply, ToolCall
 
 KEY = "sk-anthropic-app-alice"  # the key of make_config
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -150,6 +156,97 @@ async def test_errors_in_the_openai_shape(client: httpx.AsyncClient) -> None:
         err = openai_error(await client.request(method, "/v1/responses/resp_abc", headers=AUTH), 404)
         assert "'resp_abc'" in err["message"] and "does not store responses" in err["message"]
     assert openai_error(await client.get("/v1/responses", headers=AUTH), 405)
+
+
+# --------------------------------------------------------------------------- reasoning across backend kinds
+
+
+@pytest.fixture
+async def anthropic_backend() -> AsyncIterator[Backend]:
+    """A fake Anthropic backend that thinks (with a signature) and answers."""
+    b = Backend()
+    b.routes["/v1/messages"] = stream_route([sse_body([
+        ThinkingDelta("hmm"), ThinkingDelta("", signature="sig-from-anthropic"), TextDelta("ok"),
+        Finish("end_turn", Usage(3, 2))])])
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", b.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    b.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield b
+    await runner.cleanup()
+
+
+async def test_encrypted_reasoning_goes_back_only_to_the_kind_of_backend_that_made_it(
+        upstream: FakeUpstream, anthropic_backend: Backend) -> None:
+    config = make_config(upstream)
+    config["providers"]["ant"] = {"type": "anthropic", "base_url": anthropic_backend.url, "api_key": "sk-ant-x"}
+    config["models"]["claude"] = {"provider": "ant", "model": "claude-x", "supports_thinking": True}
+    gw = Gateway(parse_config(config, "test.yaml"))
+    await gw.startup()
+    try:
+        async with httpx.AsyncClient(transport=_transport(gw), base_url="http://gateway",
+                                     timeout=30) as client:
+            first = await streamed(client, model="claude", input="Think, then answer.")
+            [reasoning, message] = first.output
+            assert reasoning["type"] == "reasoning" and reasoning["summary"][0]["text"] == "hmm"
+            token = reasoning["encrypted_content"]
+            assert first.text == "ok"
+            # the client sends the whole conversation back, reasoning item included (as Codex does)
+            history = [{"role": "user", "content": "Think, then answer."}, reasoning, message,
+                       {"role": "user", "content": "And now?"}]
+
+            await streamed(client, model="claude", input=history)
+            sent = anthropic_backend.requests[-1][2]["messages"]
+            assert sent[1]["content"][0] == {"type": "thinking", "thinking": "hmm", "signature": "sig-from-anthropic"}
+
+            await streamed(client, model="fast", input=history)  # an OpenAI-compatible backend: no signature
+            assert "sig-from-anthropic" not in str(upstream.received[-1]) and token not in str(upstream.received[-1])
+            assert upstream.received[-1]["messages"][1] == {"role": "assistant", "content": "ok"}
+
+            foreign = [{**reasoning, "encrypted_content": "gAAAAB-not-ours"} if i == 1 else item
+                       for i, item in enumerate(history)]
+            await streamed(client, model="claude", input=foreign)  # unverifiable: dropped
+            sent = anthropic_backend.requests[-1][2]["messages"]
+            assert sent[1]["content"] == [{"type": "text", "text": "ok"}]
+    finally:
+        await gw.shutdown()
+
+
+# --------------------------------------------------------------------------- an Ollama backend
+
+
+async def test_tool_round_and_thinking_through_an_ollama_backend(upstream: FakeUpstream) -> None:
+    async with FakeOllama(models={"qwen3": {"thinking": True}}) as fake:
+        fake.script(Reply(thinking="Weather needs a tool.", tool_calls=[ToolCall("get_weather", {"city": "Paris"})]),
+                    Reply(text="Sunny in Paris."))
+        config = make_config(upstream)
+        config["providers"]["ol"] = {"type": "ollama", "base_url": fake.base_url}
+        config["models"]["local"] = {"provider": "ol", "model": "qwen3", "supports_thinking": True}
+        gw = Gateway(parse_config(config, "test.yaml"))
+        await gw.startup()
+        try:
+            async with httpx.AsyncClient(transport=_transport(gw), base_url="http://gateway",
+                                         timeout=30) as client:
+                first = await streamed(client, model="local", input="Weather in Paris?", tools=NAMESPACED,
+                                       reasoning={"effort": "low"})
+                assert first.reasoning == "Weather needs a tool."
+                [call] = first.function_calls
+                assert (call["namespace"], call["name"], json.loads(call["arguments"])) == (
+                    "weather", "get_weather", {"city": "Paris"})
+                history = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                           {"type": "function_call_output", "call_id": call["call_id"], "output": "Sunny"}]
+                second = await streamed(client, model="local", input=history, tools=NAMESPACED)
+                assert second.text == "Sunny in Paris."
+            sent = fake.chat_requests[1]["messages"]
+            assert [(m["role"], m.get("tool_name")) for m in sent] == [
+                ("user", None), ("assistant", None), ("tool", "get_weather")]
+            assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+            assert sent[2]["content"] == "Sunny"
+        finally:
+            await gw.shutdown()
 
 
 def _transport(app: object) -> ValidatingTransport:

@@ -1,5 +1,6 @@
-# ccproxy container image: `docker build -t ccproxy .` (add `--build-arg EXTRAS=embedded` for the
-# in-process model runtime and the bundled demo model; about 1 GB more).
+# ccproxy container image: `docker build -t ccproxy .`. EXTRAS names the optional parts: `otel`
+# (OpenTelemetry trace export, the default) and `embedded` (the in-process model runtime and the
+# bundled demo model, about 1 GB more): `--build-arg EXTRAS="otel embedded"`.
 #
 # The config comes from a mounted file: CCPROXY_CONFIG (default /etc/ccproxy/ccproxy.yaml); its
 # `listen` must be 0.0.0.0:8081 inside a container. Secrets go in through ${VAR} in that file.
@@ -11,13 +12,13 @@ ARG PYTHON_VERSION=3.11
 
 # ---------------------------------------------------------------- build: the locked venv
 FROM python:${PYTHON_VERSION}-slim AS build
-ARG EXTRAS=""
+ARG EXTRAS="otel"
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/opt/ccproxy
 RUN pip install --no-cache-dir uv
 WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
 COPY src ./src
-RUN uv sync --frozen --no-dev --no-editable ${EXTRAS:+--extra ${EXTRAS}}
+RUN uv sync --frozen --no-dev --no-editable $(for e in $EXTRAS; do printf -- '--extra %s ' "$e"; done)
 
 # ---------------------------------------------------------------- runtime: slim, non-root
 FROM python:${PYTHON_VERSION}-slim

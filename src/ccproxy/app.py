@@ -37,6 +37,7 @@ from ccproxy.proxyheaders import apply_forwarded
 from ccproxy.routing import DeploymentHealth, Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
 from ccproxy.slots import GlobalSlots, SlotAfterBody
+from ccproxy.tracing import build_tracing
 from ccproxy.ui import Dashboard
 from ccproxy.usage.record import UsageRecord
 
@@ -131,6 +132,7 @@ class Gateway:
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._ready_probe: asyncio.Task[dict[str, ModelListing]] | None = None  # shared by concurrent callers
         self._retiring: set[asyncio.Task[None]] = set()
+        self.tracing = build_tracing(config)  # None when `tracing` is off (tracing.py)
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
         self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints()
         self._routes: dict[tuple[str, str], Handler] = routes(self.endpoints)
@@ -199,6 +201,8 @@ class Gateway:
         self.draining = True
         await self.runtime.close()
         await self.services.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # export the spans still buffered
 
     async def reload(self, config: Config) -> None:
         """Swap in a new, already validated config. In-flight requests keep the old runtime."""

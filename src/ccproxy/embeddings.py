@@ -44,6 +44,7 @@ def as_chat_request(req: emb.EmbeddingRequest) -> ChatRequest:
 class EmbeddingsFlow(ChatFlow):
     """One embeddings request from auth to usage row."""
 
+    operation = "embeddings"  # the GenAI semantic conventions' operation name, for tracing
     generates = False  # no chat capabilities, no fit: embedding models take inputs as they are
     embedding: emb.EmbeddingRequest | None = None
 
@@ -91,14 +92,12 @@ class EmbeddingsFlow(ChatFlow):
 
     async def _embed(self, req: emb.EmbeddingRequest, chat: ChatRequest, route: Route) -> emb.EmbeddingResult:
         """The first deployment that answers, in the chat flow's order and retry budget."""
-        router = self.runtime.router
         last: errors.GatewayError | None = None
         for target, _prepared, provider in self._attempts(chat, route):
             embed = embedder(provider)
             if embed is None:
                 continue  # another deployment of the route embeds (_check_can_embed)
-            self._note_target(target)
-            router.started(target.deployment)
+            self._begin_attempt(target)
             ok = False
             retry_after: float | None = None
             try:
@@ -116,5 +115,5 @@ class EmbeddingsFlow(ChatFlow):
                 ok = True
                 raise
             finally:
-                router.finished(target.deployment, ok, retry_after)
+                self._end_attempt(target, ok, retry_after)
         raise last or errors.UpstreamError("no deployment could take this request")

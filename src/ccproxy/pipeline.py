@@ -57,6 +57,7 @@ from ccproxy.request_body import decode_request
 from ccproxy.routing import Route, Target
 from ccproxy.stopseq import apply_stop_sequences, collect, without_stop
 from ccproxy.tokens import estimate_prompt_tokens
+from ccproxy.tracing import AttemptSpan, RequestSpan
 from ccproxy.usage.record import UsageRecord
 
 log = logging.getLogger("ccproxy.request")
@@ -129,10 +130,14 @@ class ChatFlow:
     (what an admitted request gets) and `reserve` (what it holds against the key's token limit)."""
 
     generates = True  # the request asks a backend for an answer (capabilities and fit apply)
+    operation = "chat"  # the GenAI semantic conventions' operation name, for tracing
 
     def __init__(self, gateway: Any, adapter: DialectAdapter, endpoint: str, headers: dict[str, str]):
         self.gw = gateway
         self.runtime = gateway.runtime  # pinned for the whole request (hot reload safe)
+        tracing = gateway.tracing
+        self.span: RequestSpan | None = tracing.request_span(endpoint, headers) if tracing is not None else None
+        self._attempt_span: AttemptSpan | None = None
         self.adapter = adapter
         self.headers = headers
         self.t0 = time.perf_counter()
@@ -227,6 +232,9 @@ class ChatFlow:
         self.record.stream = self.plan.req.stream if self.plan.req is not None else False
         if route.rule:
             self.resp_headers["x-ccproxy-route"] = route.rule
+        if self.span is not None and self.plan.req is not None:
+            first = self.plan.first
+            self.span.set_request(self.operation, self.plan.req.model, first.max_tokens if first is not None else None)
 
     def parse(self, body: Any) -> ChatRequest:
         """The client's body as a neutral request (the endpoint's dialect)."""
@@ -273,6 +281,8 @@ class ChatFlow:
         if self.admitted:
             self.gw.services.usage.submit(r)
         self.gw.observe(r, self.admitted)
+        if self.span is not None:
+            self.span.finish(r, self.operation)
         line = {"level": "info", "msg": "request", "request_id": r.request_id, "key": r.key_name,
                 "endpoint": r.endpoint, "alias": r.alias, "rule": r.rule, "provider": r.provider,
                 "upstream_model": r.upstream_model, "stream": r.stream, "status": r.status,
@@ -321,9 +331,26 @@ class ChatFlow:
         return usage
 
     def _attempt_failed(self, target: Target, e: errors.GatewayError) -> None:
+        if self._attempt_span is not None:
+            self._attempt_span.failed(e.kind, e.message)
         log.warning("attempt failed, trying the next deployment if any: %s", e.message,
                     extra={"fields": {"request_id": self.request_id, "provider": target.deployment.provider,
                                       "upstream_model": target.deployment.model, "error": e.kind}})
+
+    def _begin_attempt(self, target: Target) -> None:
+        """A call to `target` starts: it is the serving deployment until another is tried."""
+        self._note_target(target)
+        self.runtime.router.started(target.deployment)
+        if self.span is not None:
+            provider = self.runtime.config.providers[target.deployment.provider]
+            self._attempt_span = self.span.start_attempt(target.deployment.provider, provider.type,
+                                                         target.deployment.model, self.operation)
+
+    def _end_attempt(self, target: Target, ok: bool, retry_after: float | None) -> None:
+        self.runtime.router.finished(target.deployment, ok, retry_after)
+        if self._attempt_span is not None:
+            self._attempt_span.end()
+            self._attempt_span = None
 
     def _note_target(self, target: Target) -> None:
         self.record.served_alias = target.alias
@@ -336,11 +363,9 @@ class ChatFlow:
     # ---------------------------------------------------------------- non-streaming
 
     async def _complete(self, send: Send, req: ChatRequest, route: Route, watcher: DisconnectWatcher) -> Usage:
-        router = self.runtime.router
         last: errors.GatewayError | None = None
         for target, prepared, provider in self._attempts(req, route):
-            self._note_target(target)
-            router.started(target.deployment)
+            self._begin_attempt(target)
             ok = False
             retry_after: float | None = None
             try:
@@ -355,7 +380,7 @@ class ChatFlow:
                 self._attempt_failed(target, e)
                 continue
             finally:
-                router.finished(target.deployment, ok, retry_after)
+                self._end_attempt(target, ok, retry_after)
             if resp.usage.output_tokens == 0:
                 self.output_events = math.ceil(sum(len(getattr(b, "text", "")) for b in resp.content) / 4)
             resp.usage = self._filled(resp.usage, prepared)
@@ -375,7 +400,6 @@ class ChatFlow:
     # ---------------------------------------------------------------- streaming
 
     async def _stream(self, send: Send, req: ChatRequest, route: Route, watcher: DisconnectWatcher) -> Usage:
-        router = self.runtime.router
         renderer: StreamRenderer | None = None
         last: errors.GatewayError | None = None
         usage = Usage()
@@ -395,8 +419,7 @@ class ChatFlow:
             await out(renderer.start())
 
         for target, prepared, provider in self._attempts(req, route):
-            self._note_target(target)
-            router.started(target.deployment)
+            self._begin_attempt(target)
             ok = False
             retry_after: float | None = None
             queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -455,7 +478,7 @@ class ChatFlow:
                 self._attempt_failed(target, e)
                 continue
             finally:
-                router.finished(target.deployment, ok, retry_after)
+                self._end_attempt(target, ok, retry_after)
                 if not pump.done():
                     pump.cancel()
                     try:

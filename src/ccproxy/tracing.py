@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ccproxy.tracing")
 
-__all__ = ["RequestSpan", "Tracing", "TracingUnavailable", "outgoing_headers"]
+__all__ = ["AttemptSpan", "RequestSpan", "Tracing", "TracingUnavailable", "build_tracing", "outgoing_headers"]
 
 # The traceparent of the backend attempt running in this task (None when tracing is off).
 _outgoing: contextvars.ContextVar[str | None] = contextvars.ContextVar("ccproxy_traceparent", default=None)
@@ -51,7 +51,13 @@ def outgoing_headers(headers: dict[str, str]) -> dict[str, str]:
 class Tracing:
     """The tracer provider, exporter and propagator for one gateway process."""
 
-    def __init__(self, config: TracingConfig) -> None:
+    @staticmethod
+    def check_available() -> None:
+        """Raise TracingUnavailable, saying what to install, when the OpenTelemetry packages are missing."""
+        Tracing._modules()
+
+    @staticmethod
+    def _modules() -> Any:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.resources import Resource
@@ -64,6 +70,12 @@ class Tracing:
             raise TracingUnavailable(
                 f"`tracing` is configured but OpenTelemetry is not installed ({e.name}); install the extra: "
                 "pip install 'ccproxy[otel]' (or uv sync --extra otel), or remove `tracing` from the config") from None
+        return (OTLPSpanExporter, Resource, TracerProvider, BatchSpanProcessor, ParentBasedTraceIdRatio, SpanKind,
+                Status, StatusCode, TraceContextTextMapPropagator)
+
+    def __init__(self, config: TracingConfig) -> None:
+        (OTLPSpanExporter, Resource, TracerProvider, BatchSpanProcessor, ParentBasedTraceIdRatio, SpanKind,
+         Status, StatusCode, TraceContextTextMapPropagator) = self._modules()
         from ccproxy import __version__
 
         self._kind, self._status, self._code = SpanKind, Status, StatusCode
@@ -90,6 +102,22 @@ class Tracing:
             log.warning("tracing: flushing spans at shutdown failed (%s)", e)
 
 
+class AttemptSpan:
+    """One backend attempt's span (`RequestSpan.start_attempt`)."""
+
+    def __init__(self, tracing: Tracing, span: Any, token: contextvars.Token[str | None]) -> None:
+        self._t, self.span, self._token = tracing, span, token
+
+    def failed(self, kind: str, message: str) -> None:
+        self.span.set_attribute("error.type", kind)
+        self.span.set_status(self._t._status(self._t._code.ERROR, message[:200]))
+
+    def end(self) -> None:
+        with contextlib.suppress(ValueError):  # reset from another context: nothing to undo there
+            _outgoing.reset(self._token)
+        self.span.end()
+
+
 class RequestSpan:
     """The span of one gateway request; `attempt()` opens a child span per backend call."""
 
@@ -97,28 +125,18 @@ class RequestSpan:
         self._t = tracing
         self.span = span
 
-    @contextlib.contextmanager
-    def attempt(self, provider: str, provider_type: str, model: str, operation: str = "chat") -> Iterator[Any]:
-        """A CLIENT span around one backend call; its traceparent goes on the backend request."""
+    def start_attempt(self, provider: str, provider_type: str, model: str, operation: str = "chat") -> AttemptSpan:
+        """A CLIENT span for one backend call; until it ends, backend requests made in this task
+        carry its `traceparent` (`outgoing_headers`)."""
         from opentelemetry import trace
 
-        parent = trace.set_span_in_context(self.span)
         child = self._t.tracer.start_span(
-            f"{operation} {model}", context=parent, kind=self._t._kind.CLIENT,
+            f"{operation} {model}", context=trace.set_span_in_context(self.span), kind=self._t._kind.CLIENT,
             attributes={"gen_ai.operation.name": operation, "gen_ai.system": _SYSTEM.get(provider_type, provider_type),
                         "gen_ai.request.model": model, "ccproxy.provider": provider})
         carrier: dict[str, str] = {}
         self._t._propagator.inject(carrier, context=trace.set_span_in_context(child))
-        token = _outgoing.set(carrier.get("traceparent"))
-        try:
-            yield child
-        except BaseException as e:
-            child.set_attribute("error.type", getattr(e, "kind", None) or type(e).__name__)
-            child.set_status(self._t._status(self._t._code.ERROR, str(e)[:200]))
-            raise
-        finally:
-            _outgoing.reset(token)
-            child.end()
+        return AttemptSpan(self._t, child, _outgoing.set(carrier.get("traceparent")))
 
     def finish(self, record: UsageRecord, operation: str = "chat") -> None:
         """Record the outcome (from the request's usage row) and end the span."""
@@ -145,11 +163,14 @@ class RequestSpan:
             s.set_status(self._t._status(self._t._code.ERROR, record.error_kind or str(record.status)))
         s.end()
 
-    def set_request(self, requested_model: str, system: str | None, max_tokens: int | None) -> None:
+    def set_request(self, operation: str, requested_model: str, max_tokens: int | None) -> None:
         s = self.span
-        s.update_name(f"chat {requested_model}")
+        s.update_name(f"{operation} {requested_model}")
         s.set_attribute("gen_ai.request.model", requested_model)
-        if system is not None:
-            s.set_attribute("gen_ai.system", _SYSTEM.get(system, system))
         if max_tokens is not None:
             s.set_attribute("gen_ai.request.max_tokens", max_tokens)
+
+
+def build_tracing(config: Any) -> Tracing | None:
+    """The process's tracing from `config.tracing`, or None when it is off (nothing is imported)."""
+    return Tracing(config.tracing) if config.tracing is not None else None

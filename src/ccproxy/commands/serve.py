@@ -72,6 +72,13 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
             click.echo("error: no API keys configured: add `keys:` to the config or create one with "
                        "`ccproxy keys create --name NAME`; the gateway never runs open", err=True)
             sys.exit(2)
+    if config.tracing is not None:
+        from ccproxy.tracing import Tracing, TracingUnavailable
+        try:
+            Tracing.check_available()
+        except TracingUnavailable as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
     from ccproxy.server import run
     # Hot reload watches the file the config came from (--config, $CCPROXY_CONFIG or ./ccproxy.yaml).
     watched = config.source if config.source and Path(config.source).is_file() else None

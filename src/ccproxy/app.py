@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ from ccproxy import __version__, asgi, errors, openapi, redact
 from ccproxy.asgi import ClientGone, Receive, Scope, Send, header_map, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
+from ccproxy.context import GatewayServices
 from ccproxy.dialects import adapters
 from ccproxy.embeddings import EmbeddingsFlow
 from ccproxy.endpoints import Endpoint, Handler, error_dialects, openapi_paths, routes
@@ -113,6 +115,8 @@ class _Services:
         self.limiter = UnlimitedLimiter()
         self.keys = None
         self.metrics = None
+        self.store = None
+        self.budgets = None
 
     async def start(self) -> None:
         return None
@@ -122,12 +126,13 @@ class _Services:
 
 
 class Gateway:
-    def __init__(self, config: Config, services: Any = None):
+    def __init__(self, config: Config, services: GatewayServices | None = None):
         self.runtime = Runtime(config)
-        self.services = services if services is not None else _Services()
-        self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
+        self.services: GatewayServices = services if services is not None else _Services()
+        self.authenticator = Authenticator(config, self.services.keys)
         self.draining = False
-        self.slots = GlobalSlots(getattr(getattr(self.services, "metrics", None), "in_flight", None))
+        metrics = self.services.metrics
+        self.slots = GlobalSlots(metrics.in_flight if metrics is not None else None)
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._ready_probe: asyncio.Task[dict[str, ModelListing]] | None = None  # shared by concurrent callers
@@ -138,6 +143,9 @@ class Gateway:
         self._routes: dict[tuple[str, str], Handler] = routes(self.endpoints)
         self._dialects: dict[str, DialectAdapter] = error_dialects(self.endpoints)
         self._openapi_doc: bytes | None = None
+        # run after start-up and after shutdown: what the server process adds (server.py: /metrics listener)
+        self.on_startup: list[Callable[[], Awaitable[None]]] = []
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
 
     def _endpoint_table(self) -> list[Endpoint]:
         """The gateway's own endpoints (the dashboard adds its own): the router, the dialect of
@@ -196,13 +204,19 @@ class Gateway:
     async def startup(self) -> None:
         await self.services.start()
         await self.runtime.start()
+        for hook in self.on_startup:
+            await hook()
 
     async def shutdown(self) -> None:
         self.draining = True
-        await self.runtime.close()
-        await self.services.close()
-        if self.tracing is not None:
-            await asyncio.to_thread(self.tracing.shutdown)  # export the spans still buffered
+        try:
+            await self.runtime.close()
+            await self.services.close()
+            if self.tracing is not None:
+                await asyncio.to_thread(self.tracing.shutdown)  # export the spans still buffered
+        finally:
+            for hook in self.on_shutdown:
+                await hook()
 
     async def reload(self, config: Config) -> None:
         """Swap in a new, already validated config. In-flight requests keep the old runtime."""
@@ -214,7 +228,7 @@ class Gateway:
             await new.close(keep={id(p) for p in old.providers.values()})  # the old runtime keeps serving
             raise
         self.runtime = new
-        self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
+        self.authenticator = Authenticator(config, self.services.keys)
         kept = {id(p) for p in new.providers.values()}
 
         async def retire() -> None:
@@ -230,7 +244,7 @@ class Gateway:
         task.add_done_callback(self._retiring.discard)
 
     def observe(self, record: UsageRecord, admitted: bool) -> None:
-        metrics = getattr(self.services, "metrics", None)
+        metrics = self.services.metrics
         if metrics is not None:
             try:
                 metrics.observe(record)
@@ -438,7 +452,7 @@ class Gateway:
         except errors.GatewayError as e:
             await send_error(send, adapters.OPENAI, e)
             return
-        metrics = getattr(self.services, "metrics", None)
+        metrics = self.services.metrics
         if metrics is None:
             await send_bytes(send, 200, b"", "text/plain; version=0.0.4")
             return

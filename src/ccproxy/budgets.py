@@ -274,7 +274,7 @@ class RedisBudgets:
         hold_id = secrets.token_hex(8)
         reserve = _nano(reserve_usd)
         ttl_ms = int((end - now + 86400) * 1000)
-        args = [_nano(p.budget_usd), reserve, -1, ttl_ms, hold_id, self.lease]
+        args: list[int | float | str] = [_nano(p.budget_usd), reserve, -1, ttl_ms, hold_id, self.lease]
         try:
             if not self._limiter.redis_usable():
                 raise ConnectionError("Redis marked down after a recent failure")
@@ -307,7 +307,7 @@ async def budget_status(store: Store, config: Config, now: float | None = None) 
     """For every key with a budget (in the config file or the database): the budget, its period and
     what was spent in the current period (from the usage rows), for `ccproxy usage --by key`."""
     now = time.time() if now is None else now
-    budgets = {k.name: (k.budget.usd, k.budget.period) for k in config.keys if k.budget}
+    budgets: dict[str, tuple[float, str]] = {k.name: (k.budget.usd, k.budget.period) for k in config.keys if k.budget}
     for row in await store.list_keys():
         if row.budget_usd and row.status(now) == "active":
             budgets.setdefault(row.name, (row.budget_usd, row.budget_period or "month"))

@@ -22,7 +22,8 @@ from ccproxy.keys import DbKeyStore
 from ccproxy.limits import MemoryLimiter, RedisLimiter
 from ccproxy.metrics import Metrics
 from ccproxy.services import Budgets, KeyStore, Limiter, UsageSink
-from ccproxy.usage.store import Store, open_store
+from ccproxy.usage.factory import open_store
+from ccproxy.usage.store import Store
 from ccproxy.usage.writer import UsageWriter
 
 log = logging.getLogger("ccproxy.services")

@@ -38,6 +38,7 @@ from ccproxy.asgi import (
     start_stream,
 )
 from ccproxy.attribution import attribute
+from ccproxy.context import FlowContext
 from ccproxy.core import (
     ChatRequest,
     ChatResponse,
@@ -132,7 +133,7 @@ class ChatFlow:
     generates = True  # the request asks a backend for an answer (capabilities and fit apply)
     operation = "chat"  # the GenAI semantic conventions' operation name, for tracing
 
-    def __init__(self, gateway: Any, adapter: DialectAdapter, endpoint: str, headers: dict[str, str]):
+    def __init__(self, gateway: FlowContext, adapter: DialectAdapter, endpoint: str, headers: dict[str, str]):
         self.gw = gateway
         self.runtime = gateway.runtime  # pinned for the whole request (hot reload safe)
         tracing = gateway.tracing
@@ -176,7 +177,7 @@ class ChatFlow:
                 if plan.req is not None:
                     self.record.session_id, self.record.end_user = attribute(self.headers, plan.req.user)
                 ticket = await self.gw.services.limiter.admit(principal, self.reserve(plan), self.adapter.name)
-                budgets = getattr(self.gw.services, "budgets", None)
+                budgets = self.gw.services.budgets
                 if budgets is not None and principal.budget_usd:
                     hold = await budgets.admit(principal, self.worst_case_usd(plan), self.adapter.name)
                 self.admitted = True
@@ -194,7 +195,9 @@ class ChatFlow:
                 self.record.status = self.record.status if self.started else 503
                 usage = Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            assert task is not None  # a flow runs in a task (the server's, per request)
+            task.uncancel()
             self.record.status = 499
             self.record.error_kind = "client_disconnect"
             usage = Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)

@@ -17,12 +17,15 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
 
 import uvicorn
 
 from ccproxy import __version__
+from ccproxy.app import Gateway
+from ccproxy.asgi import Receive, Scope, Send, refuse_websocket, send_bytes
+from ccproxy.build_services import build_services
 from ccproxy.config import Config, ConfigError, load_config
 from ccproxy.httpguard import guarded_protocol
 
@@ -33,7 +36,7 @@ RELOAD_POLL_SECONDS = 1.0
 
 
 class GatewayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway, config_path: str | None):
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, config_path: str | None):
         super().__init__(config)
         self.gateway = gateway
         self.config_path = config_path
@@ -118,7 +121,7 @@ class GatewayServer(uvicorn.Server):
             self._mtime = mtime
 
 
-async def startup_report(gateway) -> None:
+async def startup_report(gateway: Gateway) -> None:
     """Log whether the config agrees with what runs (a warning, never a refusal)."""
     from ccproxy.checks import run_checks
     try:
@@ -142,17 +145,16 @@ class MetricsServer(uvicorn.Server):
         yield
 
 
-def metrics_app(gateway):
+def metrics_app(gateway: Gateway) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """A tiny ASGI app serving only the gateway's /metrics (for a scraper on a private address)."""
-    from ccproxy.asgi import refuse_websocket, send_bytes
 
-    async def app(scope, receive, send) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             await refuse_websocket(receive, send)
         if scope["type"] != "http":
             return
         if scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD"):
-            metrics = getattr(gateway.services, "metrics", None)
+            metrics = gateway.services.metrics
             data, content_type = metrics.render() if metrics is not None else (b"", "text/plain; version=0.0.4")
             await send_bytes(send, 200, data, content_type)
         else:
@@ -168,9 +170,12 @@ def _listen_socket(listen: str) -> socket.socket:
     return socket.create_server((host, int(port)), family=family, backlog=128)
 
 
-def run(config: Config, config_path: str | None) -> int:
-    from ccproxy.commands.serve import build_gateway
+def build_gateway(config: Config) -> Gateway:
+    """The gateway with the full services layer (database, limiter, budgets, metrics)."""
+    return Gateway(config, build_services(config))
 
+
+def run(config: Config, config_path: str | None) -> int:
     metrics_server: MetricsServer | None = None
     metrics_sock: socket.socket | None = None
     metrics_task: asyncio.Task[None] | None = None
@@ -185,20 +190,15 @@ def run(config: Config, config_path: str | None) -> int:
             metrics_app(gateway), lifespan="off", http="httptools", log_config=None, access_log=False,
             proxy_headers=False,
             server_header=False, date_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=1))
-    original_startup, original_shutdown = gateway.startup, gateway.shutdown
 
-    async def shutdown() -> None:
-        try:
-            await original_shutdown()
-        finally:
-            if metrics_server is not None and metrics_task is not None:
-                metrics_server.should_exit = True
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(metrics_task, 5)
+    async def shutdown() -> None:  # after the gateway's own shutdown, even a failed one
+        if metrics_server is not None and metrics_task is not None:
+            metrics_server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(metrics_task, 5)
 
-    async def startup() -> None:
+    async def startup() -> None:  # once the gateway has started
         nonlocal metrics_task
-        await original_startup()
         if metrics_server is not None and metrics_sock is not None:
             metrics_task = asyncio.get_running_loop().create_task(metrics_server.serve(sockets=[metrics_sock]))
             log.info("metrics (no key needed) on http://%s/metrics", config.metrics_listen)
@@ -214,8 +214,8 @@ def run(config: Config, config_path: str | None) -> int:
                  len(config.models), len(config.providers))
         asyncio.get_running_loop().create_task(startup_report(gateway))
 
-    gateway.startup = startup  # type: ignore[method-assign]
-    gateway.shutdown = shutdown  # type: ignore[method-assign]
+    gateway.on_startup.append(startup)
+    gateway.on_shutdown.append(shutdown)
     limits = config.limits
     uv_config = uvicorn.Config(
         gateway, host=config.host, port=config.port, loop="uvloop", http=guarded_protocol(limits), lifespan="on",

@@ -152,6 +152,8 @@ class Services:
         self.limiter = UnlimitedLimiter()
         self.keys = None
         self.metrics = Metrics()
+        self.store = None
+        self.budgets = None
 
     async def start(self) -> None:
         return None

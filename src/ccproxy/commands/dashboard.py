@@ -8,6 +8,7 @@ are never followed: the admin key goes to the URL given, and nowhere a redirect 
 
 from __future__ import annotations
 
+import email.message
 import json
 import os
 import ssl
@@ -16,7 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import webbrowser
-from typing import NoReturn
+from typing import IO, NoReturn
 
 import click
 
@@ -56,7 +57,8 @@ def gateway_url(config: Config) -> str:
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """A 3xx stays an HTTPError: following it would send the admin key to wherever it points."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: email.message.Message, newurl: str) -> None:
         return None
 
 

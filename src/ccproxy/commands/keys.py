@@ -16,7 +16,8 @@ import click
 
 from ccproxy.config import Config, ConfigError, check_tags
 from ccproxy.keys import check_key_name, digest, generate_key, parse_duration
-from ccproxy.usage.store import KeyExists, KeyRow, Store, open_store
+from ccproxy.usage.factory import open_store
+from ccproxy.usage.store import KeyExists, KeyRow, Store
 
 T = TypeVar("T")
 

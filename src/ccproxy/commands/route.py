@@ -26,8 +26,8 @@ def detect_dialect(body: Any) -> tuple[str, str]:
     """("anthropic" | "openai", why) for a chat request body."""
     if not isinstance(body, dict):
         return "openai", "not a JSON object"
-    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
-    roles = {m.get("role") for m in messages if isinstance(m, dict)}
+    messages: list[Any] = body["messages"] if isinstance(body.get("messages"), list) else []
+    roles = {str(m.get("role")) for m in messages if isinstance(m, dict)}
     blocks: set[str] = set()
     image_sources = False
     for m in messages:

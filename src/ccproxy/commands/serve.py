@@ -41,12 +41,6 @@ def _config_or_exit(path: str | None) -> Config:
         sys.exit(2)
 
 
-def build_gateway(config: Config):
-    from ccproxy.app import Gateway
-    from ccproxy.build_services import build_services
-    return Gateway(config, build_services(config))
-
-
 @click.command()
 @click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
 @click.option("--host", help="Listen address (overrides `listen` in the config).")

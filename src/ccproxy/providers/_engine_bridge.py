@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -104,7 +104,7 @@ class EngineBridge:
         self.running -= 1
         self._slots.release()
 
-    async def chunks(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk dicts of one streaming call; an exception raised by the engine is re-raised as is."""
         self._admit()
         self.waiting += 1

@@ -44,10 +44,10 @@ class OllamaProvider(_http.HttpProvider):
         if isinstance(data, dict) and "error" in data:
             raise errors.UpstreamError(f"provider '{self.name}': {data['error']}", provider=self.name)
         with _http.reading(self.name):
-            resp = parse_chat_response(data, self.name)
+            answer = parse_chat_response(data, self.name)
         if not _asked_to_think(req):
-            resp.content = [b for b in resp.content if not isinstance(b, ThinkingBlock)]
-        return resp
+            answer.content = [b for b in answer.content if not isinstance(b, ThinkingBlock)]
+        return answer
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         resp = await self._post(self._body(req, model, stream=True))

@@ -175,7 +175,7 @@ class FakeBackend(FakeOllama):
                            "openai", "call_")
         model = str(body.get("model") or "fake")
         cid = self._new_id("chatcmpl-")
-        calls = [{"id": tc.id, "type": "function",
+        calls: list[dict[str, Any]] = [{"id": tc.id, "type": "function",
                   "function": {"name": tc.name, "arguments": json.dumps(tc.arguments)}} for tc in reply.tool_calls]
         finish = "tool_calls" if calls else "stop"
         usage = {"prompt_tokens": 11, "completion_tokens": max(1, len(_words(reply.text)) + len(calls)),

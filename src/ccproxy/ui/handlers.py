@@ -30,6 +30,7 @@ from ccproxy import __version__, errors, openapi
 from ccproxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_bytes, send_json
 from ccproxy.auth import presented_keys
 from ccproxy.checks import model_listed
+from ccproxy.context import DashboardContext
 from ccproxy.dialects import adapters
 from ccproxy.endpoints import Endpoint
 from ccproxy.pipeline import send_error
@@ -69,7 +70,7 @@ def auto_bucket(since: int) -> int:
 
 
 class Dashboard:
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: DashboardContext) -> None:
         self.gateway = gateway
         self.sessions = Sessions()
         self.throttle = LoginThrottle()
@@ -468,10 +469,10 @@ class Dashboard:
         store = getattr(services, "store", None)
         limiter = getattr(services, "limiter", None)
         limited: dict[str, dict[str, Any]] = {}
-        for k in config.keys:
-            if k.rpm or k.tpm or k.max_concurrent:
-                limited[k.name] = {"name": k.name, "source": "config", "rpm": k.rpm, "tpm": k.tpm,
-                                   "max_concurrent": k.max_concurrent}
+        for kc in config.keys:
+            if kc.rpm or kc.tpm or kc.max_concurrent:
+                limited[kc.name] = {"name": kc.name, "source": "config", "rpm": kc.rpm, "tpm": kc.tpm,
+                                    "max_concurrent": kc.max_concurrent}
         if store is not None:
             now = time.time()
             for row in await store.list_keys():

@@ -1,6 +1,6 @@
 """The `Store` seam: usage rows and API keys in SQLite or PostgreSQL, behind one async Protocol.
 
-`open_store(config)` picks PostgreSQL when `database_url` is set, else SQLite at `database`.
+`usage.factory.open_store(config)` picks PostgreSQL when `database_url` is set, else SQLite at `database`.
 Timestamps are unix seconds (float) in both databases, so both return identical values.
 """
 
@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ccproxy.usage.record import UsageRecord
 
-if TYPE_CHECKING:
-    from ccproxy.config import Config
-
-__all__ = ["USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "open_store", "usage_values"]
+__all__ = ["USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "usage_values"]
 
 USAGE_COLUMNS: tuple[str, ...] = (
     "request_id", "ts", "key_name", "endpoint", "alias", "rule", "provider", "upstream_model",
@@ -124,19 +121,3 @@ class Store(Protocol):
         """Set last_used_at per key name (never moves it backwards)."""
         ...
 
-
-def open_store(config: Config) -> Store:
-    if config.database_url:
-        from ccproxy.usage.postgres import PostgresStore
-
-        return PostgresStore(config.database_url)
-    from pathlib import Path
-
-    from ccproxy.usage.sqlite import SQLiteStore
-
-    # A relative path is relative to the config file (as the gateway, run from its directory, sees
-    # it), so `ccproxy usage --config DIR/ccproxy.yaml` reads the gateway's database from anywhere.
-    path = Path(config.database)
-    if not path.is_absolute() and config.database != ":memory:" and config.source and Path(config.source).is_file():
-        path = Path(config.source).parent / path
-    return SQLiteStore(path)

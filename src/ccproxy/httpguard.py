@@ -73,6 +73,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                      "(limits.header_timeout)", self.header_timeout)
             self.transport.close()
 
+    # uvicorn narrows asyncio.BaseProtocol's BaseTransport to Transport (and ignores the same error)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()

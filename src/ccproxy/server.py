@@ -221,7 +221,8 @@ def run(config: Config, config_path: str | None) -> int:
         gateway, host=config.host, port=config.port, loop="uvloop", http=guarded_protocol(limits), lifespan="on",
         log_config=None, access_log=False, server_header=False, date_header=False,
         proxy_headers=False,  # X-Forwarded-* only from trusted_proxies, in the app (proxyheaders.py)
-        # a float: 0 means "do not wait" (int(0.5) or None would have meant "wait forever")
+        # a float: 0 means "do not wait" (int(0.5) or None would have meant "wait forever"); uvicorn
+        # annotates it `int | None` but only hands it to asyncio.wait_for, which takes a float
         timeout_graceful_shutdown=config.drain_seconds, timeout_keep_alive=5,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=limits.max_header_bytes, backlog=2048,
         ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,

@@ -26,7 +26,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -93,7 +93,7 @@ def _bad(message: str, param: str) -> errors.InvalidRequest:
     return errors.InvalidRequest(message, param=param)
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -719,10 +719,10 @@ def _out_messages(messages: list[Message]) -> list[dict[str, Any]]:
         else:
             out.append({"role": m.role, "content": blocks})
     # Every tool_use must be answered in the next user turn: synthesize missing results.
-    for i, m in enumerate(out):
-        if m["role"] != "assistant":
+    for i, turn in enumerate(out):
+        if turn["role"] != "assistant":
             continue
-        ids = [b["id"] for b in m["content"] if b["type"] == "tool_use"]
+        ids = [b["id"] for b in turn["content"] if b["type"] == "tool_use"]
         if not ids:
             continue
         if i + 1 == len(out):
@@ -827,8 +827,12 @@ def _out_tool(t: Tool) -> dict[str, Any]:
 # =========================================================================== backend side: responses
 
 
+def _is_stop_reason(v: Any) -> TypeGuard[StopReason]:
+    return isinstance(v, str) and v in _STOP_REASONS
+
+
 def _stop_reason(v: Any) -> StopReason:
-    if isinstance(v, str) and v in _STOP_REASONS:
+    if _is_stop_reason(v):
         return v
     if v == "model_context_window_exceeded":
         return "max_tokens"
@@ -1004,7 +1008,9 @@ class AnthropicStreamParser:
         elif kind == "content_block_delta":
             self._block_delta(ev, out)
         elif kind == "message_delta":
-            delta = ev.get("delta") if isinstance(ev.get("delta"), dict) else {}
+            delta = ev.get("delta")
+            if not isinstance(delta, dict):
+                delta = {}
             if delta.get("stop_reason") is not None:
                 self._stop_reason = _stop_reason(delta["stop_reason"])
             seq = delta.get("stop_sequence")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from ccproxy import errors
 
@@ -106,7 +106,7 @@ def build_openai_body(req: EmbeddingRequest, model: str) -> dict[str, Any]:
     return body
 
 
-def _vectors_ok(vectors: Any, n: int) -> bool:
+def _vectors_ok(vectors: Any, n: int) -> TypeGuard[list[list[int | float]]]:
     return isinstance(vectors, list) and len(vectors) == n and all(
         isinstance(v, list) and v and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
         for v in vectors)
@@ -125,7 +125,7 @@ def parse_openai_response(data: Any, n: int, provider: str) -> EmbeddingResult:
                                    f"for {n} inputs", provider=provider)
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     tokens = usage.get("prompt_tokens")
-    return EmbeddingResult([[float(x) for x in v] for v in vectors],  # type: ignore[union-attr]
+    return EmbeddingResult([[float(x) for x in v] for v in vectors],
                            tokens if isinstance(tokens, int) and tokens > 0 else None)
 
 
@@ -144,5 +144,5 @@ def parse_ollama_response(data: Any, n: int, provider: str) -> EmbeddingResult:
         raise errors.UpstreamError(f"provider '{provider}' sent an /api/embed answer without {n} embeddings",
                                    provider=provider)
     tokens = data.get("prompt_eval_count")
-    return EmbeddingResult([[float(x) for x in v] for v in vectors],  # type: ignore[union-attr]
+    return EmbeddingResult([[float(x) for x in v] for v in vectors],
                            tokens if isinstance(tokens, int) and tokens > 0 else None)

@@ -41,6 +41,7 @@ from ccproxy.core import (
     Finish,
     ImageBlock,
     Message,
+    Role,
     StopReason,
     StreamEvent,
     TextBlock,
@@ -410,13 +411,13 @@ def parse_client_request(body: Any) -> ChatRequest:
     messages: list[Message] = []
     pending: list[tuple[str, str]] = []  # (id, name) of tool calls not yet answered
 
-    def append(role: str, blocks: list[Block]) -> None:
+    def append(role: Role, blocks: list[Block]) -> None:
         if not blocks:
             return
         if messages and messages[-1].role == role:
             messages[-1].content.extend(blocks)
         else:
-            messages.append(Message(role=role, content=blocks))  # type: ignore[arg-type]
+            messages.append(Message(role=role, content=blocks))
 
     for i, m in enumerate(raw_msgs):
         where = f"messages[{i}]"
@@ -437,7 +438,7 @@ def parse_client_request(body: Any) -> ChatRequest:
                 system.append(text)
         elif role == "user":
             blocks: list[Block] = [TextBlock(text)] if text else []
-            append("user", blocks + images)
+            append("user", [*blocks, *images])
         elif role == "assistant":
             blocks = []
             thinking = _opt(m, "thinking", str, where, "a string")

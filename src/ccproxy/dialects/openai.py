@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from ccproxy.core import (
     Finish,
     ImageBlock,
     Message,
+    Role,
     StopReason,
     StreamEvent,
     TextBlock,
@@ -84,6 +86,7 @@ def _parse_image_url(part: dict[str, Any], where: str) -> ImageBlock:
     img = part.get("image_url")
     url = img.get("url") if isinstance(img, dict) else img
     _expect(isinstance(url, str) and url != "", f"{where}.image_url.url must be a non-empty string", where)
+    assert isinstance(url, str)
     if url.startswith("data:"):
         header, sep, data = url.partition(",")
         _expect(bool(sep) and header.endswith(";base64"),
@@ -133,7 +136,7 @@ def _parse_arguments(raw: Any, where: str) -> dict[str, Any]:
     return val
 
 
-def _append(messages: list[Message], role: str, blocks: list[Block], *, tool_results_first: bool = False) -> None:
+def _append(messages: list[Message], role: Role, blocks: list[Block], *, tool_results_first: bool = False) -> None:
     """Append blocks as a turn of `role`, merging with the previous turn of the same role."""
     if not blocks:
         return
@@ -146,7 +149,7 @@ def _append(messages: list[Message], role: str, blocks: list[Block], *, tool_res
         else:
             prev.extend(blocks)
     else:
-        messages.append(Message(role, list(blocks)))  # type: ignore[arg-type]
+        messages.append(Message(role, list(blocks)))
 
 
 def parse_messages(raw: Any) -> tuple[str | None, list[Message]]:
@@ -181,7 +184,8 @@ def parse_messages(raw: Any) -> tuple[str | None, list[Message]]:
         elif role == "tool":
             tcid = m.get("tool_call_id")
             _expect(isinstance(tcid, str) and tcid != "", f"{where}.tool_call_id is required for tool messages", where)
-            content = [b for b in _parse_parts(m.get("content"), where, allow_images=False) if isinstance(b, TextBlock)]
+            parts = _parse_parts(m.get("content"), where, allow_images=False)
+            content: list[TextBlock | ImageBlock] = [b for b in parts if isinstance(b, TextBlock)]
             _append(messages, "user", [ToolResultBlock(tcid, content)], tool_results_first=True)
         elif role == "function":
             raise errors.InvalidRequest(f"{where}: the legacy 'function' role is not supported; use tool messages",
@@ -402,11 +406,11 @@ def render_models(aliases: list[str]) -> dict[str, Any]:
 # =========================================================================== backend side
 
 
-def _content_for_backend(blocks: list[Block]) -> str | list[dict[str, Any]]:
+def _content_for_backend(blocks: Sequence[Block]) -> str | list[dict[str, Any]]:
     """Plain string when the turn is text only: llama.cpp's server rejects part lists on system
     messages and some servers on every role; parts only when an image forces them."""
     if all(isinstance(b, TextBlock) for b in blocks):
-        return "\n".join(b.text for b in blocks)  # type: ignore[union-attr]  # merged turns keep a boundary
+        return "\n".join(b.text for b in blocks if isinstance(b, TextBlock))  # merged turns keep a boundary
     parts: list[dict[str, Any]] = []
     for b in blocks:
         if isinstance(b, TextBlock):

@@ -123,6 +123,7 @@ class _Checker:
         resp = ev.get("response")
         self.need(isinstance(resp, dict) and isinstance(resp.get("id"), str) and resp["id"] != "",
                   "response.created without a response id")
+        assert isinstance(resp, dict)
         self.need(resp.get("object") == "response" and resp.get("status") == "in_progress",
                   "response.created must carry an in_progress response object")
         self.need(resp.get("output") == [], "response.created with output")
@@ -138,6 +139,7 @@ class _Checker:
     def _terminal(self, ev: dict[str, Any], status: str) -> None:
         resp = ev.get("response")
         self.need(isinstance(resp, dict) and resp.get("id") == self.r.id, "the response id changed")
+        assert isinstance(resp, dict)
         self.need(resp.get("status") == status, f"status {resp.get('status')!r}, expected {status!r}")
         self.r.status, self.r.response = status, resp
         self.phase = "end"
@@ -150,6 +152,7 @@ class _Checker:
         self.need(resp.get("output") == self.r.output, "the final output differs from the done items")
         u = resp.get("usage")
         self.need(isinstance(u, dict), "the final response has no usage")
+        assert isinstance(u, dict)
         for k in ("input_tokens", "output_tokens", "total_tokens"):
             self.need(isinstance(u.get(k), int) and u[k] >= 0, f"usage.{k} is not a count")
         self.need(u["total_tokens"] == u["input_tokens"] + u["output_tokens"], "usage.total_tokens does not add up")
@@ -191,6 +194,7 @@ class _Checker:
         item = ev.get("item")
         self.need(isinstance(item, dict) and item.get("type") in ("message", "function_call", "reasoning"),
                   f"unknown item type {item and item.get('type')!r}")
+        assert isinstance(item, dict)
         self.need(ev.get("output_index") == len(self.r.output), f"output_index should be {len(self.r.output)}")
         self.need(isinstance(item.get("id"), str) and item["id"] != "", "an item without an id")
         self.need(item["id"] not in {i["id"] for i in self.r.output}, "a repeated item id")
@@ -209,6 +213,7 @@ class _Checker:
         item = ev.get("item")
         self.need(isinstance(item, dict) and item.get("id") == o["item"]["id"] and item.get("type") == o["item"][
             "type"], "the done item is not the open one")
+        assert isinstance(item, dict)
         kind, text = item["type"], "".join(o["text"])
         if kind == "message":
             self.need(o["stage"] == "part_done", "the message's content part is not done")

@@ -161,7 +161,7 @@ class EmbeddedProvider(ProviderDefaults):
         bridge, self._bridge = self._bridge, None
         if bridge is not None:
             await bridge.aclose()
-            bridge.engine = None  # type: ignore[assignment]  # last reference: ~Server joins its loop
+            del bridge.engine  # the last reference: ~Server joins its loop
 
     def _ready(self) -> EngineBridge:
         if self._bridge is None:

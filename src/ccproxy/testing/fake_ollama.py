@@ -169,8 +169,7 @@ class FakeOllama:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        sock = site._server.sockets[0]  # type: ignore[union-attr]
-        self.port = sock.getsockname()[1]
+        self.port = self._runner.addresses[0][1]  # (host, port) of the socket bound, port 0 included
         self.base_url = f"http://{self.host}:{self.port}"
         return self.base_url
 

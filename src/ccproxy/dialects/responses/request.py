@@ -88,6 +88,7 @@ def _image(part: dict[str, Any], where: str) -> ImageBlock:
         raise _bad(f"{where}.file_id: ccproxy has no file store; send the image as image_url "
                    "(a URL or a data:image/...;base64 URL)", f"{where}.file_id")
     _expect(_str(url) and url != "", f"{where}.image_url must be a non-empty string", f"{where}.image_url")
+    assert isinstance(url, str)
     if url.startswith("data:"):
         header, sep, data = url.partition(",")
         _expect(bool(sep) and header.endswith(";base64"),
@@ -168,6 +169,7 @@ class _Items:
         _expect(_str(call_id) and call_id != "", f"{where}.call_id must be a non-empty string", f"{where}.call_id")
         _expect(_str(name) and name != "", f"{where}.name must be a non-empty string", f"{where}.name")
         _expect(ns is None or _str(ns), f"{where}.namespace must be a string", f"{where}.namespace")
+        assert isinstance(call_id, str) and isinstance(name, str)
         if ns:
             name = self._flat.get((ns, name), name)
         append_turn(self.messages, "assistant", [ToolUseBlock(call_id, name, _arguments(item.get("arguments"), where))])
@@ -175,6 +177,7 @@ class _Items:
     def function_call_output(self, item: dict[str, Any], where: str) -> None:
         call_id, output = item.get("call_id"), item.get("output")
         _expect(_str(call_id) and call_id != "", f"{where}.call_id must be a non-empty string", f"{where}.call_id")
+        assert isinstance(call_id, str)
         if isinstance(output, list):
             blocks = _parts(output, f"{where}.output", images=True)
         else:
@@ -187,6 +190,7 @@ class _Items:
     def reasoning(self, item: dict[str, Any], where: str) -> None:
         summary = item.get("summary") if item.get("summary") is not None else []
         _expect(isinstance(summary, list), f"{where}.summary must be a list", f"{where}.summary")
+        assert isinstance(summary, list)
         texts = []
         for j, part in enumerate(summary):
             _expect(isinstance(part, dict) and _str(part.get("text")),
@@ -244,6 +248,7 @@ def _function(t: dict[str, Any], where: str) -> tuple[str, str | None, dict[str,
     _expect(desc is None or _str(desc), f"{where}.description must be a string", f"{where}.description")
     _expect(params is None or isinstance(params, dict), f"{where}.parameters must be a JSON schema object",
             f"{where}.parameters")
+    assert isinstance(name, str) and (desc is None or isinstance(desc, str))
     return name, desc, params or {"type": "object", "properties": {}}
 
 

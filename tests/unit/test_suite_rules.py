@@ -32,18 +32,39 @@ def sources() -> dict[Path, str]:
 # --------------------------------------------------------------------------- skips
 
 
-def test_ci_run_exports_ci(tmp_path: Path) -> None:
-    """`.ci/run` (copied with stand-ins for the scripts it calls) runs the tests with CI=1."""
-    (tmp_path / ".ci").mkdir()
+def _ci_run(tmp_path: Path, check_exit: int) -> subprocess.CompletedProcess[bytes]:
+    """`.ci/run`, copied with stand-ins for the scripts it calls (each notes that it ran)."""
+    (tmp_path / ".ci").mkdir(parents=True)
     (tmp_path / "scripts").mkdir()
     shutil.copy(REPO / ".ci/run", tmp_path / ".ci/run")
     (tmp_path / "scripts/setup-test-deps").write_text("#!/bin/sh\nexit 0\n")
-    (tmp_path / "scripts/test").write_text('#!/bin/sh\necho "CI=${CI:-unset}" > "$(dirname "$0")/../seen"\n')
-    for p in ("scripts/setup-test-deps", "scripts/test", ".ci/run"):
+    (tmp_path / "scripts/check").write_text(f'#!/bin/sh\necho check >> "$(dirname "$0")/../ran"\nexit {check_exit}\n')
+    (tmp_path / "scripts/test").write_text('#!/bin/sh\necho "CI=${CI:-unset}" > "$(dirname "$0")/../seen"\n'
+                                           'echo test >> "$(dirname "$0")/../ran"\n')
+    for p in ("scripts/setup-test-deps", "scripts/check", "scripts/test", ".ci/run"):
         (tmp_path / p).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
-    subprocess.run(["bash", str(tmp_path / ".ci/run")], env=env, check=True, capture_output=True, timeout=30)
+    return subprocess.run(["bash", str(tmp_path / ".ci/run")], env=env, capture_output=True, timeout=30)
+
+
+def test_ci_run_exports_ci(tmp_path: Path) -> None:
+    """`.ci/run` runs the tests with CI=1."""
+    assert _ci_run(tmp_path, 0).returncode == 0
     assert (tmp_path / "seen").read_text().strip() == "CI=1"
+
+
+def test_ci_run_runs_the_static_checks_first_and_stops_on_a_finding(tmp_path: Path) -> None:
+    """ruff and mypy (scripts/check) run before the tests; a finding fails the run."""
+    assert _ci_run(tmp_path / "ok", 0).returncode == 0
+    assert (tmp_path / "ok/ran").read_text().split() == ["check", "test"]
+    assert _ci_run(tmp_path / "bad", 1).returncode != 0
+    assert (tmp_path / "bad/ran").read_text().split() == ["check"]
+
+
+def test_scripts_check_runs_ruff_and_mypy() -> None:
+    script = (REPO / "scripts/check").read_text()
+    assert ".venv/bin/ruff check src tests" in script and ".venv/bin/mypy" in script
+    assert "set -euo pipefail" in script
 
 
 SKIPPING = '''

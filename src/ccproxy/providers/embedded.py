@@ -81,7 +81,12 @@ def default_threads() -> int:
 
 
 def _load_xllamacpp(config: ProviderConfig, model_path: str) -> Engine:
-    import xllamacpp  # optional dependency, imported only when an embedded provider starts
+    try:
+        import xllamacpp  # optional dependency, imported only when an embedded provider starts
+    except ImportError as e:  # a clear refusal at start (or reload), never a provider that silently is not there
+        raise RuntimeError(f"the embedded engine is not installed ({e.name}): install the extra, "
+                           "pip install 'ccproxy[embedded]' (or uv sync --extra embedded), "
+                           "or remove the embedded provider from the config") from None
 
     if config.context_length:
         from ccproxy.defaults import HOME

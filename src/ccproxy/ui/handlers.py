@@ -448,9 +448,8 @@ class Dashboard:
                         "errors": int(h.get("errors", 0))}
                 if alias not in row["aliases"]:
                     row["aliases"].append(alias)
-        usage = getattr(gw.services, "usage", None)
         try:
-            queue = int(usage.queue_depth()) if usage is not None else 0
+            queue = int(gw.services.usage.queue_depth())
         except Exception:
             queue = 0
         return {
@@ -466,8 +465,8 @@ class Dashboard:
         """Keys with limits, fullest first: how much of each limit the last minute used."""
         services = self.gateway.services
         config = self.gateway.runtime.config
-        store = getattr(services, "store", None)
-        limiter = getattr(services, "limiter", None)
+        store = services.store
+        limiter = services.limiter
         limited: dict[str, dict[str, Any]] = {}
         for kc in config.keys:
             if kc.rpm or kc.tpm or kc.max_concurrent:
@@ -475,11 +474,10 @@ class Dashboard:
                                     "max_concurrent": kc.max_concurrent}
         if store is not None:
             now = time.time()
-            for row in await store.list_keys():
-                if row.name not in limited and row.status(now) == "active" and (row.rpm or row.tpm or
-                                                                                 row.max_concurrent):
-                    limited[row.name] = {"name": row.name, "source": "database", "rpm": row.rpm, "tpm": row.tpm,
-                                         "max_concurrent": row.max_concurrent}
+            for kr in await store.list_keys():
+                if kr.name not in limited and kr.status(now) == "active" and (kr.rpm or kr.tpm or kr.max_concurrent):
+                    limited[kr.name] = {"name": kr.name, "source": "database", "rpm": kr.rpm, "tpm": kr.tpm,
+                                        "max_concurrent": kr.max_concurrent}
         by_key = getattr(limiter, "usage_by_key", None)  # the in-memory limiter knows exactly
         exact = by_key() if callable(by_key) else None
         if exact is not None:

@@ -16,7 +16,7 @@ import hmac
 import logging
 
 from ccproxy import errors
-from ccproxy.config import Config
+from ccproxy.config import Config, KeyConfig
 from ccproxy.services import KeyStore, Principal
 
 log = logging.getLogger("ccproxy.auth")
@@ -43,7 +43,7 @@ def presented_keys(headers: dict[str, str]) -> list[str]:
     return distinct
 
 
-def _principal_from_config(k) -> Principal:
+def _principal_from_config(k: KeyConfig) -> Principal:
     return Principal(name=k.name, rpm=k.rpm, tpm=k.tpm, max_concurrent=k.max_concurrent,
                      models=tuple(k.models) if k.models is not None else None, admin=k.admin,
                      budget_usd=k.budget.usd if k.budget else None, budget_period=k.budget.period if k.budget else None,

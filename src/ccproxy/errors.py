@@ -23,6 +23,8 @@ whatever a backend's own text carries, every configured secret is redacted here 
 
 from __future__ import annotations
 
+from typing import Any
+
 from ccproxy.redact import redact
 
 
@@ -43,7 +45,7 @@ class InvalidRequest(GatewayError):
     status = 400
     kind = "invalid_request"
 
-    def __init__(self, message: str, *, param: str | None = None, **kw):
+    def __init__(self, message: str, *, param: str | None = None, **kw: Any):
         super().__init__(message, **kw)
         self.param = param
 
@@ -84,7 +86,7 @@ class RateLimited(GatewayError):
     status = 429
     kind = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, **kw):
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw: Any):
         super().__init__(message, **kw)
         self.retry_after = retry_after
         self.headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))
@@ -96,7 +98,7 @@ class BudgetExceeded(RateLimited):
 
     kind = "budget_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float, **kw):
+    def __init__(self, message: str, *, retry_after: float, **kw: Any):
         super().__init__(message, retry_after=retry_after, **kw)
         self.headers["x-should-retry"] = "false"
 
@@ -110,7 +112,7 @@ class UpstreamError(GatewayError):
     status = 502
     kind = "upstream_error"
 
-    def __init__(self, message: str, *, provider: str | None = None, retryable: bool = True, **kw):
+    def __init__(self, message: str, *, provider: str | None = None, retryable: bool = True, **kw: Any):
         super().__init__(message, **kw)
         self.provider = provider
         self.retryable = retryable
@@ -129,7 +131,7 @@ class UpstreamStatus(UpstreamError):
     kind = "upstream_status"
 
     def __init__(self, message: str, *, status: int, provider: str | None = None,
-                 retry_after: float | None = None, **kw):
+                 retry_after: float | None = None, **kw: Any):
         # 4xx are the client's fault and not worth retrying elsewhere, except 408/429.
         retryable = status >= 500 or status in (408, 429)
         super().__init__(message, provider=provider, retryable=retryable,

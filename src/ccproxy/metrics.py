@@ -15,6 +15,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ccproxy.usage.record import UsageRecord
 
+# the labelled children of one (alias, provider, status): requests, latency, ttfb, tokens in, tokens out
+_Series = tuple[Counter, Histogram, Histogram, Counter, Counter]
+
 __all__ = ["UPSTREAM_ERROR_KINDS", "Metrics"]
 
 # error_kind values that mean the backend (not the client, not the gateway) failed
@@ -26,7 +29,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._series: dict[tuple[str, str, int], tuple] = {}
+        self._series: dict[tuple[str, str, int], _Series] = {}
         r = self.registry
         self.requests = Counter("ccproxy_requests", "Finished requests",
                                 ["alias", "provider", "status"], registry=r)
@@ -55,7 +58,7 @@ class Metrics:
     def watch_queue_depth(self, depth: Callable[[], int]) -> None:
         self.usage_queue_depth.set_function(lambda: float(depth()))
 
-    def _children(self, alias: str, provider: str, status: int) -> tuple:
+    def _children(self, alias: str, provider: str, status: int) -> _Series:
         """The labelled series of one (alias, provider, status), looked up once: `labels()` costs
         more than the increments on the hot path."""
         key = (alias, provider, status)

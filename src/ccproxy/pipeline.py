@@ -20,7 +20,7 @@ import math
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -295,7 +295,7 @@ class ChatFlow:
 
     # ---------------------------------------------------------------- attempts
 
-    def _attempts(self, req: ChatRequest, route: Route):
+    def _attempts(self, req: ChatRequest, route: Route) -> Iterator[tuple[Target, ChatRequest, Provider]]:
         """Yield (target, prepared request, provider) in order, within the retry budget
         (`retry.max_attempts`) and deadline (`retry.deadline_seconds` from the request's arrival:
         no new attempt starts after it). Deployments in cooldown are skipped while others remain."""

@@ -79,7 +79,8 @@ class RequestTraits:
     key: str
 
     @classmethod
-    def of(cls, req: ChatRequest, headers: dict[str, str], key: str, prompt_tokens: int | None = None):
+    def of(cls, req: ChatRequest, headers: dict[str, str], key: str, prompt_tokens: int | None = None
+           ) -> RequestTraits:
         return cls(model=req.model, thinking=bool(req.thinking and req.thinking.enabled),
                    prompt_tokens=estimate_prompt_tokens(req) if prompt_tokens is None else prompt_tokens,
                    tools=frozenset(t.name for t in req.tools), images=req.has_images(),

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -27,7 +28,7 @@ class Discovered:
     api_key_env: str | None = None
 
 
-def _get_json(url: str, headers: dict[str, str] | None = None) -> dict:
+def _get_json(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - the user's own backend URL
         return json.loads(resp.read())

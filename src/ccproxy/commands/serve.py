@@ -87,7 +87,7 @@ def check(config_path: str | None) -> None:
     from ccproxy.app import Runtime
     from ccproxy.checks import CheckRow, format_table, run_checks
 
-    async def go():
+    async def go() -> list[CheckRow]:
         rt = Runtime(config)
         try:
             # The embedded engine would load the model here; `check` only needs to know it exists.

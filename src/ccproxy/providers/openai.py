@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -23,7 +24,7 @@ class OpenAIProvider(_http.HttpProvider):
         if config.api_key:
             self._headers["authorization"] = f"Bearer {config.api_key}"
 
-    async def _post(self, body: dict) -> aiohttp.ClientResponse:
+    async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         return await _http.post(self.session, self._base + "/chat/completions", provider=self.name,
                                 config=self.config, body=orjson.dumps(body), headers=self._headers)
 

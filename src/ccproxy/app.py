@@ -28,7 +28,7 @@ from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.dialects import adapters
 from ccproxy.embeddings import EmbeddingsFlow
-from ccproxy.endpoints import Endpoint, Handler, error_dialects, openapi_paths, routes
+from ccproxy.endpoints import Endpoint, Handler, error_dialects, openapi_paths, resolve, routes, templates
 from ccproxy.pipeline import ChatFlow, CountTokensFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.pricing import PriceBook
 from ccproxy.providers import make_provider
@@ -136,6 +136,7 @@ class Gateway:
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
         self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints()
         self._routes: dict[tuple[str, str], Handler] = routes(self.endpoints)
+        self._templates = templates(self.endpoints)  # paths with {parameters}, e.g. /admin/keys/{name}
         self._dialects: dict[str, DialectAdapter] = error_dialects(self.endpoints)
         self._openapi_doc: bytes | None = None
 
@@ -289,6 +290,9 @@ class Gateway:
             await send_error(send, self._adapter_for(path, headers), exc)
             return
         handler = self._routes.get((scope["method"], path))
+        if handler is None and self._templates:  # /admin/keys/{name}: endpoints.resolve
+            path, scope["path_params"] = resolve(path, self._templates)
+            handler = self._routes.get((scope["method"], path))
         if handler is None:
             await self._not_found(scope, path, headers, send)
             return

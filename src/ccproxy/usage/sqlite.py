@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, usage_values
+from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, key_update_values, usage_values
 
 T = TypeVar("T")
 
@@ -144,6 +144,53 @@ class SQLiteStore:
                                  "AND (last_used_at IS NULL OR last_used_at < ?)", values)
 
         await self._run(touch)
+
+    async def update_key(self, name: str, changes: dict[str, Any]) -> KeyRow | None:
+        values = key_update_values(changes)
+        sql = (f"UPDATE api_keys SET {', '.join(f'{c} = ?' for c, _ in values)} "
+               f"WHERE name = ? AND revoked_at IS NULL RETURNING {', '.join(KEY_COLUMNS)}")
+
+        def update(conn: sqlite3.Connection) -> Any:
+            with _transaction(conn):
+                return conn.execute(sql, (*(v for _, v in values), name)).fetchone()
+
+        row = await self._run(update)
+        return KeyRow.from_db(row) if row else None
+
+    # ------------------------------------------------------------------ dashboard tokens
+
+    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, expires_at: float,
+                           keep: int) -> None:
+        now = time.time()
+
+        def put(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM dashboard_tokens WHERE expires_at <= ?", (now,))
+                conn.execute("INSERT INTO dashboard_tokens (token_sha256, kind, key_sha256, created_at, expires_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (token_sha256, kind, key_sha256, now, expires_at))
+                conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 IN (SELECT token_sha256 FROM "
+                             "dashboard_tokens WHERE kind = ? ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                             (kind, keep))
+
+        await self._run(put)
+
+    async def ui_token(self, token_sha256: str, kind: str, now: float, consume: bool = False) -> str | None:
+        verb = "DELETE FROM dashboard_tokens" if consume else "SELECT key_sha256, expires_at FROM dashboard_tokens"
+        sql = f"{verb} WHERE token_sha256 = ? AND kind = ?" + (" RETURNING key_sha256, expires_at" if consume else "")
+
+        def get(conn: sqlite3.Connection) -> Any:
+            with _transaction(conn):
+                return conn.execute(sql, (token_sha256, kind)).fetchone()
+
+        row = await self._run(get)
+        return row[0] if row and row[1] > now else None
+
+    async def drop_ui_token(self, token_sha256: str) -> None:
+        def drop(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 = ?", (token_sha256,))
+
+        await self._run(drop)
 
 
 class _transaction:

@@ -16,7 +16,8 @@ from ccproxy.usage.record import UsageRecord
 if TYPE_CHECKING:
     from ccproxy.config import Config
 
-__all__ = ["USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "open_store", "usage_values"]
+__all__ = ["UPDATABLE_KEY_COLUMNS", "USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "key_update_values",
+           "open_store", "usage_values"]
 
 USAGE_COLUMNS: tuple[str, ...] = (
     "request_id", "ts", "key_name", "endpoint", "alias", "rule", "provider", "upstream_model",
@@ -28,6 +29,11 @@ USAGE_COLUMNS: tuple[str, ...] = (
 KEY_COLUMNS: tuple[str, ...] = (
     "name", "sha256", "rpm", "tpm", "max_concurrent", "models", "created_at", "expires_at",
     "revoked_at", "last_used_at", "budget_usd", "budget_period", "tags",
+)
+
+# what `update_key` may change (the name, digest and history stay)
+UPDATABLE_KEY_COLUMNS: tuple[str, ...] = (
+    "rpm", "tpm", "max_concurrent", "models", "expires_at", "budget_usd", "budget_period", "tags",
 )
 
 
@@ -72,6 +78,15 @@ class KeyRow:
         if values["tags"] is not None:
             values["tags"] = json.loads(values["tags"])
         return cls(**values)
+
+
+def key_update_values(changes: dict[str, Any]) -> list[tuple[str, Any]]:
+    """`(column, database value)` for `update_key`; a column outside UPDATABLE_KEY_COLUMNS is a bug."""
+    bad = [c for c in changes if c not in UPDATABLE_KEY_COLUMNS]
+    if bad or not changes:
+        raise ValueError(f"not updatable key column(s): {', '.join(bad) or '(none given)'}")
+    encode = {"models": lambda v: json.dumps(list(v)), "tags": json.dumps}
+    return [(c, None if v is None else encode.get(c, lambda x: x)(v)) for c, v in changes.items()]
 
 
 def usage_values(r: UsageRecord) -> tuple[Any, ...]:
@@ -123,6 +138,24 @@ class Store(Protocol):
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         """Set last_used_at per key name (never moves it backwards)."""
         ...
+
+    async def update_key(self, name: str, changes: dict[str, Any]) -> KeyRow | None:
+        """Set `changes` (UPDATABLE_KEY_COLUMNS -> KeyRow values, None clears) on the unrevoked key
+        `name`; the updated row, or None if there is no unrevoked key of that name."""
+        ...
+
+    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, expires_at: float,
+                           keep: int) -> None:
+        """Store a dashboard token digest (kind `session` or `link`, ui/sessions.py); drops expired
+        tokens and all but the newest `keep` of this kind."""
+        ...
+
+    async def ui_token(self, token_sha256: str, kind: str, now: float, consume: bool = False) -> str | None:
+        """The key digest of a live token of this kind, or None; `consume` deletes it in the same
+        statement, so of several replicas redeeming one link exactly one gets it."""
+        ...
+
+    async def drop_ui_token(self, token_sha256: str) -> None: ...
 
 
 def open_store(config: Config) -> Store:

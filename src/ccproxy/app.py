@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from ccproxy import __version__, asgi, errors, openapi, redact
+from ccproxy.admin_api import AdminApi
 from ccproxy.asgi import ClientGone, Receive, Scope, Send, header_map, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
@@ -134,7 +135,8 @@ class Gateway:
         self._retiring: set[asyncio.Task[None]] = set()
         self.tracing = build_tracing(config)  # None when `tracing` is off (tracing.py)
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
-        self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints()
+        self.admin_api = AdminApi(self)  # /admin/keys: the database's keys over HTTP (admin_api.py)
+        self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints() + self.admin_api.endpoints()
         self._routes: dict[tuple[str, str], Handler] = routes(self.endpoints)
         self._templates = templates(self.endpoints)  # paths with {parameters}, e.g. /admin/keys/{name}
         self._dialects: dict[str, DialectAdapter] = error_dialects(self.endpoints)

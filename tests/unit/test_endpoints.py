@@ -21,7 +21,7 @@ README = Path(__file__).parents[2] / "README.md"
 # every path a client (not a browser) uses: all of them must be in the OpenAPI document
 PUBLIC = {"/v1/chat/completions", "/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/models",
           "/api/chat", "/api/tags", "/api/version", "/health", "/health/ready", "/", "/metrics", "/openapi.json",
-          "/v1/responses", "/v1/embeddings"}
+          "/v1/responses", "/v1/embeddings", "/admin/keys", "/admin/keys/{name}"}
 
 
 @pytest.fixture

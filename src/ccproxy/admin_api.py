@@ -79,7 +79,7 @@ _FIELDS: dict[str, Any] = {
         "period": {"type": "string", "enum": ["day", "week", "month"]}}}),
     "tags": _nullable({"type": "object", "additionalProperties": {"type": "string"}}),
 }
-_KEY = {"type": "object", "properties": {
+_KEY: dict[str, Any] = {"type": "object", "properties": {
     "name": {"type": "string"}, "rpm": _LIMIT, "tpm": _LIMIT, "max_concurrent": _LIMIT, "models": _FIELDS["models"],
     "created_at": {"type": "string"}, "expires_at": {"type": "string", "nullable": True},
     "last_used_at": {"type": "string", "nullable": True}, "revoked_at": {"type": "string", "nullable": True},
@@ -240,7 +240,8 @@ class AdminApi:
             spec = await self._body(receive, headers, KeyUpdate)
             fields = {f: getattr(spec, f) for f in spec.model_fields_set}
             if not fields:
-                raise errors.InvalidRequest(f"nothing to change; give one or more of {', '.join(KeyUpdate.model_fields)}")
+                raise errors.InvalidRequest("nothing to change; give one or more of "
+                                            f"{', '.join(KeyUpdate.model_fields)}")
             if "budget" in fields and spec.budget is not None:
                 fields["budget"] = spec.budget.model_dump()
             try:

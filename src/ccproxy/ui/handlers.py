@@ -22,10 +22,9 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from ccproxy import __version__, errors, openapi

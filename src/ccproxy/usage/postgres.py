@@ -10,11 +10,24 @@ import asyncpg
 
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, key_update_values, usage_values
+from ccproxy.usage.store import (
+    KEY_COLUMNS,
+    UPDATABLE_KEY_COLUMNS,
+    USAGE_COLUMNS,
+    KeyExists,
+    KeyRow,
+    key_update_values,
+    usage_values,
+)
 
 _INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
                f"VALUES ({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})")
 _SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
+# update_key: `col = CASE WHEN <changed> THEN <value> ELSE col END` for every updatable column
+_SET_CHANGED = ", ".join(f"{c} = CASE WHEN ${2 * i + 2}::bool THEN ${2 * i + 3} ELSE {c} END"
+                         for i, c in enumerate(UPDATABLE_KEY_COLUMNS))
+_UPDATE_KEY = (f"UPDATE api_keys SET {_SET_CHANGED} WHERE name = $1 AND revoked_at IS NULL "
+               f"RETURNING {', '.join(KEY_COLUMNS)}")
 _MIGRATION_LOCK = 0x63637078  # "ccpx": replicas starting together migrate one at a time
 
 
@@ -134,12 +147,8 @@ class PostgresStore:
                 [(ts, name) for name, ts in last_used.items()])
 
     async def update_key(self, name: str, changes: dict[str, Any]) -> KeyRow | None:
-        values = key_update_values(changes)
-        sets = ", ".join(f"{c} = ${i + 1}" for i, (c, _) in enumerate(values))
-        sql = (f"UPDATE api_keys SET {sets} WHERE name = ${len(values) + 1} AND revoked_at IS NULL "
-               f"RETURNING {', '.join(KEY_COLUMNS)}")
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(sql, *(v for _, v in values), name)
+            row = await conn.fetchrow(_UPDATE_KEY, name, *key_update_values(changes))
         return KeyRow.from_db(tuple(row)) if row else None
 
     # ------------------------------------------------------------------ dashboard tokens

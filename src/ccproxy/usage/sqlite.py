@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, key_update_values, usage_values
+from ccproxy.usage.store import (
+    KEY_COLUMNS,
+    UPDATABLE_KEY_COLUMNS,
+    USAGE_COLUMNS,
+    KeyExists,
+    KeyRow,
+    key_update_values,
+    usage_values,
+)
 
 T = TypeVar("T")
 
@@ -26,6 +34,10 @@ _INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
 _INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
                f"VALUES ({', '.join('?' for _ in KEY_COLUMNS)})")
 _SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
+# update_key: `col = CASE WHEN <changed> THEN <value> ELSE col END` for every updatable column
+_SET_CHANGED = ", ".join(f"{c} = CASE WHEN ? THEN ? ELSE {c} END" for c in UPDATABLE_KEY_COLUMNS)
+_UPDATE_KEY = (f"UPDATE api_keys SET {_SET_CHANGED} WHERE name = ? AND revoked_at IS NULL "
+               f"RETURNING {', '.join(KEY_COLUMNS)}")
 
 
 class SQLiteStore:
@@ -147,12 +159,10 @@ class SQLiteStore:
 
     async def update_key(self, name: str, changes: dict[str, Any]) -> KeyRow | None:
         values = key_update_values(changes)
-        sql = (f"UPDATE api_keys SET {', '.join(f'{c} = ?' for c, _ in values)} "
-               f"WHERE name = ? AND revoked_at IS NULL RETURNING {', '.join(KEY_COLUMNS)}")
 
         def update(conn: sqlite3.Connection) -> Any:
             with _transaction(conn):
-                return conn.execute(sql, (*(v for _, v in values), name)).fetchone()
+                return conn.execute(_UPDATE_KEY, (*values, name)).fetchone()
 
         row = await self._run(update)
         return KeyRow.from_db(row) if row else None
@@ -175,8 +185,9 @@ class SQLiteStore:
         await self._run(put)
 
     async def ui_token(self, token_sha256: str, kind: str, now: float, consume: bool = False) -> str | None:
-        verb = "DELETE FROM dashboard_tokens" if consume else "SELECT key_sha256, expires_at FROM dashboard_tokens"
-        sql = f"{verb} WHERE token_sha256 = ? AND kind = ?" + (" RETURNING key_sha256, expires_at" if consume else "")
+        sql = ("DELETE FROM dashboard_tokens WHERE token_sha256 = ? AND kind = ? RETURNING key_sha256, expires_at"
+               if consume else
+               "SELECT key_sha256, expires_at FROM dashboard_tokens WHERE token_sha256 = ? AND kind = ?")
 
         def get(conn: sqlite3.Connection) -> Any:
             with _transaction(conn):

@@ -80,13 +80,18 @@ class KeyRow:
         return cls(**values)
 
 
-def key_update_values(changes: dict[str, Any]) -> list[tuple[str, Any]]:
-    """`(column, database value)` for `update_key`; a column outside UPDATABLE_KEY_COLUMNS is a bug."""
+def key_update_values(changes: dict[str, Any]) -> list[Any]:
+    """The parameters of `update_key`'s statement: per UPDATABLE_KEY_COLUMNS, whether it changes and
+    its new database value (the statement is constant: `col = CASE WHEN changed THEN value ELSE col END`)."""
     bad = [c for c in changes if c not in UPDATABLE_KEY_COLUMNS]
     if bad or not changes:
         raise ValueError(f"not updatable key column(s): {', '.join(bad) or '(none given)'}")
     encode = {"models": lambda v: json.dumps(list(v)), "tags": json.dumps}
-    return [(c, None if v is None else encode.get(c, lambda x: x)(v)) for c, v in changes.items()]
+    out: list[Any] = []
+    for c in UPDATABLE_KEY_COLUMNS:
+        value = changes.get(c)
+        out += [c in changes, None if value is None else encode.get(c, lambda x: x)(value)]
+    return out
 
 
 def usage_values(r: UsageRecord) -> tuple[Any, ...]:

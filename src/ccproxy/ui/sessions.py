@@ -69,12 +69,12 @@ class Sessions:
 
     async def _add(self, kind: str, key_digest: str, ttl: float) -> str:
         token = secrets.token_urlsafe(32)
-        expires_at = self.clock() + ttl
+        now = self.clock()
         store = self._store_of()
         if store is None:
-            self._memory[kind].add(_digest(token), key_digest, expires_at)
+            self._memory[kind].add(_digest(token), key_digest, now + ttl)
         else:
-            await store.put_ui_token(_digest(token), kind, key_digest, expires_at, self._limits[kind])
+            await store.put_ui_token(_digest(token), kind, key_digest, now, now + ttl, self._limits[kind])
         return token
 
     async def _get(self, kind: str, token: str, consume: bool = False) -> str | None:

@@ -153,9 +153,8 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ dashboard tokens
 
-    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, expires_at: float,
+    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, now: float, expires_at: float,
                            keep: int) -> None:
-        now = time.time()
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("DELETE FROM dashboard_tokens WHERE expires_at <= $1", now)
             await conn.execute("INSERT INTO dashboard_tokens (token_sha256, kind, key_sha256, created_at, expires_at) "

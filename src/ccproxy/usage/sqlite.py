@@ -169,10 +169,8 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ dashboard tokens
 
-    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, expires_at: float,
+    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, now: float, expires_at: float,
                            keep: int) -> None:
-        now = time.time()
-
         def put(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
                 conn.execute("DELETE FROM dashboard_tokens WHERE expires_at <= ?", (now,))

@@ -149,10 +149,10 @@ class Store(Protocol):
         `name`; the updated row, or None if there is no unrevoked key of that name."""
         ...
 
-    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, expires_at: float,
+    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, now: float, expires_at: float,
                            keep: int) -> None:
-        """Store a dashboard token digest (kind `session` or `link`, ui/sessions.py); drops expired
-        tokens and all but the newest `keep` of this kind."""
+        """Store a dashboard token digest (kind `session` or `link`, ui/sessions.py) created `now`;
+        drops tokens expired by `now` and all but the newest `keep` of this kind."""
         ...
 
     async def ui_token(self, token_sha256: str, kind: str, now: float, consume: bool = False) -> str | None:

@@ -16,6 +16,7 @@ from ccproxy.app import Gateway
 from ccproxy.build_services import build_services
 from ccproxy.config import parse_config
 from ccproxy.keys import digest
+from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 ADMIN = "sk-admin-api-test-1"
 USER = "sk-plain-user-key-1"
@@ -37,7 +38,7 @@ async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
 
 @pytest.fixture
 async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gw.test",
+    async with httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)), base_url="http://gw.test",
                                  headers={"authorization": f"Bearer {ADMIN}"}) as c:
         yield c
 

@@ -86,11 +86,12 @@ def key_update_values(changes: dict[str, Any]) -> list[Any]:
     bad = [c for c in changes if c not in UPDATABLE_KEY_COLUMNS]
     if bad or not changes:
         raise ValueError(f"not updatable key column(s): {', '.join(bad) or '(none given)'}")
-    encode = {"models": lambda v: json.dumps(list(v)), "tags": json.dumps}
     out: list[Any] = []
     for c in UPDATABLE_KEY_COLUMNS:
         value = changes.get(c)
-        out += [c in changes, None if value is None else encode.get(c, lambda x: x)(value)]
+        if value is not None and c in ("models", "tags"):
+            value = json.dumps(list(value) if c == "models" else value)
+        out += [c in changes, value]
     return out
 
 

@@ -110,10 +110,16 @@ def test_keys_cli_through_the_admin_api(pair: list[Any], monkeypatch: pytest.Mon
     listed = cli("keys", "list", "--format", "json", "--url", b.url, *env)
     [row] = json.loads(listed.stdout)
     assert (row["name"], row["rpm"], row["tpm"]) == ("ci bot", None, 900)
-    assert (row["budget_usd"], row["tags"]) == (5, {"team": "ci"})
+    assert (row["budget_usd"], row["tags"], row["models"], row["expires_at"]) == (5, {"team": "ci"}, None, None)
+    changed = cli("keys", "update", "ci bot", "--models", "fast", "--expires", "30d", "--budget-usd", "7.5",
+                  "--budget-period", "week", "--tag", "team=ops", "--url", a.url, *env)
+    assert changed.returncode == 0, changed.stderr
+    [row] = json.loads(cli("keys", "list", "--format", "json", "--url", b.url, *env).stdout)
+    assert (row["tpm"], row["models"], row["budget_usd"], row["budget_period"]) == (900, ["fast"], 7.5, "week")
+    assert row["tags"] == {"team": "ops"} and row["expires_at"] and row["status"] == "active"
     assert key not in listed.stdout
     table = cli("keys", "list", "--url", a.url, *env).stdout
-    assert "ci bot" in table and "$5/month" in table and "active" in table
+    assert "ci bot" in table and "$7.5/week" in table and "team=ops" in table and "active" in table
 
     assert cli("keys", "revoke", "ci bot", "--url", a.url, *env).returncode == 0
     again = cli("keys", "revoke", "ci bot", "--url", b.url, *env)

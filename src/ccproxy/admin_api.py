@@ -188,7 +188,7 @@ class AdminApi:
         return any(k.name == name for k in self.gateway.runtime.config.keys)
 
     async def _missing(self, name: str) -> errors.GatewayError:
-        """404 for a name no database key has, 409 for a revoked key."""
+        """Why `name` cannot be changed: 409 for a revoked key or a key of the config file, else 404."""
         rows = await self._db(self._store().list_keys())
         if any(r.name == name for r in rows):
             return errors.Conflict(f"the key {name!r} is revoked; create a new key (names stay taken)")

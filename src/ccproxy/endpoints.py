@@ -1,7 +1,8 @@
 """The endpoint table: every HTTP endpoint the gateway serves, described once.
 
 An `Endpoint` is method, path, handler, dialect, auth and documentation. The gateway builds its
-table (`Gateway.endpoints`, with the dashboard's entries from `Dashboard.endpoints`), and everything
+table (`Gateway.endpoints`, with the dashboard's entries from `Dashboard.endpoints` and the admin
+API's from `AdminApi.endpoints`), and everything
 else is derived from it here:
 
 - the router: `(method, path) -> handler` (`routes`); a path may be a template such as

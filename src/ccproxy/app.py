@@ -24,13 +24,14 @@ from typing import Any
 import orjson
 
 from ccproxy import __version__, asgi, errors, openapi, redact
+from ccproxy.admin_api import AdminApi
 from ccproxy.asgi import ClientGone, Receive, Scope, Send, header_map, send_bytes, send_json
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.context import GatewayServices
 from ccproxy.dialects import adapters
 from ccproxy.embeddings import EmbeddingsFlow
-from ccproxy.endpoints import Endpoint, Handler, error_dialects, openapi_paths, routes
+from ccproxy.endpoints import Endpoint, Handler, error_dialects, openapi_paths, resolve, routes, templates
 from ccproxy.pipeline import ChatFlow, CountTokensFlow, DialectAdapter, model_allowed, send_error
 from ccproxy.pricing import PriceBook
 from ccproxy.providers import make_provider
@@ -139,8 +140,10 @@ class Gateway:
         self._retiring: set[asyncio.Task[None]] = set()
         self.tracing = build_tracing(config)  # None when `tracing` is off (tracing.py)
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
-        self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints()
+        self.admin_api = AdminApi(self)  # /admin/keys: the database's keys over HTTP (admin_api.py)
+        self.endpoints: list[Endpoint] = self._endpoint_table() + self.ui.endpoints() + self.admin_api.endpoints()
         self._routes: dict[tuple[str, str], Handler] = routes(self.endpoints)
+        self._templates = templates(self.endpoints)  # paths with {parameters}, e.g. /admin/keys/{name}
         self._dialects: dict[str, DialectAdapter] = error_dialects(self.endpoints)
         self._openapi_doc: bytes | None = None
         # run after start-up and after shutdown: what the server process adds (server.py: /metrics listener)
@@ -303,6 +306,9 @@ class Gateway:
             await send_error(send, self._adapter_for(path, headers), exc)
             return
         handler = self._routes.get((scope["method"], path))
+        if handler is None and self._templates:  # /admin/keys/{name}: endpoints.resolve
+            path, scope["path_params"] = resolve(path, self._templates)
+            handler = self._routes.get((scope["method"], path))
         if handler is None:
             await self._not_found(scope, path, headers, send)
             return

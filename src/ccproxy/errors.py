@@ -8,6 +8,7 @@
     ├── Unauthorized              401  no key
     ├── Forbidden                 403  wrong, revoked or expired key, or alias not allowed
     ├── NotFound                  404  unknown path
+    ├── Conflict                  409  a name already taken (the admin API)
     ├── PayloadTooLarge           413  body over the configured limit
     ├── RateLimited               429  a per-key limit is exhausted (carries retry_after)
     │   └── BudgetExceeded        429  the key's spend budget for this period is used up
@@ -75,6 +76,11 @@ class Forbidden(GatewayError):
 class NotFound(GatewayError):
     status = 404
     kind = "not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    kind = "conflict"
 
 
 class PayloadTooLarge(GatewayError):

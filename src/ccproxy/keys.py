@@ -1,4 +1,5 @@
-"""API keys kept in the database: generation, hashing, and `DbKeyStore` (the `KeyStore` impl).
+"""API keys kept in the database: generation, hashing, new rows and changes (`new_key`,
+`key_changes`, shared by `ccproxy keys` and the admin API), and `DbKeyStore` (the `KeyStore` impl).
 
 A key is `ccp_` + 32 url-safe random characters; only its SHA-256 hex digest is stored.
 `DbKeyStore.lookup` caches answers (found or not) for at most `ttl` seconds (0.5 by default), so a
@@ -18,14 +19,19 @@ import re
 import secrets
 import time
 import unicodedata
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
+from ccproxy.config import check_tags
 from ccproxy.errors import Overloaded
 from ccproxy.services import Principal
 from ccproxy.usage.store import KeyRow, Store
 
 log = logging.getLogger("ccproxy.keys")
 
-__all__ = ["KEY_PREFIX", "DbKeyStore", "check_key_name", "digest", "generate_key", "parse_duration"]
+__all__ = ["KEY_PREFIX", "DbKeyStore", "KeySpecError", "check_key_name", "digest", "fmt_time", "generate_key",
+           "key_changes", "key_json", "new_key", "parse_duration"]
 
 KEY_PREFIX = "ccp_"
 
@@ -69,6 +75,91 @@ def parse_duration(text: str) -> float:
     if not m:
         raise ValueError(f"expected a duration such as 30m, 24h or 30d, got {text!r}")
     return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+class KeySpecError(ValueError):
+    """A key field that cannot be used; `field` names it (the CLI option, the API's JSON field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _expires_at(expires: str | None, now: float) -> float | None:
+    try:
+        return now + parse_duration(expires) if expires is not None else None
+    except ValueError as e:
+        raise KeySpecError("expires", str(e)) from None
+
+
+def _models(models: Sequence[str] | None) -> tuple[str, ...] | None:
+    if models is not None and not models:
+        raise KeySpecError("models", "give at least one alias, or leave models out for all of them")
+    return tuple(models) if models is not None else None
+
+
+def _tags(tags: Mapping[str, str] | None) -> dict[str, str] | None:
+    try:
+        return check_tags(dict(tags)) or None if tags is not None else None
+    except ValueError as e:
+        raise KeySpecError("tags", str(e)) from None
+
+
+def new_key(name: str, *, rpm: int | None = None, tpm: int | None = None, max_concurrent: int | None = None,
+            models: Sequence[str] | None = None, expires: str | None = None, budget_usd: float | None = None,
+            budget_period: str | None = None, tags: Mapping[str, str] | None = None,
+            now: float | None = None) -> tuple[str, KeyRow]:
+    """A new key and its row (`ccproxy keys create` and `POST /admin/keys`); KeySpecError names
+    the field that cannot be used. `expires` is a duration from now (`30d`)."""
+    problem = check_key_name(name)
+    if problem:
+        raise KeySpecError("name", problem)
+    if budget_period and budget_usd is None:
+        raise KeySpecError("budget_period", "a budget period needs a budget amount in USD")
+    now = time.time() if now is None else now
+    key = generate_key()
+    return key, KeyRow(name=name, sha256=digest(key), rpm=rpm, tpm=tpm, max_concurrent=max_concurrent,
+                       models=_models(models), created_at=now, expires_at=_expires_at(expires, now),
+                       budget_usd=budget_usd, budget_period=(budget_period or "month") if budget_usd else None,
+                       tags=_tags(tags))
+
+
+def key_changes(fields: Mapping[str, Any], now: float | None = None) -> dict[str, Any]:
+    """Columns for `Store.update_key` from the fields to change (`ccproxy keys update`, `PATCH
+    /admin/keys/{name}`): rpm, tpm, max_concurrent, models, expires (a duration from now), budget
+    (a mapping with usd and period), tags; None clears a field."""
+    now = time.time() if now is None else now
+    out: dict[str, Any] = {}
+    for field, value in fields.items():
+        if field in ("rpm", "tpm", "max_concurrent"):
+            out[field] = value
+        elif field == "models":
+            out["models"] = _models(value)
+        elif field == "expires":
+            out["expires_at"] = _expires_at(value, now)
+        elif field == "tags":
+            out["tags"] = _tags(value)
+        elif field == "budget":
+            out["budget_usd"] = value["usd"] if value else None
+            out["budget_period"] = (value.get("period") or "month") if value else None
+        else:
+            raise KeySpecError(field, f"{field} cannot be changed")
+    return out
+
+
+def fmt_time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts is not None else "-"
+
+
+def key_json(k: KeyRow, now: float) -> dict[str, Any]:
+    """A key as `ccproxy keys list --format json` and `GET /admin/keys` show it: never the key
+    or its digest."""
+    return {"name": k.name, "rpm": k.rpm, "tpm": k.tpm, "max_concurrent": k.max_concurrent,
+            "models": list(k.models) if k.models is not None else None,
+            "created_at": fmt_time(k.created_at), "expires_at": fmt_time(k.expires_at) if k.expires_at else None,
+            "last_used_at": fmt_time(k.last_used_at) if k.last_used_at else None,
+            "revoked_at": fmt_time(k.revoked_at) if k.revoked_at else None, "status": k.status(now),
+            "budget_usd": k.budget_usd, "budget_period": k.budget_period, "tags": k.tags}
 
 
 def principal_of(row: KeyRow) -> Principal:

@@ -229,9 +229,11 @@ def test_yaml_syntax_error_on_reload_logs_where_not_the_line(gateway, upstream) 
     assert [p for p in prefixes(new_key) if p in log] == []
 
 
-def test_dashboard_never_sends_the_admin_key_after_a_redirect(tmp_path: Path, free_port) -> None:
-    """`ccproxy dashboard --url` against a server that redirects to another host: the CLI stops
-    with a clear error, and the other host receives nothing (urllib used to follow, key and all)."""
+def test_dashboard_never_sends_the_admin_key_after_a_redirect(tmp_path: Path, free_port,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ccproxy dashboard --url` (and `ccproxy keys list --url`) against a server that redirects to
+    another host: the CLI stops with a clear error, and the other host receives nothing (urllib used
+    to follow, key and all)."""
     import http.server
     import threading
 
@@ -259,6 +261,8 @@ def test_dashboard_never_sends_the_admin_key_after_a_redirect(tmp_path: Path, fr
             self.send_header("content-length", "0")
             self.end_headers()
 
+        do_GET = do_POST  # noqa: N815  # `ccproxy keys list --url`
+
     servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirector),
                http.server.ThreadingHTTPServer(other, Elsewhere)]
     for s in servers:
@@ -271,10 +275,15 @@ def test_dashboard_never_sends_the_admin_key_after_a_redirect(tmp_path: Path, fr
             "models": {"fast": {"provider": "up", "model": "m"}}, "database": str(tmp_path / "u.db")}))
         out = cli("dashboard", "--no-open", "--config", str(config),
                   "--url", f"http://127.0.0.1:{servers[0].server_address[1]}")
+        monkeypatch.setenv("REDIRECT_TEST_ADMIN_KEY", ADMIN)
+        listed = cli("keys", "list", "--url", f"http://127.0.0.1:{servers[0].server_address[1]}",
+                     "--admin-key-env", "REDIRECT_TEST_ADMIN_KEY")
     finally:
         for s in servers:
             s.shutdown()
             s.server_close()
     assert seen == []
-    assert out.returncode != 0 and "redirect (302)" in out.stderr and f"http://{other[0]}:{other[1]}" in out.stderr
-    assert find_leaks("ccproxy dashboard", out.stdout + out.stderr, [ADMIN]) == []
+    for done in (out, listed):
+        assert done.returncode != 0 and "redirect (302)" in done.stderr
+        assert f"http://{other[0]}:{other[1]}" in done.stderr
+        assert find_leaks("ccproxy dashboard / keys", done.stdout + done.stderr, [ADMIN]) == []

@@ -14,14 +14,14 @@ import pytest
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
 from ccproxy.dialects import adapters
-from ccproxy.endpoints import Endpoint, routes
+from ccproxy.endpoints import Endpoint, resolve, routes, templates
 from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 README = Path(__file__).parents[2] / "README.md"
 # every path a client (not a browser) uses: all of them must be in the OpenAPI document
 PUBLIC = {"/v1/chat/completions", "/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/models",
           "/api/chat", "/api/tags", "/api/version", "/health", "/health/ready", "/", "/metrics", "/openapi.json",
-          "/v1/responses", "/v1/embeddings"}
+          "/v1/responses", "/v1/embeddings", "/admin/keys", "/admin/keys/{name}"}
 
 
 @pytest.fixture
@@ -103,3 +103,23 @@ async def test_the_readme_endpoint_table_lists_every_public_path(gw: tuple[Gatew
     listed = set(re.findall(r"`(?:GET|POST|HEAD|DELETE|PATCH|PUT) (/[^`\s]*)`", section))
     documented = {e.path for e in gateway.endpoints if not e.hidden and not e.path.startswith("/ui/")}
     assert documented <= listed, documented - listed
+
+
+def test_path_templates_match_one_segment() -> None:
+    async def h(*args: Any) -> None:
+        return None
+
+    table = templates([Endpoint("PATCH", "/admin/keys/{name}", h), Endpoint("DELETE", "/admin/keys/{name}", h),
+                       Endpoint("GET", "/admin/keys", h), Endpoint("GET", "/x/{a}/y/{b}", h)])
+    assert len(table) == 2
+    cases = {
+        "/admin/keys/alice": ("/admin/keys/{name}", {"name": "alice"}),
+        "/admin/keys/ci bot": ("/admin/keys/{name}", {"name": "ci bot"}),
+        "/admin/keys/a/b": ("/admin/keys/a/b", {}),
+        "/admin/keys/": ("/admin/keys/", {}),
+        "/admin/keys": ("/admin/keys", {}),
+        "/x/1/y/2": ("/x/{a}/y/{b}", {"a": "1", "b": "2"}),
+        "/x/1/y/": ("/x/1/y/", {}),
+    }
+    for path, expected in cases.items():
+        assert resolve(path, table) == expected, path

@@ -84,6 +84,34 @@ def test_create_list_revoke(cfg: Path) -> None:
     assert json.loads(run("keys", "list", "--format", "json", "--config", str(cfg))[1])[0]["status"] == "revoked"
 
 
+def test_update_changes_clears_and_keeps(cfg: Path) -> None:
+    code, _, err = run("keys", "create", "--name", "bob", "--rpm", "60", "--models", "coding", "--budget-usd", "5",
+                       "--tag", "team=a", "--config", str(cfg))
+    assert code == 0, err
+    code, out, err = run("keys", "update", "bob", "--tpm", "500", "--clear", "rpm", "--budget-usd", "9",
+                         "--budget-period", "week", "--expires", "2d", "--config", str(cfg))
+    assert code == 0, err
+    assert "updated key 'bob'" in out and "budget=$9/week" in out
+    [row] = json.loads(run("keys", "list", "--format", "json", "--config", str(cfg))[1])
+    assert (row["rpm"], row["tpm"], row["models"], row["tags"]) == (None, 500, ["coding"], {"team": "a"})
+    assert (row["budget_usd"], row["budget_period"]) == (9, "week") and row["expires_at"]
+    assert run("keys", "update", "bob", "--clear", "budget", "--clear", "models", "--clear", "expires",
+               "--tag", "team=b", "--config", str(cfg))[0] == 0
+    [row] = json.loads(run("keys", "list", "--format", "json", "--config", str(cfg))[1])
+    assert (row["budget_usd"], row["models"], row["expires_at"], row["tags"]) == (None, None, None, {"team": "b"})
+
+    code, _, err = run("keys", "update", "bob", "--config", str(cfg))
+    assert code == 2 and "nothing to change" in err
+    code, _, err = run("keys", "update", "bob", "--rpm", "5", "--clear", "rpm", "--config", str(cfg))
+    assert code == 2 and "--clear rpm" in err
+    code, _, err = run("keys", "update", "bob", "--expires", "soon", "--config", str(cfg))
+    assert code == 2 and "--expires" in err
+    code, _, err = run("keys", "update", "nobody", "--rpm", "5", "--config", str(cfg))
+    assert code == 1 and "no active key named 'nobody'" in err
+    assert run("keys", "revoke", "bob", "--config", str(cfg))[0] == 0
+    assert run("keys", "update", "bob", "--rpm", "5", "--config", str(cfg))[0] == 1
+
+
 def test_default_config_file_in_cwd(cfg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(cfg.parent)
     cfg.write_text("providers: {}\nmodels: {}\ndatabase: rel/usage.db\n")

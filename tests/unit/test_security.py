@@ -395,6 +395,7 @@ SAFE_SQL_PARTS = {
     "', '.join((f'${i + 1}::{t}[]' for i, t in enumerate(types)))", "i + 1", "t",
     "t['id']", "t['float']", "t['int']", "t['bool']", "t['text']", "t['json']",
     "'FALSE' if flavor == 'postgres' else '0'",
+    "_SET_CHANGED",  # update_key's `col = CASE WHEN $n THEN $m ELSE col END`, from UPDATABLE_KEY_COLUMNS
 }
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WHERE|VALUES|FROM|INTO)\b")
 EXEC_METHODS = {"execute", "executemany", "executescript", "fetch", "fetchrow", "fetchval"}

@@ -396,20 +396,20 @@ async def test_one_time_link(client: httpx.AsyncClient, gw: Gateway) -> None:
     assert r.status_code == 200
 
 
-def test_sessions_expire_and_links_are_single_use() -> None:
+async def test_sessions_expire_and_links_are_single_use() -> None:
     now = [1000.0]
     s = Sessions(ttl=60, link_ttl=10, max_sessions=3, clock=lambda: now[0])
-    a = s.create("d1")
-    assert s.check(a) == "d1" and s.check("") is None and s.check("x" * 500) is None
-    link = s.mint_link("d2")
+    a = await s.create("d1")
+    assert await s.check(a) == "d1" and await s.check("") is None and await s.check("x" * 500) is None
+    link = await s.mint_link("d2")
     now[0] += 11
-    assert s.redeem_link(link) is None  # expired
-    link = s.mint_link("d2")
-    assert s.redeem_link(link) == "d2" and s.redeem_link(link) is None
+    assert await s.redeem_link(link) is None  # expired
+    link = await s.mint_link("d2")
+    assert await s.redeem_link(link) == "d2" and await s.redeem_link(link) is None
     now[0] += 50
-    assert s.check(a) is None  # 61 s old
-    tokens = [s.create(f"k{i}") for i in range(5)]
-    assert s.count == 3 and s.check(tokens[0]) is None and s.check(tokens[4]) == "k4"
+    assert await s.check(a) is None  # 61 s old
+    tokens = [await s.create(f"k{i}") for i in range(5)]
+    assert s.count == 3 and await s.check(tokens[0]) is None and await s.check(tokens[4]) == "k4"
     t = LoginThrottle(limit=2, window=30, clock=lambda: now[0])
     assert t.blocked("1.2.3.4") == 0
     t.failed("1.2.3.4")

@@ -2,30 +2,23 @@
 
 The command asks the running gateway for the link (`POST /ui/api/one-time-link` with the admin
 key from the config, or from CCPROXY_ADMIN_KEY), so the link is minted by the process that will
-redeem it. The link works once, for a short time, and opens a normal dashboard session. Redirects
-are never followed: the admin key goes to the URL given, and nowhere a redirect points.
+redeem it (any replica would do: links live in the shared database). The link works once, for a
+short time, and opens a normal dashboard session. Redirects are never followed (commands/remote.py).
 """
 
 from __future__ import annotations
 
-import email.message
-import json
 import os
-import ssl
-import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 import webbrowser
-from typing import IO, NoReturn
 
 import click
 
 from ccproxy.commands.keys import cli_config
+from ccproxy.commands.remote import ENV_KEY, GatewayRefused, GatewayUnreachable, call, check_base_url
+from ccproxy.commands.remote import fail as _fail
 from ccproxy.config import Config
 
 CONFIG_HELP = "Config file (YAML) of the running gateway. Default: ./ccproxy.yaml, else the built-in one."
-ENV_KEY = "CCPROXY_ADMIN_KEY"
 
 
 def admin_key(config: Config) -> str | None:
@@ -54,24 +47,6 @@ def gateway_url(config: Config) -> str:
     return f"{scheme}://{host}:{config.port}"
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A 3xx stays an HTTPError: following it would send the admin key to wherever it points."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
-                         headers: email.message.Message, newurl: str) -> None:
-        return None
-
-
-def _origin(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.scheme else "(elsewhere)"
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 @click.command()
 @click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
 @click.option("--url", "base_url", metavar="URL",
@@ -85,40 +60,18 @@ def dashboard(config_path: str | None, base_url: str | None, no_open: bool, inse
     if not key:
         _fail("no admin key to ask the gateway with: set `admin_key` in the config (or give a key "
               f"`admin: true` with a plain `key`), or export {ENV_KEY}", 2)
-    base = (base_url or gateway_url(config)).rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        _fail(f"--url must start with http:// or https://, got {base!r}", 2)
-    req = urllib.request.Request(f"{base}/ui/api/one-time-link", data=b"", method="POST",
-                                 headers={"authorization": f"Bearer {key}", "accept": "application/json"})
-    context = None
-    if base.startswith("https://") and insecure:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
-    if context is not None:
-        handlers.append(urllib.request.HTTPSHandler(context=context))
+    base = check_base_url(base_url or gateway_url(config))
     try:
-        with urllib.request.build_opener(*handlers).open(req, timeout=10) as resp:
-            answer = json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        if 300 <= e.code < 400:
-            target = urllib.parse.urljoin(f"{base}/", e.headers.get("location") or "")
-            _fail(f"the gateway at {base} answered with a redirect ({e.code}) to {_origin(target)}; the admin "
-                  "key is not sent after a redirect: pass the gateway's own address with --url")
-        try:
-            detail = json.loads(e.read())["error"]["message"]
-        except Exception:
-            detail = e.reason
-        if e.code in (401, 403):
-            _fail(f"the gateway at {base} refused the admin key ({e.code}: {detail}); is it running with "
+        answer = call(base, "POST", "/ui/api/one-time-link", key, insecure=insecure)
+    except GatewayRefused as e:
+        if e.status in (401, 403):
+            _fail(f"the gateway at {base} refused the admin key ({e.status}: {e.detail}); is it running with "
                   "this config?")
-        if e.code == 404:
+        if e.status == 404:
             _fail(f"the gateway at {base} has no dashboard (404); is it an older ccproxy?")
-        _fail(f"the gateway at {base} answered {e.code}: {detail}")
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        _fail(f"the gateway does not answer at {base} ({reason}); start it with `ccproxy serve`"
+        _fail(f"the gateway at {base} answered {e.status}: {e.detail}")
+    except GatewayUnreachable as e:
+        _fail(f"the gateway does not answer at {base} ({e}); start it with `ccproxy serve`"
               + (" or pass --url" if not base_url else ""))
     link = f"{base}{answer['path']}"
     click.echo(link)

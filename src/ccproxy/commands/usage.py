@@ -10,8 +10,8 @@ from typing import Any
 import click
 
 from ccproxy.budgets import BUDGET_FIELDS, budget_status
-from ccproxy.commands.keys import CONFIG_HELP, cli_config, fmt_time, table, with_store
-from ccproxy.keys import parse_duration
+from ccproxy.commands.keys import CONFIG_HELP, cli_config, table, with_store
+from ccproxy.keys import fmt_time, parse_duration
 from ccproxy.usage.query import GROUPS, aggregate, recent
 
 FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "p50_ms", "p95_ms", "ttfb_p50_ms",

@@ -10,7 +10,8 @@
 Every page and API endpoint needs the admin: a session cookie (HttpOnly, SameSite=Strict, Secure
 over TLS) or the admin key in `Authorization: Bearer` / `x-api-key`. A session stays valid only
 while the key that opened it is still an admin key of the running config (a hot reload that
-rotates the admin key ends its sessions).
+rotates the admin key ends its sessions). Sessions and one-time links live in the shared database
+(sessions.py), so any replica accepts them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from ccproxy import __version__, errors, openapi
@@ -39,6 +40,7 @@ from ccproxy.usage.query import GROUPS, recent
 from ccproxy.usage.timeseries import key_rates, timeseries, usage_report
 
 log = logging.getLogger("ccproxy.ui")
+T = TypeVar("T")
 
 
 COOKIE = "ccproxy_ui"
@@ -72,7 +74,7 @@ def auto_bucket(since: int) -> int:
 class Dashboard:
     def __init__(self, gateway: DashboardContext) -> None:
         self.gateway = gateway
-        self.sessions = Sessions()
+        self.sessions = Sessions(lambda: getattr(gateway.services, "store", None))
         self.throttle = LoginThrottle()
         self.clock: Callable[[], float] = time.time  # `now` of the usage queries (tests pin it)
         self._static: dict[str, tuple[bytes, str]] = {}
@@ -132,11 +134,17 @@ class Dashboard:
         """The SHA-256 of the admin key behind this request (its session's or its header's),
         else Unauthorized (401) / Forbidden (403, a valid key that is not the admin's) / 429."""
         tokens = self._cookies(headers)
+        keys = presented_keys(headers)
         for token in tokens:
-            digest = self.sessions.check(token)
+            try:
+                digest = await self.tokens(self.sessions.check(token))
+            except errors.Overloaded:
+                if keys:
+                    break  # the database is down: the admin key in the headers still works
+                raise
             if digest is not None and self.is_admin_digest(digest):
                 return digest
-        if presented_keys(headers):
+        if keys:
             return await self.admin_key(scope, headers, "the dashboard", unknown=errors.Unauthorized)
         if tokens:
             raise errors.Unauthorized("the dashboard session has expired or ended; log in again at /ui")
@@ -170,6 +178,16 @@ class Dashboard:
             raise errors.RateLimited(f"too many failed admin key attempts from this address; try again in "
                                      f"{wait:.0f} s", retry_after=wait)
         raise failure
+
+    @staticmethod
+    async def tokens(call: Awaitable[T]) -> T:
+        """A call on the session store (sessions.py); a database failure becomes a 503."""
+        try:
+            return await call
+        except Exception as e:
+            log.warning("dashboard: the session store failed (%s: %s)", type(e).__name__, e)
+            raise errors.Overloaded(f"the dashboard session database did not answer ({type(e).__name__}); "
+                                    "retry shortly") from None
 
     def failed_auth(self, client: str, what: str) -> float:
         """Count and log one failed admin authentication; returns how long the client was already
@@ -249,8 +267,7 @@ class Dashboard:
                 return
             await self._html(send, 401, self.login_page("That is not the admin key."))
             return
-        token = self.sessions.create(digest)
-        await self._redirect(send, "/ui", self._cookie(scope, token, int(self.sessions.ttl)))
+        await self._open_session(scope, send, digest)
 
     async def link_login(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), max_num_fields=8))
@@ -258,7 +275,11 @@ class Dashboard:
         if not token:
             await self._redirect(send, "/ui")
             return
-        digest = self.sessions.redeem_link(token)
+        try:
+            digest = await self.tokens(self.sessions.redeem_link(token))
+        except errors.GatewayError as e:
+            await self._html(send, e.status, self.login_page(e.message))
+            return
         if digest is None or not self.is_admin_digest(digest):
             wait = self.failed_auth(self._client(scope), "one-time link")
             if wait:
@@ -269,12 +290,23 @@ class Dashboard:
                 "This login link is invalid, already used or expired. Run `ccproxy dashboard` for a new one, "
                 "or log in with the admin key."))
             return
-        session = self.sessions.create(digest)
-        await self._redirect(send, "/ui", self._cookie(scope, session, int(self.sessions.ttl)))
+        await self._open_session(scope, send, digest)
+
+    async def _open_session(self, scope: Scope, send: Send, digest: str) -> None:
+        try:
+            token = await self.tokens(self.sessions.create(digest))
+        except errors.GatewayError as e:
+            await self._html(send, e.status, self.login_page(e.message))
+            return
+        await self._redirect(send, "/ui", self._cookie(scope, token, int(self.sessions.ttl)))
 
     async def logout(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        for token in self._cookies(headers):
-            self.sessions.end(token)
+        try:
+            for token in self._cookies(headers):
+                await self.tokens(self.sessions.end(token))
+        except errors.GatewayError as e:
+            await self._html(send, e.status, self.login_page(e.message))
+            return
         await self._redirect(send, "/ui", self._cookie(scope, "", 0))
 
     async def static(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
@@ -410,7 +442,11 @@ class Dashboard:
         except errors.GatewayError as e:
             await self._error(send, e)
             return
-        token = self.sessions.mint_link(digest)
+        try:
+            token = await self.tokens(self.sessions.mint_link(digest))
+        except errors.GatewayError as e:
+            await self._error(send, e)
+            return
         await self._json(send, {"path": f"/ui/login?token={token}", "expires_in": int(self.sessions.link_ttl)})
 
     # ------------------------------------------------------------------ live state

@@ -1,12 +1,14 @@
-"""Dashboard sessions and one-time login links, held in this process's memory.
+"""Dashboard sessions and one-time login links, in the shared database so every replica accepts them.
 
 A session token is 32 random bytes (URL-safe base64) handed to the browser in an HttpOnly cookie;
-the server keeps only its SHA-256, with an expiry and the SHA-256 of the admin key that opened it
-(never the key). A one-time link token works the same way but is deleted on first use and lives
-for `link_ttl` seconds. Both tables are bounded: the oldest entries go first.
+only its SHA-256 is stored (table `dashboard_tokens`, migration m010), with an expiry and the
+SHA-256 of the admin key that opened it (never the key). A one-time link token works the same way
+but is deleted by the statement that redeems it (`DELETE ... RETURNING`), so it works exactly once
+across replicas, and lives for `link_ttl` seconds. Both kinds are bounded: each new token drops
+the expired ones and all but the newest `max_sessions` / `max_links` of its kind.
 
-Being in memory, sessions end when the gateway restarts and are not shared between replicas
-(behind a load balancer use sticky sessions, or call the JSON API with the admin key header).
+A gateway without a usage store (the services layer not wired, as in some unit tests) keeps them
+in this process's memory instead, with the same rules.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any
 
 SESSION_TTL = 8 * 3600.0
 LINK_TTL = 120.0
+MAX_TOKEN_LENGTH = 128
 
 
 def _digest(token: str) -> str:
@@ -26,73 +30,91 @@ def _digest(token: str) -> str:
 
 
 class _Table:
-    """token digest -> (expires_at, key digest); bounded, oldest first."""
+    """In memory: token digest -> (expires_at, key digest); bounded, oldest first."""
 
-    def __init__(self, ttl: float, limit: int, clock: Callable[[], float]) -> None:
-        self.ttl, self.limit, self.clock = ttl, limit, clock
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        self.limit, self.clock = limit, clock
         self._rows: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
-    def add(self, key_digest: str) -> str:
-        self.prune()
-        token = secrets.token_urlsafe(32)
-        self._rows[_digest(token)] = (self.clock() + self.ttl, key_digest)
-        while len(self._rows) > self.limit:
-            self._rows.popitem(last=False)
-        return token
-
-    def get(self, token: str, *, consume: bool = False) -> str | None:
-        if not token or len(token) > 128:
-            return None
-        d = _digest(token)
-        row = self._rows.pop(d, None) if consume else self._rows.get(d)
-        if row is None:
-            return None
-        if row[0] <= self.clock():
-            self._rows.pop(d, None)
-            return None
-        return row[1]
-
-    def drop(self, token: str) -> None:
-        self._rows.pop(_digest(token), None)
-
-    def prune(self) -> None:
+    def add(self, token_digest: str, key_digest: str, expires_at: float) -> None:
         now = self.clock()
         for d in [d for d, (exp, _) in self._rows.items() if exp <= now]:
             del self._rows[d]
+        self._rows[token_digest] = (expires_at, key_digest)
+        while len(self._rows) > self.limit:
+            self._rows.popitem(last=False)
+
+    def get(self, token_digest: str, now: float, consume: bool) -> str | None:
+        row = self._rows.pop(token_digest, None) if consume else self._rows.get(token_digest)
+        return row[1] if row is not None and row[0] > now else None
+
+    def drop(self, token_digest: str) -> None:
+        self._rows.pop(token_digest, None)
 
     def __len__(self) -> int:
         return len(self._rows)
 
 
 class Sessions:
-    def __init__(self, *, ttl: float = SESSION_TTL, link_ttl: float = LINK_TTL, max_sessions: int = 1000,
-                 max_links: int = 100, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl, self.link_ttl = ttl, link_ttl
-        self._sessions = _Table(ttl, max_sessions, clock)
-        self._links = _Table(link_ttl, max_links, clock)
+    """`store_of()` gives the usage store (`Store.put_ui_token` / `ui_token` / `drop_ui_token`), or
+    None for the in-memory fallback. A database error propagates: the caller answers 503."""
 
-    def create(self, key_digest: str) -> str:
+    def __init__(self, store_of: Callable[[], Any] = lambda: None, *, ttl: float = SESSION_TTL,
+                 link_ttl: float = LINK_TTL, max_sessions: int = 1000, max_links: int = 100,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.ttl, self.link_ttl, self.clock = ttl, link_ttl, clock
+        self._store_of = store_of
+        self._limits = {"session": max_sessions, "link": max_links}
+        self._memory = {"session": _Table(max_sessions, clock), "link": _Table(max_links, clock)}
+
+    async def _add(self, kind: str, key_digest: str, ttl: float) -> str:
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        store = self._store_of()
+        if store is None:
+            self._memory[kind].add(_digest(token), key_digest, now + ttl)
+        else:
+            await store.put_ui_token(_digest(token), kind, key_digest, now, now + ttl, self._limits[kind])
+        return token
+
+    async def _get(self, kind: str, token: str, consume: bool = False) -> str | None:
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            return None
+        store = self._store_of()
+        if store is None:
+            return self._memory[kind].get(_digest(token), self.clock(), consume)
+        result: str | None = await store.ui_token(_digest(token), kind, self.clock(), consume)
+        return result
+
+    async def create(self, key_digest: str) -> str:
         """A new session for the admin key with this SHA-256; returns the cookie value."""
-        return self._sessions.add(key_digest)
+        return await self._add("session", key_digest, self.ttl)
 
-    def check(self, token: str) -> str | None:
+    async def check(self, token: str) -> str | None:
         """The key digest of a live session, or None."""
-        return self._sessions.get(token)
+        return await self._get("session", token)
 
-    def end(self, token: str) -> None:
-        self._sessions.drop(token)
+    async def end(self, token: str) -> None:
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            return
+        store = self._store_of()
+        if store is None:
+            self._memory["session"].drop(_digest(token))
+        else:
+            await store.drop_ui_token(_digest(token))
 
-    def mint_link(self, key_digest: str) -> str:
+    async def mint_link(self, key_digest: str) -> str:
         """A single-use login token, valid for `link_ttl` seconds."""
-        return self._links.add(key_digest)
+        return await self._add("link", key_digest, self.link_ttl)
 
-    def redeem_link(self, token: str) -> str | None:
+    async def redeem_link(self, token: str) -> str | None:
         """The key digest the link was minted for (and the link is gone), or None."""
-        return self._links.get(token, consume=True)
+        return await self._get("link", token, consume=True)
 
     @property
     def count(self) -> int:
-        return len(self._sessions)
+        """Sessions held in memory (the fallback without a store)."""
+        return len(self._memory["session"])
 
 
 class LoginThrottle:

@@ -90,6 +90,24 @@ def m003_attribution(flavor: str) -> list[str]:
     ]
 
 
+@migration
+def m010_dashboard_sessions(flavor: str) -> list[str]:
+    """Dashboard sessions and one-time links (ui/sessions.py), shared by every replica: only the
+    SHA-256 of each token is kept."""
+    t = _types(flavor)
+    return [
+        f"""CREATE TABLE dashboard_tokens (
+            token_sha256 TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            key_sha256 TEXT NOT NULL,
+            created_at {t['float']} NOT NULL,
+            expires_at {t['float']} NOT NULL
+        )""",
+        "CREATE INDEX dashboard_tokens_kind_created ON dashboard_tokens (kind, created_at)",
+        "CREATE INDEX dashboard_tokens_expires ON dashboard_tokens (expires_at)",
+    ]
+
+
 def create_table_sql(flavor: str) -> str:
     ts = "DOUBLE PRECISION" if flavor == "postgres" else "REAL"
     return (f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} "

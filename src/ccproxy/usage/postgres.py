@@ -10,11 +10,24 @@ import asyncpg
 
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, usage_values
+from ccproxy.usage.store import (
+    KEY_COLUMNS,
+    UPDATABLE_KEY_COLUMNS,
+    USAGE_COLUMNS,
+    KeyExists,
+    KeyRow,
+    key_update_values,
+    usage_values,
+)
 
 _INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
                f"VALUES ({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})")
 _SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
+# update_key: `col = CASE WHEN <changed> THEN <value> ELSE col END` for every updatable column
+_SET_CHANGED = ", ".join(f"{c} = CASE WHEN ${2 * i + 2}::bool THEN ${2 * i + 3} ELSE {c} END"
+                         for i, c in enumerate(UPDATABLE_KEY_COLUMNS))
+_UPDATE_KEY = (f"UPDATE api_keys SET {_SET_CHANGED} WHERE name = $1 AND revoked_at IS NULL "
+               f"RETURNING {', '.join(KEY_COLUMNS)}")
 _MIGRATION_LOCK = 0x63637078  # "ccpx": replicas starting together migrate one at a time
 
 
@@ -132,6 +145,34 @@ class PostgresStore:
                 "UPDATE api_keys SET last_used_at = $1 WHERE name = $2 "
                 "AND (last_used_at IS NULL OR last_used_at < $1)",
                 [(ts, name) for name, ts in last_used.items()])
+
+    async def update_key(self, name: str, changes: dict[str, Any]) -> KeyRow | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_UPDATE_KEY, name, *key_update_values(changes))
+        return KeyRow.from_db(tuple(row)) if row else None
+
+    # ------------------------------------------------------------------ dashboard tokens
+
+    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, now: float, expires_at: float,
+                           keep: int) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM dashboard_tokens WHERE expires_at <= $1", now)
+            await conn.execute("INSERT INTO dashboard_tokens (token_sha256, kind, key_sha256, created_at, expires_at) "
+                               "VALUES ($1, $2, $3, $4, $5)", token_sha256, kind, key_sha256, now, expires_at)
+            await conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 IN (SELECT token_sha256 FROM "
+                               "dashboard_tokens WHERE kind = $1 ORDER BY created_at DESC OFFSET $2)", kind, keep)
+
+    async def ui_token(self, token_sha256: str, kind: str, now: float, consume: bool = False) -> str | None:
+        sql = ("DELETE FROM dashboard_tokens WHERE token_sha256 = $1 AND kind = $2 RETURNING key_sha256, expires_at"
+               if consume else
+               "SELECT key_sha256, expires_at FROM dashboard_tokens WHERE token_sha256 = $1 AND kind = $2")
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(sql, token_sha256, kind)
+        return row["key_sha256"] if row and row["expires_at"] > now else None
+
+    async def drop_ui_token(self, token_sha256: str) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 = $1", token_sha256)
 
 
 _PG_TYPES = {

@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, usage_values
+from ccproxy.usage.store import (
+    KEY_COLUMNS,
+    UPDATABLE_KEY_COLUMNS,
+    USAGE_COLUMNS,
+    KeyExists,
+    KeyRow,
+    key_update_values,
+    usage_values,
+)
 
 T = TypeVar("T")
 
@@ -26,6 +34,10 @@ _INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
 _INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
                f"VALUES ({', '.join('?' for _ in KEY_COLUMNS)})")
 _SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
+# update_key: `col = CASE WHEN <changed> THEN <value> ELSE col END` for every updatable column
+_SET_CHANGED = ", ".join(f"{c} = CASE WHEN ? THEN ? ELSE {c} END" for c in UPDATABLE_KEY_COLUMNS)
+_UPDATE_KEY = (f"UPDATE api_keys SET {_SET_CHANGED} WHERE name = ? AND revoked_at IS NULL "
+               f"RETURNING {', '.join(KEY_COLUMNS)}")
 
 
 class SQLiteStore:
@@ -144,6 +156,50 @@ class SQLiteStore:
                                  "AND (last_used_at IS NULL OR last_used_at < ?)", values)
 
         await self._run(touch)
+
+    async def update_key(self, name: str, changes: dict[str, Any]) -> KeyRow | None:
+        values = key_update_values(changes)
+
+        def update(conn: sqlite3.Connection) -> Any:
+            with _transaction(conn):
+                return conn.execute(_UPDATE_KEY, (*values, name)).fetchone()
+
+        row = await self._run(update)
+        return KeyRow.from_db(row) if row else None
+
+    # ------------------------------------------------------------------ dashboard tokens
+
+    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, now: float, expires_at: float,
+                           keep: int) -> None:
+        def put(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM dashboard_tokens WHERE expires_at <= ?", (now,))
+                conn.execute("INSERT INTO dashboard_tokens (token_sha256, kind, key_sha256, created_at, expires_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (token_sha256, kind, key_sha256, now, expires_at))
+                conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 IN (SELECT token_sha256 FROM "
+                             "dashboard_tokens WHERE kind = ? ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                             (kind, keep))
+
+        await self._run(put)
+
+    async def ui_token(self, token_sha256: str, kind: str, now: float, consume: bool = False) -> str | None:
+        sql = ("DELETE FROM dashboard_tokens WHERE token_sha256 = ? AND kind = ? RETURNING key_sha256, expires_at"
+               if consume else
+               "SELECT key_sha256, expires_at FROM dashboard_tokens WHERE token_sha256 = ? AND kind = ?")
+
+        def get(conn: sqlite3.Connection) -> Any:
+            with _transaction(conn):
+                return conn.execute(sql, (token_sha256, kind)).fetchone()
+
+        row = await self._run(get)
+        return row[0] if row and row[1] > now else None
+
+    async def drop_ui_token(self, token_sha256: str) -> None:
+        def drop(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 = ?", (token_sha256,))
+
+        await self._run(drop)
 
 
 class _transaction:

@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 from ccproxy.usage.record import UsageRecord
 
-__all__ = ["USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "usage_values"]
+__all__ = ["UPDATABLE_KEY_COLUMNS", "USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "key_update_values",
+           "usage_values"]
 
 USAGE_COLUMNS: tuple[str, ...] = (
     "request_id", "ts", "key_name", "endpoint", "alias", "rule", "provider", "upstream_model",
@@ -25,6 +26,11 @@ USAGE_COLUMNS: tuple[str, ...] = (
 KEY_COLUMNS: tuple[str, ...] = (
     "name", "sha256", "rpm", "tpm", "max_concurrent", "models", "created_at", "expires_at",
     "revoked_at", "last_used_at", "budget_usd", "budget_period", "tags",
+)
+
+# what `update_key` may change (the name, digest and history stay)
+UPDATABLE_KEY_COLUMNS: tuple[str, ...] = (
+    "rpm", "tpm", "max_concurrent", "models", "expires_at", "budget_usd", "budget_period", "tags",
 )
 
 
@@ -69,6 +75,21 @@ class KeyRow:
         if values["tags"] is not None:
             values["tags"] = json.loads(values["tags"])
         return cls(**values)
+
+
+def key_update_values(changes: dict[str, Any]) -> list[Any]:
+    """The parameters of `update_key`'s statement: per UPDATABLE_KEY_COLUMNS, whether it changes and
+    its new database value (the statement is constant: `col = CASE WHEN changed THEN value ELSE col END`)."""
+    bad = [c for c in changes if c not in UPDATABLE_KEY_COLUMNS]
+    if bad or not changes:
+        raise ValueError(f"not updatable key column(s): {', '.join(bad) or '(none given)'}")
+    out: list[Any] = []
+    for c in UPDATABLE_KEY_COLUMNS:
+        value = changes.get(c)
+        if value is not None and c in ("models", "tags"):
+            value = json.dumps(list(value) if c == "models" else value)
+        out += [c in changes, value]
+    return out
 
 
 def usage_values(r: UsageRecord) -> tuple[Any, ...]:
@@ -120,4 +141,22 @@ class Store(Protocol):
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         """Set last_used_at per key name (never moves it backwards)."""
         ...
+
+    async def update_key(self, name: str, changes: dict[str, Any]) -> KeyRow | None:
+        """Set `changes` (UPDATABLE_KEY_COLUMNS -> KeyRow values, None clears) on the unrevoked key
+        `name`; the updated row, or None if there is no unrevoked key of that name."""
+        ...
+
+    async def put_ui_token(self, token_sha256: str, kind: str, key_sha256: str, now: float, expires_at: float,
+                           keep: int) -> None:
+        """Store a dashboard token digest (kind `session` or `link`, ui/sessions.py) created `now`;
+        drops tokens expired by `now` and all but the newest `keep` of this kind."""
+        ...
+
+    async def ui_token(self, token_sha256: str, kind: str, now: float, consume: bool = False) -> str | None:
+        """The key digest of a live token of this kind, or None; `consume` deletes it in the same
+        statement, so of several replicas redeeming one link exactly one gets it."""
+        ...
+
+    async def drop_ui_token(self, token_sha256: str) -> None: ...
 

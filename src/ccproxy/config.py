@@ -174,6 +174,44 @@ class RetryConfig(_Strict):
                                     "under its provider's timeouts")
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class UsageConfig(_Strict):
+    """The `usage:` section: how long usage is kept, where unwritten rows wait for the database."""
+
+    retention: str = Field("30d", description="raw usage rows (request log, session/user/tag reports)")
+    aggregate_retention: str = Field("400d", description="the aggregates behind reports and the dashboard")
+    spool_dir: str | None = Field(None, description="rows not written at shutdown wait here (default: next "
+                                  "to the SQLite database)")
+
+    @field_validator("retention", "aggregate_retention", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> str:
+        text = str(v)
+        m = _DURATION.match(text)
+        if not m:
+            raise ValueError(f"expected a duration such as 30d, 12h or 400d, got {v!r}")
+        if float(m.group(1)) * _DURATION_UNIT[m.group(2)] < 3600:
+            raise ValueError(f"must be at least 1h, got {v!r}")
+        return text
+
+    @staticmethod
+    def _seconds(text: str) -> float:
+        m = _DURATION.match(text)
+        assert m is not None
+        return float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+
+    @property
+    def retention_seconds(self) -> float:
+        return self._seconds(self.retention)
+
+    @property
+    def aggregate_retention_seconds(self) -> float:
+        return self._seconds(self.aggregate_retention)
+
+
 class Config(_Strict):
     listen: str = DEFAULT_LISTEN
     metrics_listen: str | None = None
@@ -185,6 +223,7 @@ class Config(_Strict):
     database: str = "ccproxy-usage.db"
     database_url: str | None = None
     redis_url: str | None = None
+    usage: UsageConfig = UsageConfig()
     redis_failure_policy: Literal["open", "closed"] = "open"
     limits: Limits = Limits()
     retry: RetryConfig = RetryConfig()

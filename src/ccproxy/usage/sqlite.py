@@ -8,6 +8,7 @@ is a small synchronous function run there. Several processes may share the file 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -15,9 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ccproxy.usage import aggsql
+from ccproxy.usage.agg import MINUTE_KEEP, Agg, Segment, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.store import KEY_COLUMNS, USAGE_COLUMNS, KeyExists, KeyRow, usage_values
+from ccproxy.usage.store import (BACKFILL_BATCH, KEY_COLUMNS, USAGE_COLUMNS, BackfillProgress, KeyExists, KeyRow,
+                                 usage_values)
+
+log = logging.getLogger("ccproxy.usage")
 
 T = TypeVar("T")
 
@@ -28,9 +34,13 @@ _INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
 _SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
 
 
+_UPSERT_AGG = aggsql.upsert_sql("sqlite")
+
+
 class SQLiteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, fine_window: float = MINUTE_KEEP) -> None:
         self.path = str(path)
+        self.fine_window = fine_window
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
@@ -59,6 +69,9 @@ class SQLiteStore:
         try:
             self._conn = await loop.run_in_executor(self._executor, self._connect)
             await self._run(_migrate)
+            progress = BackfillProgress()
+            while not await self._run(lambda c: _backfill_batch(c, progress)):
+                pass
         except BaseException:
             await self.close()
             raise
@@ -78,12 +91,43 @@ class SQLiteStore:
         values = [usage_values(r) for r in rows]
 
         def insert(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
             with _transaction(conn):
-                conn.executemany(_INSERT_USAGE, values)
-            return conn.total_changes - before
+                # Only rows not stored yet count in the aggregates (a replayed or retried batch).
+                fresh: dict[str, tuple[Any, ...]] = {}
+                for v in values:
+                    fresh.setdefault(v[0], v)
+                ids = list(fresh)
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    found = conn.execute(f"SELECT request_id FROM usage WHERE request_id IN "
+                                         f"({', '.join('?' for _ in chunk)})", chunk).fetchall()
+                    for (rid,) in found:
+                        del fresh[rid]
+                conn.executemany(_INSERT_USAGE, fresh.values())
+                rolled = rollup(dict(zip(USAGE_COLUMNS, v, strict=True)) for v in fresh.values())
+                conn.executemany(_UPSERT_AGG, aggsql.upsert_values(rolled))
+            return len(fresh)
 
         return await self._run(insert)
+
+    async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True
+                           ) -> dict[Any, Agg]:
+        queries = aggsql.report_queries("sqlite", group, segments, percentiles)
+
+        def run(conn: sqlite3.Connection) -> dict[Any, Agg]:
+            return aggsql.collect((what, conn.execute(sql, params).fetchall()) for what, sql, params in queries)
+
+        return await self._run(run)
+
+    async def prune(self, raw_before: float, minute_before: float, agg_before: float, limit: int) -> int:
+        def prune(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            with _transaction(conn):
+                for sql, params in aggsql.prune_statements("sqlite", raw_before, minute_before, agg_before, limit):
+                    conn.execute(sql, params)
+            return conn.total_changes - before
+
+        return await self._run(prune)
 
     async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         cols = _checked(columns)
@@ -168,6 +212,25 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 conn.execute(stmt)
             conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES (?, ?)",
                          (m.__name__, time.time()))
+
+
+def _backfill_batch(conn: sqlite3.Connection, progress: BackfillProgress) -> bool:
+    """Aggregate the next batch of rows stored before the aggregates existed; True when done."""
+    with _transaction(conn):
+        state = conn.execute("SELECT upto_id, done_id FROM usage_backfill WHERE name = 'usage_agg'").fetchone()
+        if state is None or state[1] >= state[0]:
+            progress.finish()
+            return True
+        upto, done = state
+        rows = conn.execute(f"SELECT id, {', '.join(USAGE_COLUMNS)} FROM usage WHERE id > ? AND id <= ? "
+                            f"ORDER BY id LIMIT ?", (done, upto, BACKFILL_BATCH)).fetchall()
+        last = rows[-1][0] if rows else upto
+        rolled = rollup((dict(zip(USAGE_COLUMNS, r[1:], strict=True)) for r in rows),
+                        minutes_since=time.time() - MINUTE_KEEP)
+        conn.executemany(_UPSERT_AGG, aggsql.upsert_values(rolled))
+        conn.execute("UPDATE usage_backfill SET done_id = ? WHERE name = 'usage_agg'", (last,))
+    progress.advance(len(rows), done, last, upto)
+    return False
 
 
 def _checked(columns: Sequence[str]) -> str:

@@ -7,6 +7,8 @@ Timestamps are unix seconds (float) in both databases, so both return identical 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -15,6 +17,11 @@ from ccproxy.usage.record import UsageRecord
 
 if TYPE_CHECKING:
     from ccproxy.config import Config
+    from ccproxy.usage.agg import Agg, Segment
+    from ccproxy.usage.aggsql import Group
+
+log = logging.getLogger("ccproxy.usage")
+BACKFILL_BATCH = 20_000
 
 __all__ = ["USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "open_store", "usage_values"]
 
@@ -83,15 +90,52 @@ def usage_values(r: UsageRecord) -> tuple[Any, ...]:
             json.dumps(r.tags, sort_keys=True) if r.tags else None)
 
 
+class BackfillProgress:
+    """Logs the aggregate backfill of a database written before the aggregates existed."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.started = time.monotonic()
+        self.last_log = 0.0
+
+    def advance(self, rows: int, done_before: int, done: int, upto: int) -> None:
+        if not self.rows:
+            log.warning("usage: adding the rows stored before this version to the usage aggregates "
+                        "(once; ids %d to %d)", done_before + 1, upto)
+        self.rows += rows
+        now = time.monotonic()
+        if now - self.last_log >= 2.0 or done >= upto:
+            self.last_log = now
+            rate = self.rows / max(now - self.started, 1e-6)
+            log.warning("usage: backfill %d rows so far, at id %d of %d (%.0f%%), %.0f rows/s",
+                        self.rows, done, upto, 100.0 * done / max(upto, 1), rate)
+
+    def finish(self) -> None:
+        if self.rows:
+            log.warning("usage: backfill done: %d rows in %.1fs", self.rows, time.monotonic() - self.started)
+            self.rows = 0
+
+
 class Store(Protocol):
+    fine_window: float  # how far back raw rows and minute aggregates are complete (seconds)
+
     async def start(self) -> None:
-        """Connect and apply pending migrations; idempotent."""
+        """Connect, apply pending migrations and backfill the aggregates; idempotent."""
         ...
 
     async def close(self) -> None: ...
 
     async def insert_usage(self, rows: Sequence[UsageRecord]) -> int:
         """Insert rows; a request_id already stored is skipped. Returns rows really inserted."""
+        ...
+
+    async def usage_groups(self, group: Group, segments: Sequence[Segment], *, percentiles: bool = True
+                           ) -> dict[Any, Agg]:
+        """Sums and latency histograms per group over the rows of `segments` (usage/aggsql.py)."""
+        ...
+
+    async def prune(self, raw_before: float, minute_before: float, agg_before: float, limit: int) -> int:
+        """Delete at most `limit` rows of each kind older than its cut-off; returns rows deleted."""
         ...
 
     async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -125,7 +169,7 @@ def open_store(config: Config) -> Store:
     if config.database_url:
         from ccproxy.usage.postgres import PostgresStore
 
-        return PostgresStore(config.database_url)
+        return PostgresStore(config.database_url, fine_window=fine_window(config))
     from pathlib import Path
 
     from ccproxy.usage.sqlite import SQLiteStore
@@ -135,4 +179,10 @@ def open_store(config: Config) -> Store:
     path = Path(config.database)
     if not path.is_absolute() and config.database != ":memory:" and config.source and Path(config.source).is_file():
         path = Path(config.source).parent / path
-    return SQLiteStore(path)
+    return SQLiteStore(path, fine_window=fine_window(config))
+
+
+def fine_window(config: Config) -> float:
+    from ccproxy.usage.agg import MINUTE_KEEP
+
+    return min(MINUTE_KEEP, config.usage.retention_seconds)

@@ -21,7 +21,9 @@ from ccproxy.keys import DbKeyStore
 from ccproxy.limits import MemoryLimiter, RedisLimiter
 from ccproxy.metrics import Metrics
 from ccproxy.services import KeyStore, Limiter, UsageSink
-from ccproxy.usage.store import Store, open_store
+from ccproxy.usage.retention import Retention
+from ccproxy.usage.spool import Spool
+from ccproxy.usage.store import Store, open_store, spool_dir
 from ccproxy.usage.writer import UsageWriter
 
 log = logging.getLogger("ccproxy.services")
@@ -37,11 +39,14 @@ class Services:
     usage: UsageSink
     limiter: Limiter
     keys: KeyStore | None
+    retention: Retention | None = None
 
     async def start(self) -> None:
         """Open the database (applying migrations) and start the background tasks."""
         await self.store.start()
         await self.usage.start()
+        if self.retention is not None:
+            self.retention.start()
         if isinstance(self.keys, DbKeyStore):
             await self.keys.start()
         if isinstance(self.limiter, RedisLimiter) and not await self.limiter.ping():
@@ -51,6 +56,8 @@ class Services:
     async def close(self) -> None:
         """Flush queued usage rows and last-used times, then close Redis and the database."""
         try:
+            if self.retention is not None:
+                await self.retention.close()
             await self.usage.close()
             if isinstance(self.keys, DbKeyStore):
                 await self.keys.close()
@@ -67,8 +74,10 @@ def build_services(config: Config, *, metrics: Metrics | None = None) -> Service
         limiter = RedisLimiter(config.redis_url, failure_policy=config.redis_failure_policy, metrics=metrics)
     else:
         limiter = MemoryLimiter(metrics=metrics)
-    return Services(config=config, metrics=metrics, store=store,
-                    usage=UsageWriter(store, metrics=metrics), limiter=limiter, keys=DbKeyStore(store))
+    writer = UsageWriter(store, metrics=metrics, spool=Spool(spool_dir(config)))
+    retention = Retention(store, config.usage.retention_seconds, config.usage.aggregate_retention_seconds)
+    return Services(config=config, metrics=metrics, store=store, usage=writer, limiter=limiter,
+                    keys=DbKeyStore(store), retention=retention)
 
 
 async def _active_db_keys(config: Config) -> int:

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -170,16 +171,27 @@ def open_store(config: Config) -> Store:
         from ccproxy.usage.postgres import PostgresStore
 
         return PostgresStore(config.database_url, fine_window=fine_window(config))
-    from pathlib import Path
-
     from ccproxy.usage.sqlite import SQLiteStore
 
+    return SQLiteStore(_relative_to_config(config, config.database), fine_window=fine_window(config))
+
+
+def _relative_to_config(config: Config, name: str) -> Path:
     # A relative path is relative to the config file (as the gateway, run from its directory, sees
     # it), so `ccproxy usage --config DIR/ccproxy.yaml` reads the gateway's database from anywhere.
-    path = Path(config.database)
-    if not path.is_absolute() and config.database != ":memory:" and config.source and Path(config.source).is_file():
+    path = Path(name)
+    if not path.is_absolute() and name != ":memory:" and config.source and Path(config.source).is_file():
         path = Path(config.source).parent / path
-    return SQLiteStore(path, fine_window=fine_window(config))
+    return path
+
+
+def spool_dir(config: Config) -> Path:
+    """`usage.spool_dir`, else the directory of the SQLite database (also with PostgreSQL)."""
+    if config.usage.spool_dir:
+        return _relative_to_config(config, config.usage.spool_dir)
+    if config.database == ":memory:":
+        return Path(".")
+    return _relative_to_config(config, config.database).parent
 
 
 def fine_window(config: Config) -> float:

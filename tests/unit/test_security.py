@@ -393,6 +393,11 @@ SAFE_SQL_PARTS = {
     "', '.join((f'${i + 1}::{t}[]' for i, t in enumerate(types)))", "i + 1", "t",
     "t['id']", "t['float']", "t['int']", "t['bool']", "t['text']", "t['json']",
     "'FALSE' if flavor == 'postgres' else '0'",
+    # usage/aggsql.py and the stores: fragments built only from constants (column names, the bin
+    # formula, placeholder lists); group values, times and tag names are bound parameters.
+    "', '.join(('?' for _ in chunk))", "', '.join(AGG_KEY)", "', '.join(sets)", "bin_sql(flavor, 'latency_ms')",
+    "bin_sql(flavor, 'ttfb_ms')", "_raw_sums(flavor)", "col", "each", "g", "key", "suffix", "sums", "val", "values",
+    "where",
 }
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WHERE|VALUES|FROM|INTO)\b")
 EXEC_METHODS = {"execute", "executemany", "executescript", "fetch", "fetchrow", "fetchval"}

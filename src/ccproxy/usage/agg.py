@@ -149,17 +149,24 @@ def rollup(rows: Iterable[Mapping[str, Any]], *, minutes_since: float | None = N
     NULL alias and provider are stored as '' so the key is a real unique key in both databases.
     Rows older than `minutes_since` get no minute rows (they would be pruned at once)."""
     out: dict[tuple[int, int, str, str, str, int], Agg] = {}
-    for r in rows:
+    finest: dict[tuple[int, int, str, str, str, int], Agg] = {}
+    for r in rows:  # each row is added once, at the finest level it gets ...
         ts = float(r["ts"])
-        rest = (str(r["key_name"]), r["alias"] or "", r["provider"] or "", int(r["status"]))
+        lv = 3600 if minutes_since is not None and ts < minutes_since else 60
+        k = (lv, int(ts // lv) * lv, str(r["key_name"]), r["alias"] or "", r["provider"] or "", int(r["status"]))
+        a = finest.get(k)
+        if a is None:
+            a = finest[k] = Agg()
+        a.add_row(r)
+    for k, a in finest.items():  # ... and the coarser levels are sums of those
+        out[k] = a
         for lv in LEVELS:
-            if lv == 60 and minutes_since is not None and ts < minutes_since:
-                continue
-            k = (lv, int(ts // lv) * lv, *rest)
-            a = out.get(k)
-            if a is None:
-                a = out[k] = Agg()
-            a.add_row(r)
+            if lv > k[0]:
+                up = (lv, k[1] // lv * lv, *k[2:])
+                b = out.get(up)
+                if b is None:
+                    b = out[up] = Agg()
+                b += a
     return out
 
 

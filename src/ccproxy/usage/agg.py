@@ -120,15 +120,29 @@ class Agg:
                 self.stream_gen_ms += gen
 
     def __iadd__(self, other: Agg) -> Agg:
-        for f in SUM_FIELDS:
-            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.requests += other.requests
+        self.errors += other.errors
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_read_tokens += other.cache_read_tokens
+        self.cache_creation_tokens += other.cache_creation_tokens
+        self.cost_usd += other.cost_usd
+        self.priced += other.priced
+        self.latency_ms += other.latency_ms
+        self.ttfb_ms += other.ttfb_ms
+        self.ttfb_count += other.ttfb_count
+        self.stream_output_tokens += other.stream_output_tokens
+        self.stream_gen_ms += other.stream_gen_ms
         for mine, theirs in ((self.lat_hist, other.lat_hist), (self.ttfb_hist, other.ttfb_hist)):
             for b, n in theirs.items():
                 mine[b] = mine.get(b, 0) + n
         return self
 
     def sums(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f) for f in SUM_FIELDS)
+        """The values of SUM_FIELDS, in order."""
+        return (self.requests, self.errors, self.input_tokens, self.output_tokens, self.cache_read_tokens,
+                self.cache_creation_tokens, self.cost_usd, self.priced, self.latency_ms, self.ttfb_ms,
+                self.ttfb_count, self.stream_output_tokens, self.stream_gen_ms)
 
     @classmethod
     def from_sums(cls, values: Sequence[Any]) -> Agg:

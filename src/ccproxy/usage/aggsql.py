@@ -12,7 +12,6 @@ Every value from a caller (a bucket size, a tag name, a time) is a bound paramet
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ def _ph(flavor: str, sql: str) -> str:
 
 
 def hist_json(hist: dict[int, int]) -> str:
-    return json.dumps({str(k): v for k, v in sorted(hist.items())}, separators=(",", ":"))
+    return "{" + ",".join([f'"{k}":{v}' for k, v in sorted(hist.items())]) + "}"
 
 
 def _merge(flavor: str, col: str) -> str:

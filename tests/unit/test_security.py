@@ -397,7 +397,7 @@ SAFE_SQL_PARTS = {
     # formula, placeholder lists); group values, times and tag names are bound parameters.
     "', '.join(('?' for _ in chunk))", "', '.join(AGG_KEY)", "', '.join(sets)", "bin_sql(flavor, 'latency_ms')",
     "bin_sql(flavor, 'ttfb_ms')", "_raw_sums(flavor)", "col", "each", "g", "key", "suffix", "sums", "val", "values",
-    "where",
+    "where", "marks", "' OR '.join(conds)", "table",
 }
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WHERE|VALUES|FROM|INTO)\b")
 EXEC_METHODS = {"execute", "executemany", "executescript", "fetch", "fetchrow", "fetchval"}

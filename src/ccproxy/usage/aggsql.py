@@ -145,9 +145,12 @@ def _where(segments: Iterable[Segment], column: str, integer: bool) -> tuple[str
     return " OR ".join(conds), params
 
 
-def report_queries(flavor: str, group: Group, segments: Sequence[Segment], percentiles: bool = True
-                   ) -> list[tuple[str, str, list[Any]]]:
-    """[(what, sql, params)]: what is "sums", "lat" or "ttfb"; each row is (group, ...)."""
+def report_queries(flavor: str, group: Group, segments: Sequence[Segment], percentiles: bool = True,
+                   only: Sequence[Any] | None = None) -> list[tuple[str, str, list[Any]]]:
+    """[(what, sql, params)]: what is "sums", "lat" or "ttfb"; each row is (group, ...).
+
+    `only`: the histograms (no sums) of the raw rows of these group values (None among them: the
+    rows without one)."""
     out: list[tuple[str, str, list[Any]]] = []
     raw = [s for s in segments if s.level == RAW]
     aggs = [s for s in segments if s.level != RAW]
@@ -155,11 +158,26 @@ def report_queries(flavor: str, group: Group, segments: Sequence[Segment], perce
     if raw:
         g, gp = _group_expr(flavor, group, True)
         where, wp = _where(raw, "ts", False)
-        out.append(("sums", f"SELECT {g}, {_raw_sums(flavor)} FROM usage WHERE {where} GROUP BY 1", gp + wp))
+        if only is not None:
+            values = [v for v in only if v is not None]
+            conds = ["1 = 0"]
+            if values:
+                marks = ", ".join("?" for _ in values)
+                conds.append(f"{g} IN ({marks})")
+                wp += gp + values
+            if None in only:
+                conds.append(f"{g} IS NULL")
+                wp += gp
+            where = f"({where}) AND ({' OR '.join(conds)})"
+        # SQLite would walk a (group, ts) index in group order and fetch rows at random; the ts
+        # index reads the range in insertion order
+        table = "usage" if pg else "usage INDEXED BY usage_ts"
+        if only is None:
+            out.append(("sums", f"SELECT {g}, {_raw_sums(flavor)} FROM {table} WHERE {where} GROUP BY 1", gp + wp))
         if percentiles:
-            out.append(("lat", f"SELECT {g}, {bin_sql(flavor, 'latency_ms')}, COUNT(*) FROM usage "
+            out.append(("lat", f"SELECT {g}, {bin_sql(flavor, 'latency_ms')}, COUNT(*) FROM {table} "
                                f"WHERE {where} GROUP BY 1, 2", gp + wp))
-            out.append(("ttfb", f"SELECT {g}, {bin_sql(flavor, 'ttfb_ms')}, COUNT(*) FROM usage "
+            out.append(("ttfb", f"SELECT {g}, {bin_sql(flavor, 'ttfb_ms')}, COUNT(*) FROM {table} "
                                 f"WHERE ttfb_ms IS NOT NULL AND ({where}) GROUP BY 1, 2", gp + wp))
     if aggs:
         g, gp = _group_expr(flavor, group, False)

@@ -88,11 +88,11 @@ class PostgresStore:
                 await conn.executemany(_UPSERT_AGG, values)
         return len(inserted)
 
-    async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True
-                           ) -> dict[Any, Agg]:
+    async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True,
+                           only: Sequence[Any] | None = None) -> dict[Any, Agg]:
         results = []
         async with self.pool.acquire() as conn:
-            for what, sql, params in aggsql.report_queries("postgres", group, segments, percentiles):
+            for what, sql, params in aggsql.report_queries("postgres", group, segments, percentiles, only):
                 results.append((what, await conn.fetch(sql, *params)))
         return aggsql.collect(results)
 

@@ -12,7 +12,8 @@ latency histograms of usage/agg.py (within 3.9 % of the exact value). Definition
 
 `--by key|alias|provider|status|day` read the aggregates (so they answer for as long as
 `usage.aggregate_retention`); `session`, `user` and `tag:NAME` group the raw rows in the database
-(as long as `usage.retention`).
+(as long as `usage.retention`) and show the RAW_GROUP_LIMIT groups with the most requests (the
+totals count every row).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ccproxy.usage.store import Store
 __all__ = ["GROUPS", "aggregate", "parse_by", "percentile", "recent", "report"]
 
 GROUPS = ("key", "alias", "provider", "day", "status", "session", "user")
+RAW_GROUP_LIMIT = 500
 _TAG = re.compile(r"tag:([A-Za-z0-9_.-]{1,64})")
 
 
@@ -76,12 +78,31 @@ async def report(store: Store, by: str, since_seconds: float, *, now: float | No
     group = parse_by(by)
     now = time.time() if now is None else now
     since = now - since_seconds
-    found = await store.usage_groups(group, segments_for(store, group, since, now))
+    segments = segments_for(store, group, since, now)
     total = Agg()
-    labelled = []
-    for value, a in found.items():
-        total += a
-        labelled.append((_label(group, value), a))
+    found: dict[Any, Agg]
+    if group.kind in ("session", "user", "tag"):
+        # Three passes over the raw rows: sums per group, then the histograms of the largest
+        # RAW_GROUP_LIMIT groups; the totals' percentiles come from the aggregates of the range.
+        sums = await store.usage_groups(group, segments, percentiles=False)
+        top = sorted(sums, key=lambda v: (-sums[v].requests, v is None, v or ""))[:RAW_GROUP_LIMIT]
+        hists = await store.usage_groups(group, segments, only=top) if top else {}
+        found = {}
+        for v in top:
+            found[v] = a = sums[v]
+            h = hists.get(v)
+            if h is not None:
+                a.lat_hist, a.ttfb_hist = h.lat_hist, h.ttfb_hist
+        for a in sums.values():
+            total += a
+        agg_total = (await store.usage_groups(Group("all"), cover(since, now, fine_window=store.fine_window))).get(0)
+        if agg_total is not None:
+            total.lat_hist, total.ttfb_hist = agg_total.lat_hist, agg_total.ttfb_hist
+    else:
+        found = await store.usage_groups(group, segments)
+        for a in found.values():
+            total += a
+    labelled = [(_label(group, value), a) for value, a in found.items()]
     labelled.sort(key=lambda kv: (kv[0] is None, kv[0] if kv[0] is not None else 0))
     return {"rows": [{by: v, **summary(a)} for v, a in labelled], "totals": summary(total)}
 

@@ -110,9 +110,9 @@ class SQLiteStore:
 
         return await self._run(insert)
 
-    async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True
-                           ) -> dict[Any, Agg]:
-        queries = aggsql.report_queries("sqlite", group, segments, percentiles)
+    async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True,
+                           only: Sequence[Any] | None = None) -> dict[Any, Agg]:
+        queries = aggsql.report_queries("sqlite", group, segments, percentiles, only)
 
         def run(conn: sqlite3.Connection) -> dict[Any, Agg]:
             return aggsql.collect((what, conn.execute(sql, params).fetchall()) for what, sql, params in queries)

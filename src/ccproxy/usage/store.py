@@ -130,9 +130,10 @@ class Store(Protocol):
         """Insert rows; a request_id already stored is skipped. Returns rows really inserted."""
         ...
 
-    async def usage_groups(self, group: Group, segments: Sequence[Segment], *, percentiles: bool = True
-                           ) -> dict[Any, Agg]:
-        """Sums and latency histograms per group over the rows of `segments` (usage/aggsql.py)."""
+    async def usage_groups(self, group: Group, segments: Sequence[Segment], *, percentiles: bool = True,
+                           only: Sequence[Any] | None = None) -> dict[Any, Agg]:
+        """Sums and latency histograms per group over the rows of `segments` (usage/aggsql.py);
+        `only`: just the histograms of these group values (raw segments)."""
         ...
 
     async def prune(self, raw_before: float, minute_before: float, agg_before: float, limit: int) -> int:

@@ -48,7 +48,8 @@ def seed_rows(now: float = NOW) -> list[UsageRecord]:
           rule: str | None = None, stream: bool = False, cost: float | None = None) -> UsageRecord:
         return UsageRecord(rid, now - ago, key, "/v1/chat/completions", alias=alias, rule=rule, provider=provider,
                            upstream_model=model, stream=stream, status=status, error_kind=kind, input_tokens=tin,
-                           output_tokens=tout, latency_ms=latency, ttfb_ms=ttfb, cost_usd=cost)
+                           output_tokens=tout, latency_ms=latency, ttfb_ms=ttfb, cost_usd=cost,
+                           session_id="sess-a" if stream else None, tags={"team": "infra"} if key == "alice" else None)
 
     return [
         r("r0", 30, "alice", "coding", "up", "m1", 200, 20, 10, 500.0, 100.0, stream=True, cost=0.0005),

@@ -280,3 +280,29 @@ async def test_replay_keeps_the_file_when_the_database_fails(tmp_path: Path) -> 
     w = UsageWriter(_DownStore(), spool=spool)  # type: ignore[arg-type]
     assert await w.replay() == 0
     assert path.exists() and Spool.read(path)[0].request_id == "x"
+
+
+async def test_dashboard_cache_equals_fresh_reads_and_sees_late_rows(tmp_path: Path) -> None:
+    from ccproxy.usage.timeseries import timeseries
+
+    rnd = random.Random(11)
+    past = 1_700_000_000.0 + 1234.5  # before the wall clock: the store decides "late" by it
+    rows = [_row(rnd, i, ts=past - rnd.uniform(0, 5 * 86400)) for i in range(1500)]
+    store = SQLiteStore(tmp_path / "u.db")
+    await store.start()
+    await store.insert_usage([_record(r) for r in rows])
+    for by in ("key", "day", "status"):
+        for since in (3600.0, 86400.0, 4 * 86400.0):
+            fresh = await report(store, by, since, now=past)
+            assert await report(store, by, since, now=past, cache=True) == fresh
+            assert await report(store, by, since, now=past, cache=True) == fresh  # from the cache
+    series = await timeseries(store, 4 * 86400, 3600, now=past)
+    assert await timeseries(store, 4 * 86400, 3600, now=past, cache=True) == series
+    # a row written late into a settled hour (a spool replay, a long request) is seen at once
+    late = _record({**_row(rnd, 99999, ts=past - 3 * 86400), "request_id": "late"})
+    await store.insert_usage([late])
+    rep = await report(store, "key", 4 * 86400, now=past, cache=True)
+    assert rep == await report(store, "key", 4 * 86400, now=past)
+    assert (await timeseries(store, 4 * 86400, 3600, now=past, cache=True))["points"] == (
+        await timeseries(store, 4 * 86400, 3600, now=past))["points"]
+    await store.close()

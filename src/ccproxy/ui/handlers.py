@@ -323,7 +323,7 @@ class Dashboard:
         assert since is not None
 
         async def run() -> dict[str, Any]:
-            report = await usage_report(self._store(), by, since, now=self.clock())
+            report = await usage_report(self._store(), by, since, now=self.clock(), cache=True)
             return {"by": by, "since": since, **report}
 
         await self._query(send, run)
@@ -345,7 +345,7 @@ class Dashboard:
             return
 
         async def run() -> dict[str, Any]:
-            series = await timeseries(self._store(), since, bucket, now=self.clock())
+            series = await timeseries(self._store(), since, bucket, now=self.clock(), cache=True)
             return {"since": since, **series}
 
         await self._query(send, run)

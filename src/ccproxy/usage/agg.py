@@ -34,6 +34,7 @@ _LN_RATIO = math.log(BIN_RATIO)
 LEVELS = (86400, 3600, 60)  # day, hour, minute: coarsest first
 RAW = 0  # the level of a segment read from the raw rows
 MINUTE_KEEP = 2 * 86400  # minute rows are kept this long (hours and days: `aggregate_retention`)
+SETTLE = 3600.0  # a row older than this when written may change a segment a cache holds (usage/cache.py)
 
 
 def bin_of(ms: float) -> int:

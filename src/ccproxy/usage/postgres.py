@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from ccproxy.usage import aggsql
-from ccproxy.usage.agg import MINUTE_KEEP, Agg, Segment, rollup
+from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.store import (BACKFILL_BATCH, KEY_COLUMNS, USAGE_COLUMNS, BackfillProgress, KeyExists, KeyRow,
@@ -26,6 +26,7 @@ class PostgresStore:
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 5, fine_window: float = MINUTE_KEEP) -> None:
         self.dsn = dsn
         self.fine_window = fine_window
+        self.generation = 0  # bumped by writes that may change settled aggregates (usage/cache.py)
         self._min, self._max = min_size, max_size
         self._pool: asyncpg.Pool | None = None
 
@@ -86,6 +87,8 @@ class PostgresStore:
             values = aggsql.upsert_values(rollup(fresh))
             if values:
                 await conn.executemany(_UPSERT_AGG, values)
+        if rows and min(float(r.ts) for r in rows) < time.time() - SETTLE:
+            self.generation += 1
         return len(inserted)
 
     async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True,
@@ -102,6 +105,8 @@ class PostgresStore:
             for sql, params in aggsql.prune_statements("postgres", raw_before, minute_before, agg_before, limit):
                 status = await conn.execute(sql, *params)
                 deleted += int(status.rsplit(" ", 1)[-1])
+        if deleted:
+            self.generation += 1
         return deleted
 
     async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:

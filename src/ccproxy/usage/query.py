@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ccproxy.usage import cache as usage_cache
 from ccproxy.usage.agg import RAW, Agg, Segment, cover, day_label, summary
 from ccproxy.usage.aggsql import Group
 from ccproxy.usage.store import Store
@@ -71,10 +72,11 @@ def _label(group: Group, value: Any) -> Any:
     return value
 
 
-async def report(store: Store, by: str, since_seconds: float, *, now: float | None = None
+async def report(store: Store, by: str, since_seconds: float, *, now: float | None = None, cache: bool = False
                  ) -> dict[str, Any]:
     """{"rows": [one dict per group, the group field named `by`, sorted by it, None last],
-    "totals": the same summary over all rows}."""
+    "totals": the same summary over all rows}. `cache`: settled segments from usage/cache.py (a
+    long-running process that asks again and again: the dashboard)."""
     group = parse_by(by)
     now = time.time() if now is None else now
     since = now - since_seconds
@@ -98,6 +100,10 @@ async def report(store: Store, by: str, since_seconds: float, *, now: float | No
         agg_total = (await store.usage_groups(Group("all"), cover(since, now, fine_window=store.fine_window))).get(0)
         if agg_total is not None:
             total.lat_hist, total.ttfb_hist = agg_total.lat_hist, agg_total.ttfb_hist
+    elif cache:
+        found = await usage_cache.groups(store, group, segments, now=now)
+        for a in found.values():
+            total += a
     else:
         found = await store.usage_groups(group, segments)
         for a in found.values():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ccproxy.usage import aggsql
-from ccproxy.usage.agg import MINUTE_KEEP, Agg, Segment, rollup
+from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.store import (BACKFILL_BATCH, KEY_COLUMNS, USAGE_COLUMNS, BackfillProgress, KeyExists, KeyRow,
@@ -41,6 +41,7 @@ class SQLiteStore:
     def __init__(self, path: str | Path, *, fine_window: float = MINUTE_KEEP) -> None:
         self.path = str(path)
         self.fine_window = fine_window
+        self.generation = 0  # bumped by writes that may change settled aggregates (usage/cache.py)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
@@ -108,6 +109,8 @@ class SQLiteStore:
                 conn.executemany(_UPSERT_AGG, aggsql.upsert_values(rolled))
             return len(fresh)
 
+        if values and min(v[1] for v in values) < time.time() - SETTLE:
+            self.generation += 1
         return await self._run(insert)
 
     async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True,
@@ -127,7 +130,10 @@ class SQLiteStore:
                     conn.execute(sql, params)
             return conn.total_changes - before
 
-        return await self._run(prune)
+        deleted = await self._run(prune)
+        if deleted:
+            self.generation += 1
+        return deleted
 
     async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         cols = _checked(columns)

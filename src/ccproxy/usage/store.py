@@ -119,6 +119,7 @@ class BackfillProgress:
 
 class Store(Protocol):
     fine_window: float  # how far back raw rows and minute aggregates are complete (seconds)
+    generation: int  # bumped by writes that may change settled aggregates (usage/cache.py)
 
     async def start(self) -> None:
         """Connect, apply pending migrations and backfill the aggregates; idempotent."""

@@ -17,6 +17,7 @@ import math
 import time
 from typing import Any
 
+from ccproxy.usage import cache as usage_cache
 from ccproxy.usage import query
 from ccproxy.usage.agg import LEVELS, RAW, Segment, cover
 from ccproxy.usage.aggsql import Group
@@ -25,8 +26,8 @@ from ccproxy.usage.store import Store
 __all__ = ["key_rates", "timeseries", "usage_report"]
 
 
-async def timeseries(store: Store, since_seconds: float, bucket: int, *, now: float | None = None
-                     ) -> dict[str, Any]:
+async def timeseries(store: Store, since_seconds: float, bucket: int, *, now: float | None = None,
+                     cache: bool = False) -> dict[str, Any]:
     """{"bucket", "start", "end", "points": [{"t", "requests", "errors", "input_tokens",
     "output_tokens", "cost_usd"}, ...]} for rows with ts >= now - since_seconds; `t` is the bucket's start."""
     if bucket < 1:
@@ -37,7 +38,10 @@ async def timeseries(store: Store, since_seconds: float, bucket: int, *, now: fl
     if since < now - store.fine_window and not any(lv >= 3600 for lv in levels):
         levels = []  # minute aggregates are pruned sooner than the raw rows
     segments = cover(since, now, fine_window=store.fine_window, levels=levels)
-    found = await store.usage_groups(Group("series", bucket), segments, percentiles=False)
+    if cache:
+        found = await usage_cache.groups(store, Group("series", bucket), segments, now=now, percentiles=False)
+    else:
+        found = await store.usage_groups(Group("series", bucket), segments, percentiles=False)
     first = math.floor(since / float(bucket))
     last = max([math.floor(now / float(bucket)), *(int(b) for b in found)])
     points = []
@@ -49,10 +53,10 @@ async def timeseries(store: Store, since_seconds: float, bucket: int, *, now: fl
     return {"bucket": bucket, "start": since, "end": now, "points": points}
 
 
-async def usage_report(store: Store, by: str, since_seconds: float, *, now: float | None = None
-                       ) -> dict[str, Any]:
+async def usage_report(store: Store, by: str, since_seconds: float, *, now: float | None = None,
+                       cache: bool = False) -> dict[str, Any]:
     """{"rows": query.aggregate(...), "totals": the same summary over every row}."""
-    return await query.report(store, by, since_seconds, now=now)
+    return await query.report(store, by, since_seconds, now=now, cache=cache)
 
 
 async def key_rates(store: Store, window: float = 60.0, *, now: float | None = None

@@ -166,7 +166,8 @@ def gateway_numbers(config: Path, workdir: Path, poll_seconds: float) -> dict[st
                     "health_polling_p99_ms": round(_pct(busy, 0.99) * 1000, 1),
                     "health_polling_max_ms": round(max(busy) * 1000, 1),
                     "refreshes_while_polling": len(refreshes),
-                    "refresh_30d_median_while_polling_s": round(statistics.median(refreshes), 3) if refreshes else None})
+                    "refresh_30d_median_while_polling_s":
+                        round(statistics.median(refreshes), 3) if refreshes else None})
         return out
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -247,9 +248,9 @@ def main() -> None:
     rows = [("store", "rows", "backfill rows/s", "usage 30d s", "usage RSS MB", "refresh 1d/7d/30d s",
              "/health p99 idle ms", "/health p99 polling ms")]
     for r in results:
-        rows.append((r["store"], f"{r['rows']:,}", f"{r['backfill_rows_per_s']:,}", str(r["usage_since_30d"]["seconds"]),
-                     str(r["usage_since_30d"]["rss_mb"]),
-                     f"{r['refresh_1d_s']}/{r['refresh_7d_s']}/{r['refresh_30d_s']}",
+        cli = r["usage_since_30d"]
+        rows.append((r["store"], f"{r['rows']:,}", f"{r['backfill_rows_per_s']:,}", str(cli["seconds"]),
+                     str(cli["rss_mb"]), f"{r['refresh_1d_s']}/{r['refresh_7d_s']}/{r['refresh_30d_s']}",
                      str(r["health_idle_p99_ms"]), str(r["health_polling_p99_ms"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

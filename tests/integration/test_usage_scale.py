@@ -23,8 +23,13 @@ import pytest
 import requests
 from _fake_openai import FakeOpenAI, chat_body
 
-from ccproxy.testing.usage_gen import (raw_totals_postgres, raw_totals_sqlite, same_totals, write_release_postgres,
-                                       write_release_sqlite)
+from ccproxy.testing.usage_gen import (
+    raw_totals_postgres,
+    raw_totals_sqlite,
+    same_totals,
+    write_release_postgres,
+    write_release_sqlite,
+)
 from ccproxy.usage.postgres import PostgresStore
 from ccproxy.usage.query import report
 from ccproxy.usage.sqlite import SQLiteStore

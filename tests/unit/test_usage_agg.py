@@ -129,13 +129,17 @@ def _exact(rows: list[dict[str, Any]], since: float) -> dict[str, Any]:
             "cache_read_tokens": sum(r["cache_read_tokens"] for r in rs),
             "cache_creation_tokens": sum(r["cache_creation_tokens"] for r in rs),
             "cost_usd": round(sum(priced), 6) if priced else None,
-            "p50": percentile([r["latency_ms"] for r in rs], 0.5), "p95": percentile([r["latency_ms"] for r in rs], 0.95)}
+            "p50": percentile([r["latency_ms"] for r in rs], 0.5),
+            "p95": percentile([r["latency_ms"] for r in rs], 0.95)}
 
 
 def _check(got: dict[str, Any], exact: dict[str, Any]) -> None:
     for k in ("requests", "errors", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens"):
         assert got[k] == exact[k], k
-    assert got["cost_usd"] == pytest.approx(exact["cost_usd"], abs=1e-6) if exact["cost_usd"] else got["cost_usd"] is None
+    if exact["cost_usd"]:
+        assert got["cost_usd"] == pytest.approx(exact["cost_usd"], abs=1e-6)
+    else:
+        assert got["cost_usd"] is None
     for k, q in (("p50_ms", "p50"), ("p95_ms", "p95")):
         if exact[q] is not None:
             assert abs(got[k] - exact[q]) <= BOUND * exact[q] + 0.06

@@ -120,7 +120,8 @@ def m004_usage_aggregates(flavor: str) -> list[str]:
             {', '.join(cols)},
             PRIMARY KEY (level, bucket, key_name, alias, provider, status)
         ){suffix}""",
-        f"CREATE TABLE usage_backfill (name TEXT PRIMARY KEY, upto_id {t['int']} NOT NULL, done_id {t['int']} NOT NULL)",
+        f"CREATE TABLE usage_backfill (name TEXT PRIMARY KEY, upto_id {t['int']} NOT NULL, "
+        f"done_id {t['int']} NOT NULL)",
         "INSERT INTO usage_backfill (name, upto_id, done_id) SELECT 'usage_agg', COALESCE(MAX(id), 0), 0 FROM usage",
         "CREATE INDEX usage_session_ts ON usage (session_id, ts)",
         "CREATE INDEX usage_end_user_ts ON usage (end_user, ts)",

@@ -12,8 +12,15 @@ from ccproxy.usage import aggsql
 from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.store import (BACKFILL_BATCH, KEY_COLUMNS, USAGE_COLUMNS, BackfillProgress, KeyExists, KeyRow,
-                                 usage_values)
+from ccproxy.usage.store import (
+    BACKFILL_BATCH,
+    KEY_COLUMNS,
+    USAGE_COLUMNS,
+    BackfillProgress,
+    KeyExists,
+    KeyRow,
+    usage_values,
+)
 
 _INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
                f"VALUES ({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})")

@@ -50,7 +50,8 @@ class Spool:
         if not self.directory.is_dir():
             return []
         claimed = []
-        for path in sorted(self.directory.glob(f"{PREFIX}*.jsonl")) + sorted(self.directory.glob(f"{PREFIX}*.replaying")):
+        waiting = sorted(self.directory.glob(f"{PREFIX}*.jsonl")) + sorted(self.directory.glob(f"{PREFIX}*.replaying"))
+        for path in waiting:
             if path.suffix == ".replaying":
                 pid = path.stem.rsplit(".", 1)[-1]
                 if pid.isdigit() and _alive(int(pid)):

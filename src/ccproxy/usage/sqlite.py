@@ -20,8 +20,15 @@ from ccproxy.usage import aggsql
 from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.store import (BACKFILL_BATCH, KEY_COLUMNS, USAGE_COLUMNS, BackfillProgress, KeyExists, KeyRow,
-                                 usage_values)
+from ccproxy.usage.store import (
+    BACKFILL_BATCH,
+    KEY_COLUMNS,
+    USAGE_COLUMNS,
+    BackfillProgress,
+    KeyExists,
+    KeyRow,
+    usage_values,
+)
 
 log = logging.getLogger("ccproxy.usage")
 

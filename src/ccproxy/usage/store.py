@@ -10,8 +10,8 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ccproxy.usage.record import UsageRecord

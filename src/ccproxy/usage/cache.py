@@ -11,6 +11,7 @@ are seen after at most TTL.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -45,8 +46,17 @@ async def groups(store: Store, group: Group, segments: Sequence[Segment], *, now
         cache = _caches[store] = OrderedDict()
     generation = getattr(store, "generation", 0)
     wall = time.monotonic()
-    settled = [s for s in segments if s.level != RAW and s.hi is not None and s.hi <= now - SETTLE]
-    rest = [s for s in segments if s not in settled]
+    settled: list[Segment] = []
+    rest: list[Segment] = []
+    for s in segments:  # split each aggregate segment where it stops being settled
+        cut = math.floor((now - SETTLE) / s.level) * s.level if s.level != RAW else s.lo
+        if cut <= s.lo:
+            rest.append(s)
+        elif s.hi is not None and s.hi <= cut:
+            settled.append(s)
+        else:
+            settled.append(Segment(s.level, s.lo, cut))
+            rest.append(Segment(s.level, cut, s.hi))
     out: dict[Any, Agg] = {}
     for s in settled:
         key = (group, s, percentiles, generation)

@@ -210,7 +210,7 @@ def cli_startup() -> float:
 
 
 def run_store(kind: str, rows: int, days: float, poll_seconds: float, workdir: Path) -> dict[str, Any]:
-    res: dict[str, Any] = {"store": kind, "rows": rows}
+    res: dict[str, Any] = {"store": kind, "rows": rows, "load_before": [round(x, 2) for x in os.getloadavg()]}
     pg = None
     try:
         t0 = time.monotonic()
@@ -242,6 +242,7 @@ def run_store(kind: str, rows: int, days: float, poll_seconds: float, workdir: P
         res["usage_since_30d"] = usage_cli(config)
         res["cli_startup_s"] = cli_startup()
         res.update(gateway_numbers(config, workdir, poll_seconds))
+        res["load_after"] = [round(x, 2) for x in os.getloadavg()]
         return res
     finally:
         if pg is not None:

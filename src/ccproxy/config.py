@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ccproxy.keys import parse_duration
+
 DEFAULT_LISTEN = "127.0.0.1:8081"
 
 
@@ -174,10 +176,6 @@ class RetryConfig(_Strict):
                                     "under its provider's timeouts")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_DURATION_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
 class UsageConfig(_Strict):
     """The `usage:` section: how long usage is kept, where unwritten rows wait for the database."""
 
@@ -189,27 +187,17 @@ class UsageConfig(_Strict):
     @field_validator("retention", "aggregate_retention", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> str:
-        text = str(v)
-        m = _DURATION.match(text)
-        if not m:
-            raise ValueError(f"expected a duration such as 30d, 12h or 400d, got {v!r}")
-        if float(m.group(1)) * _DURATION_UNIT[m.group(2)] < 3600:
+        if parse_duration(str(v)) < 3600:
             raise ValueError(f"must be at least 1h, got {v!r}")
-        return text
-
-    @staticmethod
-    def _seconds(text: str) -> float:
-        m = _DURATION.match(text)
-        assert m is not None
-        return float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+        return str(v)
 
     @property
     def retention_seconds(self) -> float:
-        return self._seconds(self.retention)
+        return parse_duration(self.retention)
 
     @property
     def aggregate_retention_seconds(self) -> float:
-        return self._seconds(self.aggregate_retention)
+        return parse_duration(self.aggregate_retention)
 
 
 class Config(_Strict):

@@ -1,7 +1,9 @@
 """SQLite store: WAL mode, stdlib sqlite3 used from one dedicated thread so the loop never blocks.
 
 The connection is created in, and only ever used from, a single-thread executor; every method
-is a small synchronous function run there. Several processes may share the file (the gateway and
+is a small synchronous function run there. Reports run their statements in parallel on a few
+read-only connections of their own (WAL lets them read while the writer writes), so a report
+neither waits behind a write batch nor holds one up. Several processes may share the file (the gateway and
 `ccproxy keys create`): WAL plus a busy timeout makes that safe.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +54,9 @@ class SQLiteStore:
         self.generation = 0  # bumped by writes that may change settled aggregates (usage/cache.py)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -84,9 +90,25 @@ class SQLiteStore:
             await self.close()
             raise
 
+    def _read(self, what: str, sql: str, params: Sequence[Any]) -> dict[Any, Agg]:
+        """Run one report statement on this reader thread's own connection (opened on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            uri = Path(self.path).absolute().as_uri() + "?mode=ro"
+            conn = self._local.conn = sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._reader_conns.append(conn)
+        return aggsql.collect([(what, conn.execute(sql, params).fetchall())])
+
     async def close(self) -> None:
         executor, conn = self._executor, self._conn
         self._executor = self._conn = None
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.shutdown(wait=True)
+            for c in self._reader_conns:
+                c.close()
+            self._reader_conns = []
         if executor is None:
             return
         if conn is not None:
@@ -123,11 +145,27 @@ class SQLiteStore:
     async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True,
                            only: Sequence[Any] | None = None) -> dict[Any, Agg]:
         queries = aggsql.report_queries("sqlite", group, segments, percentiles, only)
+        if self.path == ":memory:":  # one database per connection: use the writer's
+            def run(conn: sqlite3.Connection) -> dict[Any, Agg]:
+                return aggsql.collect((what, conn.execute(sql, params).fetchall()) for what, sql, params in queries)
 
-        def run(conn: sqlite3.Connection) -> dict[Any, Agg]:
-            return aggsql.collect((what, conn.execute(sql, params).fetchall()) for what, sql, params in queries)
-
-        return await self._run(run)
+            return await self._run(run)
+        if self._executor is None:
+            raise RuntimeError("SQLiteStore used before start()")
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max_workers=3, thread_name_prefix="ccproxy-sqlite-read")
+        loop = asyncio.get_running_loop()
+        readers = self._readers
+        parts = await asyncio.gather(*(loop.run_in_executor(readers, self._read, what, sql, params)
+                                       for what, sql, params in queries))
+        out: dict[Any, Agg] = {}
+        for part in parts:
+            for g, a in part.items():
+                if g in out:
+                    out[g] += a
+                else:
+                    out[g] = a
+        return out
 
     async def prune(self, raw_before: float, minute_before: float, agg_before: float, limit: int) -> int:
         def prune(conn: sqlite3.Connection) -> int:

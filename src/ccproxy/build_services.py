@@ -22,7 +22,9 @@ from ccproxy.keys import DbKeyStore
 from ccproxy.limits import MemoryLimiter, RedisLimiter
 from ccproxy.metrics import Metrics
 from ccproxy.services import Budgets, KeyStore, Limiter, UsageSink
-from ccproxy.usage.factory import open_store
+from ccproxy.usage.factory import open_store, spool_dir
+from ccproxy.usage.retention import Retention
+from ccproxy.usage.spool import Spool
 from ccproxy.usage.store import Store
 from ccproxy.usage.writer import UsageWriter
 
@@ -40,11 +42,14 @@ class Services:
     limiter: Limiter
     keys: KeyStore | None
     budgets: Budgets | None = None
+    retention: Retention | None = None
 
     async def start(self) -> None:
         """Open the database (applying migrations) and start the background tasks."""
         await self.store.start()
         await self.usage.start()
+        if self.retention is not None:
+            self.retention.start()
         if isinstance(self.keys, DbKeyStore):
             await self.keys.start()
         if isinstance(self.limiter, RedisLimiter) and not await self.limiter.ping():
@@ -54,6 +59,8 @@ class Services:
     async def close(self) -> None:
         """Flush queued usage rows and last-used times, then close Redis and the database."""
         try:
+            if self.retention is not None:
+                await self.retention.close()
             await self.usage.close()
             if isinstance(self.keys, DbKeyStore):
                 await self.keys.close()
@@ -75,8 +82,10 @@ def build_services(config: Config, *, metrics: Metrics | None = None) -> Service
         budgets = RedisBudgets(limiter, store.spend_since, metrics=metrics)
     else:
         budgets = MemoryBudgets(store.spend_since, failure_policy=config.redis_failure_policy, metrics=metrics)
-    return Services(config=config, metrics=metrics, store=store, usage=UsageWriter(store, metrics=metrics),
-                    limiter=limiter, keys=DbKeyStore(store), budgets=budgets)
+    writer = UsageWriter(store, metrics=metrics, spool=Spool(spool_dir(config)))
+    retention = Retention(store, config.usage.retention_seconds, config.usage.aggregate_retention_seconds)
+    return Services(config=config, metrics=metrics, store=store, usage=writer, limiter=limiter,
+                    keys=DbKeyStore(store), budgets=budgets, retention=retention)
 
 
 async def _active_db_keys(config: Config) -> int:

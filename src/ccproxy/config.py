@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ccproxy.durations import parse_duration
 from ccproxy.proxyheaders import parse_networks
 
 DEFAULT_LISTEN = "127.0.0.1:8081"
@@ -233,6 +234,30 @@ class TracingConfig(_Strict):
     flush_interval_ms: int = Field(1000, ge=10)
 
 
+class UsageConfig(_Strict):
+    """The `usage:` section: how long usage is kept, where unwritten rows wait for the database."""
+
+    retention: str = Field("30d", description="raw usage rows (request log, session/user/tag reports)")
+    aggregate_retention: str = Field("400d", description="the aggregates behind reports and the dashboard")
+    spool_dir: str | None = Field(None, description="rows not written at shutdown wait here (default: next "
+                                  "to the SQLite database)")
+
+    @field_validator("retention", "aggregate_retention", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> str:
+        if parse_duration(str(v)) < 3600:
+            raise ValueError(f"must be at least 1h, got {v!r}")
+        return str(v)
+
+    @property
+    def retention_seconds(self) -> float:
+        return parse_duration(self.retention)
+
+    @property
+    def aggregate_retention_seconds(self) -> float:
+        return parse_duration(self.aggregate_retention)
+
+
 class Config(_Strict):
     listen: str = DEFAULT_LISTEN
     metrics_listen: str | None = None
@@ -244,6 +269,7 @@ class Config(_Strict):
     database: str = "ccproxy-usage.db"
     database_url: str | None = None
     redis_url: str | None = None
+    usage: UsageConfig = UsageConfig()
     redis_failure_policy: Literal["open", "closed"] = "open"
     limits: Limits = Limits()
     retry: RetryConfig = RetryConfig()

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import re
 import secrets
 import time
 import unicodedata
@@ -24,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ccproxy.config import check_tags
+from ccproxy.durations import parse_duration
 from ccproxy.errors import Overloaded
 from ccproxy.services import Principal
 from ccproxy.usage.store import KeyRow, Store
@@ -35,8 +35,6 @@ __all__ = ["KEY_PREFIX", "DbKeyStore", "KeySpecError", "check_key_name", "digest
 
 KEY_PREFIX = "ccp_"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def generate_key() -> str:
@@ -67,14 +65,6 @@ def check_key_name(name: str) -> str | None:
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def parse_duration(text: str) -> float:
-    """`90s`, `15m`, `24h`, `30d`, `2w` (a bare number is seconds) -> seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(f"expected a duration such as 30m, 24h or 30d, got {text!r}")
-    return float(m.group(1)) * _UNIT[m.group(2)]
 
 
 class KeySpecError(ValueError):

@@ -169,9 +169,11 @@ async def test_dashboard_in_chromium(seeded_gateway, browser: Browser) -> None:
     await page.click("#range button[data-range='3600']")
     await until(page, "document.querySelector('#t-range').textContent === 'last 1 h'")
     await loaded(page, "overview")
-    tiles = {t: await text(page, f"#t-{t}") for t in ("requests", "errors", "input", "output", "p50", "p95", "ttfb")}
-    assert tiles == {"requests": "7", "errors": "3", "input": "380", "output": "165", "p50": "300.0 ms",
-                     "p95": "1.70 s", "ttfb": "150.0 ms"}
+    tiles = {t: await text(page, f"#t-{t}") for t in ("requests", "errors", "input", "output", "p50", "p95", "ttfb",
+                                                       "cost", "cost-per")}
+    # percentiles: histogram estimates of the exact 300 ms, 1.70 s, 150 ms (within 3.9 %)
+    assert tiles == {"requests": "7", "errors": "3", "input": "380", "output": "165", "p50": "311.0 ms",
+                     "p95": "1.68 s", "ttfb": "147.0 ms", "cost": "$0.00300", "cost-per": "$0.000429 per request"}
     assert await text(page, "#t-error-rate") == "42.9% of requests"
     assert await chart_sum(page, "chart-requests", 0) == 4  # succeeded
     assert await chart_sum(page, "chart-requests", 1) == 3  # errors
@@ -179,12 +181,23 @@ async def test_dashboard_in_chromium(seeded_gateway, browser: Browser) -> None:
     assert await chart_sum(page, "chart-tokens", 1) == 165
     assert await page.evaluate("Chart.getChart('chart-latency').data.labels") == ["coding", "fast"]
     assert await page.evaluate("Chart.getChart('chart-latency').data.datasets.map(d => d.data)") == [
-        [1000, 100], [1900, 280], [200, 50]]
+        [986.6, 98], [1873.6, 289.7], [196, 49]]
     canvas = await page.locator("#chart-requests").bounding_box()
     assert canvas is not None and canvas["width"] > 300 and canvas["height"] > 150
     by_key = await table(page, "#breakdown")
-    assert by_key == [["alice", "4", "1", "320", "160", "750.0 ms", "1.85 s", "200.0 ms", "57.1"],
-                      ["bob", "3", "2", "60", "5", "100.0 ms", "280.0 ms", "50.0 ms", "100.0"]]
+    assert by_key == [["alice", "4", "1", "320", "160", "$0.00300", "740.1 ms", "1.82 s", "196.0 ms", "55.0"],
+                      ["bob", "3", "2", "60", "5", "–", "98.0 ms", "289.7 ms", "49.0 ms", "–"]]
+    await page.click("#by button[data-by='session']")
+    await until(page, "document.querySelector('#breakdown-group').textContent === 'Session'")
+    await loaded(page, "overview")
+    assert [r[:6] for r in await table(page, "#breakdown")] == [["sess-a", "2", "0", "220", "110", "$0.000500"],
+                                                                ["(none)", "5", "3", "160", "55", "$0.00250"]]
+    await page.click("#by button[data-by='tag']")
+    await page.fill("#tag-input", "team")
+    await page.click("#tag-form button[type=submit]")
+    await until(page, "document.querySelector('#breakdown-group').textContent === 'Tag team'")
+    await loaded(page, "overview")
+    assert [r[:3] for r in await table(page, "#breakdown")] == [["infra", "4", "1"], ["(none)", "3", "2"]]
     await page.click("#by button[data-by='alias']")
     await until(page, "document.querySelector('#breakdown-group').textContent === 'Alias'")
     await loaded(page, "overview")

@@ -235,3 +235,19 @@ def test_resolve_alias_no_match_and_case_sensitive() -> None:
 def test_character_class_glob() -> None:
     assert resolve_alias(_aliases("model-[ab]"), "model-b") == "model-[ab]"
     assert resolve_alias(_aliases("model-[ab]"), "model-c") is None
+
+
+def test_usage_section(tmp_path: Path) -> None:
+    from ccproxy.usage.factory import fine_window, spool_dir
+
+    cfg = load_config(write(tmp_path, BASE))
+    assert (cfg.usage.retention_seconds, cfg.usage.aggregate_retention_seconds) == (30 * 86400, 400 * 86400)
+    assert spool_dir(cfg) == tmp_path and fine_window(cfg) == 2 * 86400
+    cfg = load_config(write(tmp_path, {**BASE, "usage": {"retention": "12h", "aggregate_retention": "2w",
+                                                          "spool_dir": "spool"}}))
+    assert (cfg.usage.retention_seconds, cfg.usage.aggregate_retention_seconds) == (12 * 3600, 14 * 86400)
+    assert spool_dir(cfg) == tmp_path / "spool" and fine_window(cfg) == 12 * 3600
+    message = config_error(tmp_path, {**BASE, "usage": {"retention": "forever"}})
+    assert "usage.retention" in message and "expected a duration" in message
+    message = config_error(tmp_path, {**BASE, "usage": {"aggregate_retention": "10m"}})
+    assert "usage.aggregate_retention" in message and "at least 1h" in message

@@ -396,6 +396,11 @@ SAFE_SQL_PARTS = {
     "t['id']", "t['float']", "t['int']", "t['bool']", "t['text']", "t['json']",
     "'FALSE' if flavor == 'postgres' else '0'",
     "_SET_CHANGED",  # update_key's `col = CASE WHEN $n THEN $m ELSE col END`, from UPDATABLE_KEY_COLUMNS
+    # usage/aggsql.py and the stores: fragments built only from constants (column names, the bin
+    # formula, placeholder lists); group values, times and tag names are bound parameters.
+    "', '.join(('?' for _ in chunk))", "', '.join(AGG_KEY)", "', '.join(sets)", "bin_sql(flavor, 'latency_ms')",
+    "bin_sql(flavor, 'ttfb_ms')", "_raw_sums(flavor)", "col", "each", "g", "key", "suffix", "sums", "val", "values",
+    "where", "marks", "' OR '.join(conds)", "table",
 }
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WHERE|VALUES|FROM|INTO)\b")
 EXEC_METHODS = {"execute", "executemany", "executescript", "fetch", "fetchrow", "fetchval"}

@@ -1,4 +1,5 @@
-"""`ccproxy usage`: requests, errors, tokens and latency per key, alias, provider, day or status."""
+"""`ccproxy usage`: requests, errors, tokens, cost and latency per key, alias, provider, day, status,
+session, end user or key tag (reports read the database's aggregates, see usage/query.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import click
 from ccproxy.budgets import BUDGET_FIELDS, budget_status
 from ccproxy.commands.keys import CONFIG_HELP, cli_config, table, with_store
 from ccproxy.keys import fmt_time, parse_duration
-from ccproxy.usage.query import GROUPS, aggregate, recent
+from ccproxy.usage.query import GROUPS, aggregate, parse_by, recent
 
-FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "p50_ms", "p95_ms", "ttfb_p50_ms",
+FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", "p50_ms", "p95_ms", "ttfb_p50_ms",
           "tokens_per_second")
+JSON_FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
+               "cost_usd", "p50_ms", "p95_ms", "ttfb_p50_ms", "tokens_per_second")
 RECENT_FIELDS = ("ts", "request_id", "key_name", "endpoint", "alias", "provider", "upstream_model",
                  "status", "error_kind", "input_tokens", "output_tokens", "latency_ms", "ttfb_ms")
 
@@ -37,7 +40,8 @@ def _render(rows: list[dict[str, Any]], fields: list[str], fmt: str) -> str:
 
 
 @click.command()
-@click.option("--by", type=click.Choice(GROUPS), default="key", show_default=True, help="Group rows by.")
+@click.option("--by", default="key", show_default=True,
+              help=f"Group rows by: {', '.join(GROUPS)} or tag:NAME (a key tag, e.g. tag:team).")
 @click.option("--since", default="24h", show_default=True, help="How far back: 30m, 24h, 7d...")
 @click.option("--recent", "recent_n", type=click.IntRange(min=1), metavar="N",
               help="Show the last N requests instead of totals.")
@@ -45,11 +49,15 @@ def _render(rows: list[dict[str, Any]], fields: list[str], fmt: str) -> str:
               show_default=True)
 @click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
 def usage(by: str, since: str, recent_n: int | None, fmt: str, config_path: str | None) -> None:
-    """Usage totals from the usage database (p50/p95 latency, time to first byte, tokens/s)."""
+    """Usage totals from the usage database (cost, p50/p95 latency, time to first byte, tokens/s)."""
     try:
         since_seconds = parse_duration(since)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--since") from None
+    try:
+        parse_by(by)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--by") from None
     config = cli_config(config_path)
     if recent_n:
         rows = with_store(config, lambda s: recent(s, recent_n))
@@ -61,7 +69,7 @@ def usage(by: str, since: str, recent_n: int | None, fmt: str, config_path: str 
     if not rows and fmt == "table":
         click.echo(f"no requests in the last {since}")
         return
-    fields = [by, *FIELDS]
+    fields = [by, *(FIELDS if fmt == "table" else JSON_FIELDS)]
     status = with_store(config, lambda s: budget_status(s, config)) if by == "key" else {}
     if status:  # keys with a budget: spend of the current period against it (budgets.py)
         empty = dict.fromkeys(BUDGET_FIELDS)

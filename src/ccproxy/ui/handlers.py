@@ -36,7 +36,7 @@ from ccproxy.dialects import adapters
 from ccproxy.endpoints import Endpoint
 from ccproxy.pipeline import send_error
 from ccproxy.ui.sessions import LoginThrottle, Sessions
-from ccproxy.usage.query import GROUPS, recent
+from ccproxy.usage.query import GROUPS, parse_by, recent
 from ccproxy.usage.timeseries import key_rates, timeseries, usage_report
 
 log = logging.getLogger("ccproxy.ui")
@@ -52,7 +52,7 @@ NEAR_LIMIT = 0.8
 AUTO_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 604800)
 RECENT_FIELDS = ("ts", "request_id", "key_name", "endpoint", "alias", "rule", "provider", "upstream_model",
                  "stream", "status", "error_kind", "input_tokens", "output_tokens", "cache_read_tokens",
-                 "cache_creation_tokens", "latency_ms", "ttfb_ms")
+                 "cache_creation_tokens", "latency_ms", "ttfb_ms", "cost_usd", "session_id", "end_user")
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".md": "text/markdown; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
           ".ico": "image/x-icon", ".txt": "text/plain; charset=utf-8"}
@@ -378,8 +378,11 @@ class Dashboard:
             return
         try:
             by = params.get("by", "key")
-            if by not in GROUPS:
-                raise errors.InvalidRequest(f"by must be one of {', '.join(GROUPS)}, got {by!r}", param="by")
+            try:
+                parse_by(by)
+            except ValueError:
+                raise errors.InvalidRequest(f"by must be one of {', '.join(GROUPS)} or tag:NAME (a key tag), "
+                                            f"got {by!r}", param="by") from None
             since = self._int(params, "since", 86400, 1, MAX_SINCE, " of seconds")
         except errors.GatewayError as e:
             await self._error(send, e)
@@ -387,7 +390,7 @@ class Dashboard:
         assert since is not None
 
         async def run() -> dict[str, Any]:
-            report = await usage_report(self._store(), by, since, now=self.clock())
+            report = await usage_report(self._store(), by, since, now=self.clock(), cache=True)
             return {"by": by, "since": since, **report}
 
         await self._query(send, run)
@@ -409,7 +412,7 @@ class Dashboard:
             return
 
         async def run() -> dict[str, Any]:
-            series = await timeseries(self._store(), since, bucket, now=self.clock())
+            series = await timeseries(self._store(), since, bucket, now=self.clock(), cache=True)
             return {"since": since, **series}
 
         await self._query(send, run)

@@ -112,3 +112,35 @@ def create_table_sql(flavor: str) -> str:
     ts = "DOUBLE PRECISION" if flavor == "postgres" else "REAL"
     return (f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} "
             f"(name TEXT PRIMARY KEY, applied_at {ts} NOT NULL)")
+
+
+@migration
+def m004_usage_aggregates(flavor: str) -> list[str]:
+    """Per-minute, hour and day aggregates of the usage rows (see usage/agg.py), filled as rows are
+    written; rows already stored are added by a backfill (`usage_backfill` remembers how far)."""
+    t = _types(flavor)
+    hist = "JSONB NOT NULL DEFAULT '{}'::jsonb" if flavor == "postgres" else "TEXT NOT NULL DEFAULT '{}'"
+    ints = ("requests", "errors", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
+    cols = [f"{c} {t['int']} NOT NULL DEFAULT 0" for c in ints]
+    cols += [f"cost_usd {t['float']} NOT NULL DEFAULT 0", f"priced {t['int']} NOT NULL DEFAULT 0",
+             f"latency_ms {t['float']} NOT NULL DEFAULT 0", f"ttfb_ms {t['float']} NOT NULL DEFAULT 0",
+             f"ttfb_count {t['int']} NOT NULL DEFAULT 0", f"stream_output_tokens {t['int']} NOT NULL DEFAULT 0",
+             f"stream_gen_ms {t['float']} NOT NULL DEFAULT 0", f"lat_hist {hist}", f"ttfb_hist {hist}"]
+    suffix = "" if flavor == "postgres" else " WITHOUT ROWID"
+    return [
+        f"""CREATE TABLE usage_agg (
+            level {t['int']} NOT NULL,
+            bucket {t['int']} NOT NULL,
+            key_name TEXT NOT NULL,
+            alias TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            status {t['int']} NOT NULL,
+            {', '.join(cols)},
+            PRIMARY KEY (level, bucket, key_name, alias, provider, status)
+        ){suffix}""",
+        f"CREATE TABLE usage_backfill (name TEXT PRIMARY KEY, upto_id {t['int']} NOT NULL, "
+        f"done_id {t['int']} NOT NULL)",
+        "INSERT INTO usage_backfill (name, upto_id, done_id) SELECT 'usage_agg', COALESCE(MAX(id), 0), 0 FROM usage",
+        "CREATE INDEX usage_session_ts ON usage (session_id, ts)",
+        "CREATE INDEX usage_end_user_ts ON usage (end_user, ts)",
+    ]

@@ -8,12 +8,16 @@ from typing import Any
 
 import asyncpg
 
+from ccproxy.usage import aggsql
+from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.store import (
+    BACKFILL_BATCH,
     KEY_COLUMNS,
     UPDATABLE_KEY_COLUMNS,
     USAGE_COLUMNS,
+    BackfillProgress,
     KeyExists,
     KeyRow,
     key_update_values,
@@ -29,11 +33,14 @@ _SET_CHANGED = ", ".join(f"{c} = CASE WHEN ${2 * i + 2}::bool THEN ${2 * i + 3} 
 _UPDATE_KEY = (f"UPDATE api_keys SET {_SET_CHANGED} WHERE name = $1 AND revoked_at IS NULL "
                f"RETURNING {', '.join(KEY_COLUMNS)}")
 _MIGRATION_LOCK = 0x63637078  # "ccpx": replicas starting together migrate one at a time
+_UPSERT_AGG = aggsql.upsert_sql("postgres")
 
 
 class PostgresStore:
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 5) -> None:
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 5, fine_window: float = MINUTE_KEEP) -> None:
         self.dsn = dsn
+        self.fine_window = fine_window
+        self.generation = 0  # bumped by writes that may change settled aggregates (usage/cache.py)
         self._min, self._max = min_size, max_size
         self._pool: asyncpg.Pool | None = None
 
@@ -60,6 +67,9 @@ class PostgresStore:
                         await conn.execute(stmt)
                     await conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES ($1, $2)",
                                        m.__name__, time.time())
+            progress = BackfillProgress()
+            while not await _backfill_batch(pool, progress):
+                pass
         except BaseException:
             await pool.close()
             raise
@@ -82,10 +92,36 @@ class PostgresStore:
         types = [_PG_TYPES[c] for c in cols]
         sql = (f"INSERT INTO usage ({', '.join(cols)}) "
                f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(types))}) "
-               "ON CONFLICT (request_id) DO NOTHING RETURNING 1")
-        async with self.pool.acquire() as conn:
+               "ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
+        by_id = {r.request_id: r for r in rows}
+        async with self.pool.acquire() as conn, conn.transaction():
             inserted = await conn.fetch(sql, *[list(c) for c in columns])
+            # Only the rows really inserted count in the aggregates (a replayed or retried batch).
+            fresh = [dict(zip(USAGE_COLUMNS, usage_values(by_id[r[0]]), strict=True)) for r in inserted]
+            values = aggsql.upsert_values(rollup(fresh))
+            if values:
+                await conn.executemany(_UPSERT_AGG, values)
+        if rows and min(float(r.ts) for r in rows) < time.time() - SETTLE:
+            self.generation += 1
         return len(inserted)
+
+    async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True,
+                           only: Sequence[Any] | None = None) -> dict[Any, Agg]:
+        results = []
+        async with self.pool.acquire() as conn:
+            for what, sql, params in aggsql.report_queries("postgres", group, segments, percentiles, only):
+                results.append((what, await conn.fetch(sql, *params)))
+        return aggsql.collect(results)
+
+    async def prune(self, raw_before: float, minute_before: float, agg_before: float, limit: int) -> int:
+        deleted = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for sql, params in aggsql.prune_statements("postgres", raw_before, minute_before, agg_before, limit):
+                status = await conn.execute(sql, *params)
+                deleted += int(status.rsplit(" ", 1)[-1])
+        if deleted:
+            self.generation += 1
+        return deleted
 
     async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         bad = [c for c in columns if c not in USAGE_COLUMNS]
@@ -173,6 +209,26 @@ class PostgresStore:
     async def drop_ui_token(self, token_sha256: str) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 = $1", token_sha256)
+
+
+async def _backfill_batch(pool: asyncpg.Pool, progress: BackfillProgress) -> bool:
+    """Aggregate the next batch of rows stored before the aggregates existed; True when done."""
+    async with pool.acquire() as conn, conn.transaction():
+        state = await conn.fetchrow("SELECT upto_id, done_id FROM usage_backfill WHERE name = 'usage_agg' FOR UPDATE")
+        if state is None or state["done_id"] >= state["upto_id"]:
+            progress.finish()
+            return True
+        upto, done = state["upto_id"], state["done_id"]
+        rows = await conn.fetch(f"SELECT id, {', '.join(USAGE_COLUMNS)} FROM usage WHERE id > $1 AND id <= $2 "
+                                "ORDER BY id LIMIT $3", done, upto, BACKFILL_BATCH)
+        last = rows[-1]["id"] if rows else upto
+        rolled = rollup((dict(r) for r in rows), minutes_since=time.time() - MINUTE_KEEP)
+        values = aggsql.upsert_values(rolled)
+        if values:
+            await conn.executemany(_UPSERT_AGG, values)
+        await conn.execute("UPDATE usage_backfill SET done_id = $1 WHERE name = 'usage_agg'", last)
+    progress.advance(len(rows), done, last, upto)
+    return False
 
 
 _PG_TYPES = {

@@ -1,31 +1,43 @@
 """SQLite store: WAL mode, stdlib sqlite3 used from one dedicated thread so the loop never blocks.
 
 The connection is created in, and only ever used from, a single-thread executor; every method
-is a small synchronous function run there. Several processes may share the file (the gateway and
+is a small synchronous function run there. Reports run on a read-only connection in a second
+thread (WAL lets it read while the writer writes), so a report neither waits behind a write batch
+nor holds one up. One reader thread, not more: a thread turning rows into Python objects holds the
+GIL, and with three of them the event loop's p99 lag doubled (about 10 -> 20 ms) for a report only
+a fifth faster. Several processes may share the file (the gateway and
 `ccproxy keys create`): WAL plus a busy timeout makes that safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ccproxy.usage import aggsql
+from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.store import (
+    BACKFILL_BATCH,
     KEY_COLUMNS,
     UPDATABLE_KEY_COLUMNS,
     USAGE_COLUMNS,
+    BackfillProgress,
     KeyExists,
     KeyRow,
     key_update_values,
     usage_values,
 )
+
+log = logging.getLogger("ccproxy.usage")
 
 T = TypeVar("T")
 
@@ -40,11 +52,19 @@ _UPDATE_KEY = (f"UPDATE api_keys SET {_SET_CHANGED} WHERE name = ? AND revoked_a
                f"RETURNING {', '.join(KEY_COLUMNS)}")
 
 
+_UPSERT_AGG = aggsql.upsert_sql("sqlite")
+
+
 class SQLiteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, fine_window: float = MINUTE_KEEP) -> None:
         self.path = str(path)
+        self.fine_window = fine_window
+        self.generation = 0  # bumped by writes that may change settled aggregates (usage/cache.py)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -71,13 +91,32 @@ class SQLiteStore:
         try:
             self._conn = await loop.run_in_executor(self._executor, self._connect)
             await self._run(_migrate)
+            progress = BackfillProgress()
+            while not await self._run(lambda c: _backfill_batch(c, progress)):
+                pass
         except BaseException:
             await self.close()
             raise
 
+    def _read(self, what: str, sql: str, params: Sequence[Any]) -> dict[Any, Agg]:
+        """Run one report statement on this reader thread's own connection (opened on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            uri = Path(self.path).absolute().as_uri() + "?mode=ro"
+            conn = self._local.conn = sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._reader_conns.append(conn)
+        return aggsql.collect([(what, conn.execute(sql, params).fetchall())])
+
     async def close(self) -> None:
         executor, conn = self._executor, self._conn
         self._executor = self._conn = None
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.shutdown(wait=True)
+            for c in self._reader_conns:
+                c.close()
+            self._reader_conns = []
         if executor is None:
             return
         if conn is not None:
@@ -90,12 +129,64 @@ class SQLiteStore:
         values = [usage_values(r) for r in rows]
 
         def insert(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                # Only rows not stored yet count in the aggregates (a replayed or retried batch).
+                fresh: dict[str, tuple[Any, ...]] = {}
+                for v in values:
+                    fresh.setdefault(v[0], v)
+                ids = list(fresh)
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    found = conn.execute(f"SELECT request_id FROM usage WHERE request_id IN "
+                                         f"({', '.join('?' for _ in chunk)})", chunk).fetchall()
+                    for (rid,) in found:
+                        del fresh[rid]
+                conn.executemany(_INSERT_USAGE, fresh.values())
+                rolled = rollup(dict(zip(USAGE_COLUMNS, v, strict=True)) for v in fresh.values())
+                conn.executemany(_UPSERT_AGG, aggsql.upsert_values(rolled))
+            return len(fresh)
+
+        if values and min(v[1] for v in values) < time.time() - SETTLE:
+            self.generation += 1
+        return await self._run(insert)
+
+    async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True,
+                           only: Sequence[Any] | None = None) -> dict[Any, Agg]:
+        queries = aggsql.report_queries("sqlite", group, segments, percentiles, only)
+        if self.path == ":memory:":  # one database per connection: use the writer's
+            def run(conn: sqlite3.Connection) -> dict[Any, Agg]:
+                return aggsql.collect((what, conn.execute(sql, params).fetchall()) for what, sql, params in queries)
+
+            return await self._run(run)
+        if self._executor is None:
+            raise RuntimeError("SQLiteStore used before start()")
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccproxy-sqlite-read")
+        loop = asyncio.get_running_loop()
+        readers = self._readers
+        parts = await asyncio.gather(*(loop.run_in_executor(readers, self._read, what, sql, params)
+                                       for what, sql, params in queries))
+        out: dict[Any, Agg] = {}
+        for part in parts:
+            for g, a in part.items():
+                if g in out:
+                    out[g] += a
+                else:
+                    out[g] = a
+        return out
+
+    async def prune(self, raw_before: float, minute_before: float, agg_before: float, limit: int) -> int:
+        def prune(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
             with _transaction(conn):
-                conn.executemany(_INSERT_USAGE, values)
+                for sql, params in aggsql.prune_statements("sqlite", raw_before, minute_before, agg_before, limit):
+                    conn.execute(sql, params)
             return conn.total_changes - before
 
-        return await self._run(insert)
+        deleted = await self._run(prune)
+        if deleted:
+            self.generation += 1
+        return deleted
 
     async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         cols = _checked(columns)
@@ -228,6 +319,25 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 conn.execute(stmt)
             conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES (?, ?)",
                          (m.__name__, time.time()))
+
+
+def _backfill_batch(conn: sqlite3.Connection, progress: BackfillProgress) -> bool:
+    """Aggregate the next batch of rows stored before the aggregates existed; True when done."""
+    with _transaction(conn):
+        state = conn.execute("SELECT upto_id, done_id FROM usage_backfill WHERE name = 'usage_agg'").fetchone()
+        if state is None or state[1] >= state[0]:
+            progress.finish()
+            return True
+        upto, done = state
+        rows = conn.execute(f"SELECT id, {', '.join(USAGE_COLUMNS)} FROM usage WHERE id > ? AND id <= ? "
+                            f"ORDER BY id LIMIT ?", (done, upto, BACKFILL_BATCH)).fetchall()
+        last = rows[-1][0] if rows else upto
+        rolled = rollup((dict(zip(USAGE_COLUMNS, r[1:], strict=True)) for r in rows),
+                        minutes_since=time.time() - MINUTE_KEEP)
+        conn.executemany(_UPSERT_AGG, aggsql.upsert_values(rolled))
+        conn.execute("UPDATE usage_backfill SET done_id = ? WHERE name = 'usage_agg'", (last,))
+    progress.advance(len(rows), done, last, upto)
+    return False
 
 
 def _checked(columns: Sequence[str]) -> str:

@@ -7,11 +7,20 @@ Timestamps are unix seconds (float) in both databases, so both return identical 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ccproxy.usage.record import UsageRecord
+
+if TYPE_CHECKING:
+    from ccproxy.usage.agg import Agg, Segment
+    from ccproxy.usage.aggsql import Group
+
+log = logging.getLogger("ccproxy.usage")
+BACKFILL_BATCH = 20_000
 
 __all__ = ["UPDATABLE_KEY_COLUMNS", "USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "key_update_values",
            "usage_values"]
@@ -101,15 +110,54 @@ def usage_values(r: UsageRecord) -> tuple[Any, ...]:
             json.dumps(r.tags, sort_keys=True) if r.tags else None)
 
 
+class BackfillProgress:
+    """Logs the aggregate backfill of a database written before the aggregates existed."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.started = time.monotonic()
+        self.last_log = 0.0
+
+    def advance(self, rows: int, done_before: int, done: int, upto: int) -> None:
+        if not self.rows:
+            log.warning("usage: adding the rows stored before this version to the usage aggregates "
+                        "(once; ids %d to %d)", done_before + 1, upto)
+        self.rows += rows
+        now = time.monotonic()
+        if now - self.last_log >= 2.0 or done >= upto:
+            self.last_log = now
+            rate = self.rows / max(now - self.started, 1e-6)
+            log.warning("usage: backfill %d rows so far, at id %d of %d (%.0f%%), %.0f rows/s",
+                        self.rows, done, upto, 100.0 * done / max(upto, 1), rate)
+
+    def finish(self) -> None:
+        if self.rows:
+            log.warning("usage: backfill done: %d rows in %.1fs", self.rows, time.monotonic() - self.started)
+            self.rows = 0
+
+
 class Store(Protocol):
+    fine_window: float  # how far back raw rows and minute aggregates are complete (seconds)
+    generation: int  # bumped by writes that may change settled aggregates (usage/cache.py)
+
     async def start(self) -> None:
-        """Connect and apply pending migrations; idempotent."""
+        """Connect, apply pending migrations and backfill the aggregates; idempotent."""
         ...
 
     async def close(self) -> None: ...
 
     async def insert_usage(self, rows: Sequence[UsageRecord]) -> int:
         """Insert rows; a request_id already stored is skipped. Returns rows really inserted."""
+        ...
+
+    async def usage_groups(self, group: Group, segments: Sequence[Segment], *, percentiles: bool = True,
+                           only: Sequence[Any] | None = None) -> dict[Any, Agg]:
+        """Sums and latency histograms per group over the rows of `segments` (usage/aggsql.py);
+        `only`: just the histograms of these group values (raw segments)."""
+        ...
+
+    async def prune(self, raw_before: float, minute_before: float, agg_before: float, limit: int) -> int:
+        """Delete at most `limit` rows of each kind older than its cut-off; returns rows deleted."""
         ...
 
     async def usage_rows(self, since_ts: float, columns: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -159,4 +207,3 @@ class Store(Protocol):
         ...
 
     async def drop_ui_token(self, token_sha256: str) -> None: ...
-

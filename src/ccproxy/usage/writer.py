@@ -5,7 +5,8 @@ writes a batch every `interval` seconds or as soon as `batch_size` rows are wait
 database fails, the batch goes back to the front of the buffer and is retried with exponential
 backoff; inserts are idempotent on request_id, so a batch that was written but reported as failed
 is not doubled. When the buffer is full the oldest rows are dropped, counted in
-`ccproxy_usage_dropped_rows` and logged. `close()` flushes what is left, within a deadline.
+`ccproxy_usage_dropped_rows` and logged. `close()` flushes what is left, within a deadline; with a
+`Spool`, rows still unwritten then go to a local file, and `start()` replays such files (usage/spool.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import deque
 
 from ccproxy.metrics import Metrics
 from ccproxy.usage.record import UsageRecord
+from ccproxy.usage.spool import Spool
 from ccproxy.usage.store import Store
 
 log = logging.getLogger("ccproxy.usage")
@@ -28,8 +30,9 @@ __all__ = ["UsageWriter"]
 class UsageWriter:
     def __init__(self, store: Store, *, metrics: Metrics | None = None, batch_size: int = 500,
                  interval: float = 0.2, max_buffer: int = 100_000, close_deadline: float = 10.0,
-                 max_backoff: float = 5.0) -> None:
+                 max_backoff: float = 5.0, spool: Spool | None = None) -> None:
         self.store = store
+        self.spool = spool
         self.metrics = metrics
         self.batch_size = batch_size
         self.interval = interval
@@ -66,6 +69,8 @@ class UsageWriter:
     async def start(self) -> None:
         if self._task is None:
             await self.store.start()
+            if self.spool is not None:
+                await self.replay()
             self._task = asyncio.create_task(self._run(), name="ccproxy-usage-writer")
 
     async def close(self) -> None:
@@ -83,8 +88,38 @@ class UsageWriter:
                 continue
             await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(backoff * 2, self.max_backoff)
+        if self._buffer and self.spool is not None:
+            rows = list(self._buffer)
+            try:
+                path = self.spool.write(rows)
+            except OSError as e:
+                log.error("usage: could not spool %d unwritten rows to %s (%s)", len(rows), self.spool.directory, e)
+            else:
+                self._buffer.clear()
+                log.warning("usage: the database did not take %d rows before shutdown; spooled to %s, "
+                            "written at the next start", len(rows), path)
         if self._buffer:
             log.error("usage: shutdown deadline passed; %d usage rows were not written", len(self._buffer))
+
+    async def replay(self) -> int:
+        """Insert the rows of spool files left by earlier runs; returns rows newly stored."""
+        assert self.spool is not None
+        new = 0
+        for path in self.spool.claim():
+            rows = self.spool.read(path)
+            stored = 0
+            try:
+                for i in range(0, len(rows), self.batch_size):
+                    stored += await self.store.insert_usage(rows[i:i + self.batch_size])
+            except Exception as e:
+                self.spool.release(path)
+                log.error("usage: replaying %s failed (%s: %s); kept for the next start", path, type(e).__name__, e)
+                continue
+            path.unlink()
+            new += stored
+            log.warning("usage: replayed %d spooled rows from %s (%d new, %d already stored)",
+                        len(rows), path.name, stored, len(rows) - stored)
+        return new
 
     # ------------------------------------------------------------------ background
 

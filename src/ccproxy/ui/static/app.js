@@ -16,6 +16,7 @@
     since: clampSince(parseInt(store.get("since", "86400"), 10)),
     custom: store.get("custom", "") === "1",
     by: store.get("by", "key"),
+    tag: store.get("tag", ""),
     refresh: parseInt(store.get("refresh", "30"), 10),
     tab: "overview",
     timer: null,
@@ -31,6 +32,9 @@
   const twoFmt = new Intl.NumberFormat("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
   const ms = (v) => (v === null || v === undefined ? "–" : v >= 1000 ? twoFmt.format(v / 1000) + " s" : oneFmt.format(v) + " ms");
   const pad = (n) => String(n).padStart(2, "0");
+  const usd = (v) => (v === null || v === undefined ? "–" : "$" + (v >= 100 ? twoFmt.format(v) : v.toPrecision(3)));
+  const TAG_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+  const byParam = () => (state.by === "tag" ? "tag:" + state.tag : state.by);
 
   function clampSince(s) {
     return Number.isFinite(s) && s >= 1 && s <= MAX_SINCE ? s : 86400;
@@ -222,16 +226,19 @@
     $("#t-p50").textContent = ms(t.p50_ms);
     $("#t-p95").textContent = ms(t.p95_ms);
     $("#t-ttfb").textContent = ms(t.ttfb_p50_ms);
+    $("#t-cost").textContent = usd(t.cost_usd);
+    $("#t-cost-per").textContent = t.cost_usd !== null && t.requests ? usd(t.cost_usd / t.requests) + " per request" : "";
     $("#t-range").textContent = "last " + fmtDuration(state.since);
   }
 
   function drawBreakdown(by, rows) {
-    $("#breakdown-group").textContent = { key: "Key", alias: "Alias", provider: "Provider", status: "Status", day: "Day (UTC)" }[by];
-    fillTable("breakdown", rows, 9, (r) => {
+    $("#breakdown-group").textContent = by.startsWith("tag:") ? "Tag " + by.slice(4) : { key: "Key", alias: "Alias",
+      provider: "Provider", status: "Status", day: "Day (UTC)", session: "Session", user: "User" }[by];
+    fillTable("breakdown", rows, 10, (r) => {
       const g = r[by];
       return el("tr", null, [
         td(g === null ? "(none)" : String(g)), td(num(r.requests), "num"), td(num(r.errors), "num"),
-        td(num(r.input_tokens), "num"), td(num(r.output_tokens), "num"), td(ms(r.p50_ms), "num"),
+        td(num(r.input_tokens), "num"), td(num(r.output_tokens), "num"), td(usd(r.cost_usd), "num"), td(ms(r.p50_ms), "num"),
         td(ms(r.p95_ms), "num"), td(ms(r.ttfb_p50_ms), "num"),
         td(r.tokens_per_second === null ? "–" : oneFmt.format(r.tokens_per_second), "num"),
       ]);
@@ -241,12 +248,13 @@
   async function loadOverview() {
     const s = state.since;
     const tasks = [api("/ui/api/usage?by=alias&since=" + s), api("/ui/api/timeseries?since=" + s)];
-    if (state.by !== "alias") tasks.push(api("/ui/api/usage?by=" + encodeURIComponent(state.by) + "&since=" + s));
+    const by = byParam();
+    if (by !== "alias") tasks.push(api("/ui/api/usage?by=" + encodeURIComponent(by) + "&since=" + s));
     const [alias, series, other] = await Promise.all(tasks);
     drawTotals(alias.totals);
     drawSeries(series);
     drawLatency(alias.rows);
-    drawBreakdown(state.by, state.by === "alias" ? alias.rows : other.rows);
+    drawBreakdown(by, by === "alias" ? alias.rows : other.rows);
   }
 
   async function loadLive() {
@@ -362,11 +370,24 @@
   });
 
   $$("#by button").forEach((b) => b.addEventListener("click", () => {
+    $("#tag-form").hidden = b.dataset.by !== "tag";
+    if (b.dataset.by === "tag" && !TAG_NAME.test(state.tag)) { $("#tag-input").focus(); return; }
     state.by = b.dataset.by;
     store.set("by", state.by);
     $$("#by button").forEach((x) => x.classList.toggle("active", x === b));
     refresh();
   }));
+  $("#tag-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const name = $("#tag-input").value.trim();
+    if (!TAG_NAME.test(name)) return;
+    state.tag = name;
+    state.by = "tag";
+    store.set("tag", name);
+    store.set("by", "tag");
+    $$("#by button").forEach((x) => x.classList.toggle("active", x.dataset.by === "tag"));
+    refresh();
+  });
 
   function schedule() {
     if (state.timer) clearInterval(state.timer);
@@ -395,7 +416,10 @@
   }
 
   window.addEventListener("hashchange", showTab);
-  if (!["key", "alias", "provider", "status", "day"].includes(state.by)) state.by = "key";
+  if (!["key", "alias", "provider", "status", "day", "session", "user", "tag"].includes(state.by)) state.by = "key";
+  if (state.by === "tag" && !TAG_NAME.test(state.tag)) state.by = "key";
+  $("#tag-input").value = state.tag;
+  $("#tag-form").hidden = state.by !== "tag";
   $$("#by button").forEach((x) => x.classList.toggle("active", x.dataset.by === state.by));
   markRange();
   schedule();

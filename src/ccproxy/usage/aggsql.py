@@ -1,0 +1,224 @@
+"""The SQL of the usage aggregates, for SQLite and PostgreSQL, written once.
+
+Statements are written with `?` placeholders; `numbered()` turns them into PostgreSQL's `$1, $2...`.
+Every value from a caller (a bucket size, a tag name, a time) is a bound parameter.
+
+- `upsert_sql(flavor)`: add pre-aggregated rows (`agg.rollup`) to `usage_agg`; histograms are
+  merged bin by bin inside the database, so concurrent writers (replicas) never lose counts.
+- `report_queries(flavor, group, segments, percentiles)`: the statements whose results
+  `collect()` turns into {group value: Agg}: sums and histogram bins per group, read from the
+  aggregate rows for aggregate segments and from the raw rows for raw segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ccproxy.usage.agg import BIN_LO, BIN_RATIO, MAX_BIN, RAW, SUM_FIELDS, Agg, Segment
+
+__all__ = ["RAW_GROUPS", "Group", "collect", "hist_json", "numbered", "prune_statements", "report_queries",
+           "upsert_sql", "upsert_values"]
+
+AGG_KEY = ("level", "bucket", "key_name", "alias", "provider", "status")
+RAW_GROUPS = ("session", "user", "tag")  # only in the raw rows (within `usage.retention`)
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """What to group by: key, alias, provider, status, day, all, series (arg: bucket seconds),
+    session, user, tag (arg: the tag's name)."""
+
+    kind: str
+    arg: Any = None
+
+
+def numbered(sql: str) -> str:
+    parts = sql.split("?")
+    return "".join(p + (f"${i + 1}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))
+
+
+def _ph(flavor: str, sql: str) -> str:
+    return numbered(sql) if flavor == "postgres" else sql
+
+
+def hist_json(hist: dict[int, int]) -> str:
+    return "{" + ",".join([f'"{k}":{v}' for k, v in sorted(hist.items())]) + "}"
+
+
+def _merge(flavor: str, col: str) -> str:
+    if flavor == "postgres":
+        return (f"(SELECT COALESCE(jsonb_object_agg(k, s), '{{}}'::jsonb) FROM (SELECT k, SUM(v::bigint) AS s FROM "
+                f"(SELECT key AS k, value AS v FROM jsonb_each_text(usage_agg.{col}) UNION ALL "
+                f"SELECT key, value FROM jsonb_each_text(excluded.{col})) x GROUP BY k) y)")
+    return (f"(SELECT json_group_object(key, s) FROM (SELECT key, SUM(value) AS s FROM "
+            f"(SELECT key, value FROM json_each(usage_agg.{col}) UNION ALL "
+            f"SELECT key, value FROM json_each(excluded.{col})) GROUP BY key))")
+
+
+def upsert_sql(flavor: str) -> str:
+    cols = [*AGG_KEY, *SUM_FIELDS, "lat_hist", "ttfb_hist"]
+    values = ", ".join("?" for _ in cols)
+    if flavor == "postgres":
+        values = ", ".join(["?"] * (len(cols) - 2) + ["?::jsonb", "?::jsonb"])
+    sets = [f"{f} = usage_agg.{f} + excluded.{f}" for f in SUM_FIELDS]
+    sets += [f"{c} = {_merge(flavor, c)}" for c in ("lat_hist", "ttfb_hist")]
+    return _ph(flavor, f"INSERT INTO usage_agg ({', '.join(cols)}) VALUES ({values}) "
+                       f"ON CONFLICT ({', '.join(AGG_KEY)}) DO UPDATE SET {', '.join(sets)}")
+
+
+def upsert_values(rolled: dict[tuple[int, int, str, str, str, int], Agg]) -> list[tuple[Any, ...]]:
+    """Parameters for `upsert_sql`, in key order (so concurrent writers lock rows in one order)."""
+    return [(*k, *a.sums(), hist_json(a.lat_hist), hist_json(a.ttfb_hist)) for k, a in sorted(rolled.items())]
+
+
+# ---------------------------------------------------------------------------------------- reports
+
+_ERROR = "(status >= 400 OR (error_kind IS NOT NULL AND error_kind <> ''))"
+
+
+def _raw_sums(flavor: str) -> str:
+    stream = "stream" if flavor == "postgres" else "stream <> 0"
+    ok = f"({stream} AND NOT {_ERROR} AND output_tokens > 0 AND latency_ms - COALESCE(ttfb_ms, 0) > 0)"
+    return ", ".join([
+        "COUNT(*)", f"SUM(CASE WHEN {_ERROR} THEN 1 ELSE 0 END)", "SUM(input_tokens)", "SUM(output_tokens)",
+        "SUM(cache_read_tokens)", "SUM(cache_creation_tokens)", "SUM(COALESCE(cost_usd, 0))", "COUNT(cost_usd)",
+        "SUM(latency_ms)", "SUM(COALESCE(ttfb_ms, 0))", "COUNT(ttfb_ms)",
+        f"SUM(CASE WHEN {ok} THEN output_tokens ELSE 0 END)",
+        f"SUM(CASE WHEN {ok} THEN latency_ms - COALESCE(ttfb_ms, 0) ELSE 0 END)"])
+
+
+def bin_sql(flavor: str, col: str) -> str:
+    """`agg.bin_of` in SQL."""
+    lo, hi = ("GREATEST", "LEAST") if flavor == "postgres" else ("MAX", "MIN")
+    return (f"CASE WHEN {col} <= 0 THEN 0 ELSE {hi}({MAX_BIN}, {lo}(1, 1 + CAST(floor(ln({col} / {BIN_LO}) / "
+            f"ln({BIN_RATIO})) AS INTEGER))) END")
+
+
+def _group_expr(flavor: str, group: Group, raw: bool) -> tuple[str, list[Any]]:
+    pg = flavor == "postgres"
+    k = group.kind
+    if k == "key":
+        return "key_name", []
+    if k in ("alias", "provider"):
+        return (k, []) if raw else (f"NULLIF({k}, '')", [])
+    if k == "status":
+        return "status", []
+    if k == "all":
+        return "0", []
+    if k == "day":
+        if raw:
+            return ("floor(ts / 86400)::bigint" if pg else "CAST(ts / 86400 AS INTEGER)"), []
+        return "bucket / 86400", []
+    if k == "series":
+        if raw:
+            return ("floor(ts / ?::float8)::bigint" if pg else "CAST(ts / ? AS INTEGER)"), [float(group.arg)]
+        return ("bucket / ?::bigint" if pg else "bucket / ?"), [int(group.arg)]
+    if not raw:
+        raise ValueError(f"{k} is only in the raw rows")
+    if k == "session":
+        return "session_id", []
+    if k == "user":
+        return "end_user", []
+    if k == "tag":
+        if pg:
+            return "(tags::jsonb ->> ?::text)", [str(group.arg)]
+        return "json_extract(tags, ?)", ['$."' + str(group.arg) + '"']
+    raise ValueError(f"unknown group {k!r}")
+
+
+def _where(segments: Iterable[Segment], column: str, integer: bool) -> tuple[str, list[Any]]:
+    conds: list[str] = []
+    params: list[Any] = []
+    conv = int if integer else float
+    for s in segments:
+        c = [] if column == "ts" else ["level = ?"]
+        p: list[Any] = [] if column == "ts" else [s.level]
+        c.append(f"{column} >= ?")
+        p.append(conv(s.lo))
+        if s.hi is not None:
+            c.append(f"{column} < ?")
+            p.append(conv(s.hi))
+        conds.append("(" + " AND ".join(c) + ")")
+        params += p
+    return " OR ".join(conds), params
+
+
+def report_queries(flavor: str, group: Group, segments: Sequence[Segment], percentiles: bool = True,
+                   only: Sequence[Any] | None = None) -> list[tuple[str, str, list[Any]]]:
+    """[(what, sql, params)]: what is "sums", "lat" or "ttfb"; each row is (group, ...).
+
+    `only`: the histograms (no sums) of the raw rows of these group values (None among them: the
+    rows without one)."""
+    out: list[tuple[str, str, list[Any]]] = []
+    raw = [s for s in segments if s.level == RAW]
+    aggs = [s for s in segments if s.level != RAW]
+    pg = flavor == "postgres"
+    if raw:
+        g, gp = _group_expr(flavor, group, True)
+        where, wp = _where(raw, "ts", False)
+        if only is not None:
+            values = [v for v in only if v is not None]
+            conds = ["1 = 0"]
+            if values:
+                marks = ", ".join("?" for _ in values)
+                conds.append(f"{g} IN ({marks})")
+                wp += gp + values
+            if None in only:
+                conds.append(f"{g} IS NULL")
+                wp += gp
+            where = f"({where}) AND ({' OR '.join(conds)})"
+        # SQLite would walk a (group, ts) index in group order and fetch rows at random; the ts
+        # index reads the range in insertion order
+        table = "usage" if pg else "usage INDEXED BY usage_ts"
+        if only is None:
+            out.append(("sums", f"SELECT {g}, {_raw_sums(flavor)} FROM {table} WHERE {where} GROUP BY 1", gp + wp))
+        if percentiles:
+            out.append(("lat", f"SELECT {g}, {bin_sql(flavor, 'latency_ms')}, COUNT(*) FROM {table} "
+                               f"WHERE {where} GROUP BY 1, 2", gp + wp))
+            out.append(("ttfb", f"SELECT {g}, {bin_sql(flavor, 'ttfb_ms')}, COUNT(*) FROM {table} "
+                                f"WHERE ttfb_ms IS NOT NULL AND ({where}) GROUP BY 1, 2", gp + wp))
+    if aggs:
+        g, gp = _group_expr(flavor, group, False)
+        where, wp = _where(aggs, "bucket", True)
+        sums = ", ".join(f"SUM({f})" for f in SUM_FIELDS)
+        out.append(("sums", f"SELECT {g}, {sums} FROM usage_agg WHERE {where} GROUP BY 1", gp + wp))
+        if percentiles:
+            for what, col in (("lat", "lat_hist"), ("ttfb", "ttfb_hist")):
+                each = (f"jsonb_each_text(usage_agg.{col}) AS j" if pg else f"json_each(usage_agg.{col}) AS j")
+                val = "SUM(j.value::bigint)" if pg else "SUM(j.value)"
+                out.append((what, f"SELECT {g}, CAST(j.key AS INTEGER), {val} FROM usage_agg, {each} "
+                                  f"WHERE {where} GROUP BY 1, 2", gp + wp))
+    return [(what, _ph(flavor, sql), params) for what, sql, params in out]
+
+
+def collect(results: Iterable[tuple[str, Iterable[Sequence[Any]]]]) -> dict[Any, Agg]:
+    """Merge the rows of `report_queries` into {group value: Agg}."""
+    groups: dict[Any, Agg] = {}
+    for what, rows in results:
+        for row in rows:
+            g = row[0]
+            a = groups.get(g)
+            if a is None:
+                a = groups[g] = Agg()
+            if what == "sums":
+                a += Agg.from_sums(row[1:])
+            else:
+                hist = a.lat_hist if what == "lat" else a.ttfb_hist
+                b = int(row[1])
+                hist[b] = hist.get(b, 0) + int(row[2])
+    return groups
+
+
+def prune_statements(flavor: str, raw_before: float, minute_before: float, agg_before: float, limit: int
+                     ) -> list[tuple[str, tuple[Any, ...]]]:
+    """At most `limit` rows each: raw rows before `raw_before`, minute aggregates before
+    `minute_before`, hour and day aggregates before `agg_before`."""
+    key = ", ".join(AGG_KEY)
+    agg = f"DELETE FROM usage_agg WHERE ({key}) IN (SELECT {key} FROM usage_agg WHERE level = ? AND bucket < ? LIMIT ?)"
+    raw = "DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE ts < ? ORDER BY ts LIMIT ?)"
+    return [(_ph(flavor, raw), (float(raw_before), limit)),
+            (_ph(flavor, agg), (60, int(minute_before), limit)),
+            (_ph(flavor, agg), (3600, int(agg_before), limit)),
+            (_ph(flavor, agg), (86400, int(agg_before), limit))]

@@ -102,7 +102,11 @@ def test_env_without_config_points_at_8081_with_the_demo_key(demo: DemoGateway, 
     done = subprocess.run([CCPROXY, "env"], env=client_env(dirs, claude_bin), cwd=dirs["work"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    env = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in done.stdout.splitlines())
+    lines = done.stdout.splitlines()
+    exports = [line.removeprefix("export ") for line in lines if line.startswith("export ")]
+    env = dict(shlex.split(line)[0].split("=", 1) for line in exports)
+    assert [line for line in lines if not line.startswith("export ")] == [lines[-1]]  # the codex() shell function
+    assert lines[-1].startswith("codex()")
     assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8081"
     assert env["ANTHROPIC_AUTH_TOKEN"] == env["OPENAI_API_KEY"] == demo.key
     assert env["ANTHROPIC_MODEL"] == "claude-sonnet-4-5" and env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "claude-haiku-4-5"

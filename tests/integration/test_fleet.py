@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,7 @@ async def stored_ids(url: str) -> set[str]:
 def fleet(tmp_path: Path, gateway, postgres_server, redis_server):
     upstream = FakeOpenAI(tmp_path / "upstream")
     upstream.start()
-    database_url = postgres_server.create_database("fleet")
+    database_url = postgres_server.create_database(f"fleet_{uuid.uuid4().hex[:8]}")
     redis_server.flushall()
     config = {
         "keys": [{"name": "user", "key": KEY},

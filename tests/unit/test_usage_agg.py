@@ -258,7 +258,7 @@ async def test_spool_at_shutdown_and_replay_once(tmp_path: Path) -> None:
         w.submit(r)
     await asyncio.sleep(0.05)
     await w.close()
-    files = list((tmp_path / "spool").glob("usage-spool-*.jsonl"))
+    files = list((tmp_path / "spool").glob("usage-journal-*.jsonl"))  # what the database never took
     assert len(files) == 1 and w.queue_depth() == 0
     copy = tmp_path / "spool" / "usage-spool-0-1.jsonl"  # the same rows twice: replayed once only
     copy.write_bytes(files[0].read_bytes())
@@ -276,6 +276,46 @@ async def test_spool_at_shutdown_and_replay_once(tmp_path: Path) -> None:
     assert rep["totals"]["input_tokens"] == sum(r.input_tokens for r in rows)
     await w2.close()
     await store.close()
+
+
+async def test_journal_segments_go_once_written_and_survive_a_crash(tmp_path: Path) -> None:
+    rnd = random.Random(12)
+    rows = [_record(_row(rnd, i, ts=NOW - 100 + i)) for i in range(30)]
+    store = SQLiteStore(tmp_path / "u.db")
+    await store.start()
+    w = UsageWriter(store, interval=0.01, spool=Spool(tmp_path / "spool"))
+    await w.start()
+    for r in rows[:10]:
+        w.submit(r)
+    assert len(list((tmp_path / "spool").glob("usage-journal-*.jsonl"))) == 1  # written before the response ends
+    while w.queue_depth():
+        await asyncio.sleep(0.01)
+    assert list((tmp_path / "spool").iterdir()) == []  # all in the database: the segment is gone
+    await w.close()
+
+    # A process killed with rows only in memory: its journal is all that is left of them.
+    crashed = UsageWriter(_DownStore(), interval=0.01, spool=Spool(tmp_path / "spool"))  # type: ignore[arg-type]
+    crashed.journal.rotate_rows = 7  # type: ignore[union-attr]
+    for r in rows[10:]:
+        crashed.submit(r)
+    assert len(list((tmp_path / "spool").glob("usage-journal-*.jsonl"))) == 3
+    w2 = UsageWriter(store, spool=Spool(tmp_path / "spool"))  # the next start, on the same directory
+    await w2.start()
+    ids = {r[0] for r in await store.usage_rows(0, ["request_id"])}
+    assert ids == {r.request_id for r in rows}
+    assert list((tmp_path / "spool").iterdir()) == []
+    await w2.close()
+    await store.close()
+
+
+def test_a_full_buffer_keeps_the_dropped_rows_in_the_journal(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    w = UsageWriter(_DownStore(), max_buffer=3, spool=spool)  # type: ignore[arg-type]
+    for i in range(5):
+        w.submit(UsageRecord(f"r{i}", NOW, "k", "/v1/messages", status=200))
+    assert w.dropped == 2 and w.queue_depth() == 3
+    (path,) = tmp_path.glob("usage-journal-*.jsonl")
+    assert [r.request_id for r in Spool.read(path)] == [f"r{i}" for i in range(5)]
 
 
 async def test_replay_keeps_the_file_when_the_database_fails(tmp_path: Path) -> None:

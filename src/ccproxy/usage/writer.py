@@ -5,8 +5,12 @@ writes a batch every `interval` seconds or as soon as `batch_size` rows are wait
 database fails, the batch goes back to the front of the buffer and is retried with exponential
 backoff; inserts are idempotent on request_id, so a batch that was written but reported as failed
 is not doubled. When the buffer is full the oldest rows are dropped, counted in
-`ccproxy_usage_dropped_rows` and logged. `close()` flushes what is left, within a deadline; with a
-`Spool`, rows still unwritten then go to a local file, and `start()` replays such files (usage/spool.py).
+`ccproxy_usage_dropped_rows` and logged. `close()` flushes what is left, within a deadline.
+
+With a `Spool`, every submitted row is first appended to the process's journal (usage/spool.py),
+and a journal segment is deleted once its rows are in the database: rows still unwritten at
+shutdown, dropped from a full buffer, or held by a process that was killed stay in the journal,
+and `start()` replays what earlier processes left (a request id already stored is skipped).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections import deque
 
 from ccproxy.metrics import Metrics
 from ccproxy.usage.record import UsageRecord
-from ccproxy.usage.spool import Spool
+from ccproxy.usage.spool import Journal, Spool
 from ccproxy.usage.store import Store
 
 log = logging.getLogger("ccproxy.usage")
@@ -33,6 +37,7 @@ class UsageWriter:
                  max_backoff: float = 5.0, spool: Spool | None = None) -> None:
         self.store = store
         self.spool = spool
+        self.journal = Journal(spool) if spool is not None else None
         self.metrics = metrics
         self.batch_size = batch_size
         self.interval = interval
@@ -54,6 +59,8 @@ class UsageWriter:
 
     def submit(self, record: UsageRecord) -> None:
         try:
+            if self.journal is not None:
+                self.journal.append(record)  # before the response ends: a crash cannot lose it
             self._buffer.append(record)
             self._trim()
             if len(self._buffer) >= self.batch_size:
@@ -88,16 +95,12 @@ class UsageWriter:
                 continue
             await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(backoff * 2, self.max_backoff)
-        if self._buffer and self.spool is not None:
-            rows = list(self._buffer)
-            try:
-                path = self.spool.write(rows)
-            except OSError as e:
-                log.error("usage: could not spool %d unwritten rows to %s (%s)", len(rows), self.spool.directory, e)
-            else:
+        if self.journal is not None:
+            left = self.journal.close()
+            if left:
+                log.warning("usage: the database did not take %d rows before shutdown; they stay in the usage "
+                            "journal in %s and are written at the next start", left, self.journal.spool.directory)
                 self._buffer.clear()
-                log.warning("usage: the database did not take %d rows before shutdown; spooled to %s, "
-                            "written at the next start", len(rows), path)
         if self._buffer:
             log.error("usage: shutdown deadline passed; %d usage rows were not written", len(self._buffer))
 
@@ -159,6 +162,8 @@ class UsageWriter:
             return False
         self.written += n
         self._inflight = []
+        if self.journal is not None:
+            self.journal.confirm(n)
         if self._failing_since is not None:
             log.warning("usage: database writes recovered after %.1fs",
                         time.monotonic() - self._failing_since)
@@ -176,6 +181,8 @@ class UsageWriter:
             return
         for _ in range(over):
             self._buffer.popleft()
+        if self.journal is not None:
+            self.journal.drop(over)  # kept in the journal: written at the next start
         self.dropped += over
         if self.metrics is not None:
             self.metrics.usage_dropped.inc(over)

@@ -65,7 +65,8 @@ def test_probes_resources_and_security(rendered: dict[str, dict[str, Any]]) -> N
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert "/tmp" in mounts  # the only writable place with a read-only root
+    assert "/tmp" in mounts  # writable places with a read-only root: /tmp and the usage journal
+    assert "/var/lib/ccproxy/spool" in mounts
 
 
 def test_service_pdb_and_hpa_select_the_deployment(rendered: dict[str, dict[str, Any]]) -> None:
@@ -99,6 +100,8 @@ def test_the_config_each_replica_reads_is_valid(rendered: dict[str, dict[str, An
     config = parse_config(yaml.safe_load(config_map["data"]["ccproxy.yaml"]), "configmap")
     assert config.host == "0.0.0.0" and config.port == 8081
     assert config.database_url and config.redis_url  # shared state: every replica sees the same keys and limits
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert config.usage.spool_dir in mounts  # the usage journal on a volume, not the read-only root
     grace = rendered["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > config.drain_seconds
 
@@ -126,6 +129,7 @@ def test_compose_runs_three_replicas_behind_a_load_balancer(monkeypatch: pytest.
         assert f"server {r}:8081" in nginx
         svc = services[r]
         assert svc["read_only"] is True
+        assert any(v.endswith(":/var/lib/ccproxy/spool") for v in svc["volumes"])  # its usage journal
         volume = next(v for v in svc["volumes"] if v.endswith(f":{CONFIG_PATH}:ro"))
         config_file = DEPLOY / volume.split(":")[0]
         assert config_file.resolve() == (DEPLOY / "k8s" / "ccproxy.yaml").resolve()  # one fleet config

@@ -351,7 +351,8 @@ def test_explain_key_rule_pool_and_fallbacks(cli_files: Path) -> None:
     assert "(not in the config file" in res.output
     assert "model 'p1'" in res.output and "model 'p2'" in res.output
     assert "model 'm-chat', alias 'chat'  [fallback]" in res.output
-    assert "ordered per request" in res.output
+    assert "session affinity: session " in res.output  # a pool: the session picks the deployment
+    assert "(hash of the system prompt and first user message) -> deployment " in res.output
 
 
 def test_explain_no_rule_and_key_access(cli_files: Path) -> None:

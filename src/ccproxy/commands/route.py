@@ -138,7 +138,12 @@ def format_explain(out: dict[str, Any], source: str) -> str:
         tag = "" if t["alias"] == out["alias"] else "  [fallback]"
         lines.append(f"  {i}. provider {t['provider']!r} ({t['provider_type']}), model {t['model']!r}, "
                      f"alias {t['alias']!r}{tag}; {_price_text(t.get('price'))}")
-    if sum(t["alias"] == out["alias"] for t in out["targets"]) > 1:
+    affinity = out.get("affinity")
+    if affinity is not None:
+        lines.append(f"session affinity: session {affinity['session']!r} ({affinity['source']}) -> deployment "
+                     f"{affinity['deployment']!r}" + (" (moved off a deployment in cooldown)" if affinity["moved"]
+                                                      else ""))
+    elif sum(t["alias"] == out["alias"] for t in out["targets"]) > 1:
         lines.append("  (deployments of one alias are ordered per request: least in flight per unit of weight, "
                      "those in cooldown last)")
     lines.append("(explain only: nothing was sent to any backend)")

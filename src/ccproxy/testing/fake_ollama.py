@@ -1,4 +1,4 @@
-"""A faithful, scriptable in-process Ollama server for tests (protocols.md §3).
+"""A faithful, scriptable in-process Ollama server for tests (https://github.com/ollama/ollama/blob/main/docs/api.md).
 
     async with FakeOllama(models={"llama3.2": {}, "tiny": {"tools": False}}) as fake:
         fake.script(Reply(text="Hi!"), Reply(tool_calls=[ToolCall("get_weather", {"city": "Paris"})]))

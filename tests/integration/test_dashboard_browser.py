@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _procs import REPO, SETUP_HINT
+from helpers.procs import REPO, SETUP_HINT
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from ccproxy.usage.sqlite import SQLiteStore

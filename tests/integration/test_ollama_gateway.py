@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from helpers.procs import REPO, Service, http_status
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import REPO, Service, http_status  # noqa: E402
-
-from ccproxy.testing.anthropic_sse import check_messages_stream, check_response  # noqa: E402
+from ccproxy.testing.anthropic_sse import check_messages_stream, check_response
 
 KEY = "sk-ollama-gateway-alice"
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
@@ -66,7 +62,7 @@ def ollama(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def gw(ollama, tmp_path_factory: pytest.TempPathFactory):
-    from _procs import Gateway
+    from helpers.procs import Gateway
 
     g = Gateway(tmp_path_factory.mktemp("gateway"), {
         "keys": [{"name": "alice", "key": KEY}],

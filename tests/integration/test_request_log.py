@@ -5,14 +5,12 @@ is still written). It names the alias that served, the client's session and the 
 from __future__ import annotations
 
 import sqlite3
-import sys
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, chat_body, wait_until  # noqa: E402
+from helpers.clients import chat_body, wait_until
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

@@ -363,6 +363,17 @@ class FakeBackend(Service):
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
+    def script(self, *replies: dict[str, Any]) -> None:
+        """Forget what came before, then queue these Ollama replies (`ccproxy.testing.fake_ollama.Reply`
+        as JSON); each `/api/chat` call takes the next one."""
+        self.ctl("/_fake/reset", {})
+        if replies:
+            self.ctl("/_fake/script", list(replies))
+
+    def chats(self) -> list[dict[str, Any]]:
+        """The bodies of the `/api/chat` requests received, in order."""
+        return [r["body"] for r in self.ctl("/_fake/requests") if r["path"] == "/api/chat"]
+
     def stats(self) -> dict[str, int]:
         """{"chat", "active", "max_active", "tokenize"}: OpenAI chat requests seen, in progress, the
         most at once, tokenize requests seen."""

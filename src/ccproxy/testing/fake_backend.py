@@ -52,7 +52,16 @@ from aiohttp import web
 
 from ccproxy.testing import directives as directed
 from ccproxy.testing import misbehaving
-from ccproxy.testing.fake_ollama import FakeOllama, Reply, ToolCall, _canonical, _pseudo_vector, _unit, _words
+from ccproxy.testing.fake_ollama import (
+    FakeOllama,
+    Reply,
+    ToolCall,
+    _canonical,
+    _pseudo_vector,
+    _unit,
+    _words,
+    model_specs,
+)
 
 __all__ = ["FakeBackend", "decide"]
 
@@ -381,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
                                  description="A fake model backend (Ollama, OpenAI chat, Anthropic) for tests.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--model", action="append", default=[], help="model name (repeatable; default: fake)")
+    ap.add_argument("--model", action="append", default=[],
+                    help="model name, optionally with capabilities as for fake_ollama: "
+                         "name[:tag][=tools,thinking,vision,notools] (repeatable; default: fake)")
     ap.add_argument("--directives", action="store_true",
                     help="OpenAI chat answers by key=value words in the last user message (ccproxy.testing.directives)")
     ap.add_argument("--api-key", help="the OpenAI endpoints and /tokenize want Authorization: Bearer API_KEY")
@@ -391,8 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     async def run() -> None:
-        fake = FakeBackend(args.model or ["fake"], host=args.host, port=args.port, directives=args.directives,
-                           api_key=args.api_key, misbehave=args.misbehave, listing_delay=args.listing_delay)
+        fake = FakeBackend(model_specs(args.model or ["fake"]), host=args.host, port=args.port,
+                           directives=args.directives, api_key=args.api_key, misbehave=args.misbehave,
+                           listing_delay=args.listing_delay)
         url = await fake.start()
         print(f"fake backend listening on {url}", flush=True)
         try:

@@ -82,3 +82,20 @@ async def test_misbehaviour_by_model_name_in_every_dialect() -> None:
             assert [m["id"] for m in (await r.json())["data"]] == ["good"]
         assert fake.paths() == ["/v1/chat/completions", "/v1/messages", "/api/chat", "/api/chat", "/api/tags",
                                 "/v1/models"]
+
+
+async def test_the_answer_text_names_the_model_and_may_stream_in_one_piece() -> None:
+    for split, expected in ((True, ["served", " by", " m-x"]), (False, ["served by m-x"])):
+        async with FakeBackend(["m-x"], text="served by {model}", split=split) as fake, \
+                aiohttp.ClientSession() as s:
+            async with s.post(f"{fake.base_url}/v1/chat/completions",
+                              json={"model": "m-x", "messages": [{"role": "user", "content": "hi"}],
+                                    "stream": True}) as r:
+                events = [json.loads(ln[6:]) for ln in (await r.text()).splitlines()
+                          if ln.startswith("data: {")]
+            assert [e["choices"][0]["delta"]["content"] for e in events
+                    if e["choices"] and e["choices"][0]["delta"].get("content")] == expected
+            async with s.post(f"{fake.base_url}/v1/messages",
+                              json={"model": "m-x", "max_tokens": 5,
+                                    "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert (await r.json())["content"] == [{"type": "text", "text": "served by m-x"}]

@@ -11,7 +11,10 @@ policy shared by all three dialects, the **agent task**: with `POST /_fake/agent
   (`Bash`, `bash`, `shell`, `exec_command`, ...) is answered with ONE call of that tool, writing
   `content` to `path`, under a call id the fake makes up (listed by `GET /_fake/calls`);
 * a request whose last message carries a tool result is answered with the text `final`;
-* anything else (an agent's side request, e.g. a title) gets the text `ok`.
+* anything else (an agent's side request, e.g. a title) gets the text `ok`; without a task every
+  OpenAI and Anthropic answer is that text, which `text=` can set, e.g. `text="served by {model}"`
+  (`{model}`: the request's model), so a test sees where a request went. Streams send a text word
+  by word, or in one piece with `split=False`.
 
 `POST /v1/embeddings` (OpenAI-compatible) gives the same deterministic vectors as `/api/embed`.
 
@@ -101,10 +104,11 @@ def _write_call(tools: list[tuple[str, dict[str, Any]]], path: str, content: str
     return None
 
 
-def decide(task: dict[str, str] | None, tools: list[tuple[str, dict[str, Any]]], after_tool: bool) -> Reply:
+def decide(task: dict[str, str] | None, tools: list[tuple[str, dict[str, Any]]], after_tool: bool,
+           default: str = "ok") -> Reply:
     """The agent-task policy (module docstring), the same for every dialect."""
     if task is None:
-        return Reply(text="ok")
+        return Reply(text=default)
     if after_tool:
         return Reply(text=task["final"])
     call = _write_call(tools, task["path"], task["content"])
@@ -148,8 +152,9 @@ class FakeBackend(FakeOllama):
 
     def __init__(self, models: dict[str, dict[str, Any]] | list[str] | None = None, *,
                  directives: bool = False, api_key: str | None = None, misbehave: bool = False,
-                 listing_delay: float = 0.0, **kw: Any):
+                 listing_delay: float = 0.0, text: str = "ok", split: bool = True, **kw: Any):
         super().__init__(models, **kw)
+        self.text, self.split = text, split
         self.directives, self.api_key = directives, api_key
         self.misbehave, self.listing_delay = misbehave, listing_delay
         self.task: dict[str, str] | None = None
@@ -171,6 +176,9 @@ class FakeBackend(FakeOllama):
         app.router.add_get("/_fake/calls", self._ctl_calls)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/_fake/stats", self._ctl_stats)
+
+    def _pieces(self, text: str) -> list[str]:
+        return _words(text) if self.split else [text] if text else []
 
     def _new_id(self, prefix: str) -> str:
         self._ids += 1
@@ -248,9 +256,9 @@ class FakeBackend(FakeOllama):
             return web.json_response({"error": {"message": "'messages' is required", "type":
                                                 "invalid_request_error", "param": "messages", "code": None}},
                                      status=400)
-        reply = self._made(decide(self.task, _openai_tools(body), _last_is_tool_result(body, "openai")),
-                           "openai", "call_")
         model = str(body.get("model") or "fake")
+        reply = self._made(decide(self.task, _openai_tools(body), _last_is_tool_result(body, "openai"),
+                                  self.text.format(model=model)), "openai", "call_")
         cid = self._new_id("chatcmpl-")
         calls = [{"id": tc.id, "type": "function",
                   "function": {"name": tc.name, "arguments": json.dumps(tc.arguments)}} for tc in reply.tool_calls]
@@ -274,7 +282,7 @@ class FakeBackend(FakeOllama):
             await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
         await chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        for piece in _words(reply.text):
+        for piece in self._pieces(reply.text):
             await chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
         for i, call in enumerate(calls):
             args = call["function"]["arguments"]
@@ -322,9 +330,9 @@ class FakeBackend(FakeOllama):
             return web.json_response({"type": "error", "error": {"type": "invalid_request_error",
                                                                  "message": "messages: field required"}},
                                      status=400)
-        reply = self._made(decide(self.task, _anthropic_tools(body), _last_is_tool_result(body, "anthropic")),
-                           "anthropic", "toolu_")
         model = str(body.get("model") or "fake")
+        reply = self._made(decide(self.task, _anthropic_tools(body), _last_is_tool_result(body, "anthropic"),
+                                  self.text.format(model=model)), "anthropic", "toolu_")
         mid = self._new_id("msg_")
         blocks: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text else []
         blocks += [{"type": "tool_use", "id": tc.id, "name": tc.name, "input": tc.arguments}
@@ -348,7 +356,7 @@ class FakeBackend(FakeOllama):
         for i, block in enumerate(blocks):
             if block["type"] == "text":
                 await event("content_block_start", index=i, content_block={"type": "text", "text": ""})
-                for piece in _words(block["text"]):
+                for piece in self._pieces(block["text"]):
                     await event("content_block_delta", index=i, delta={"type": "text_delta", "text": piece})
             else:
                 await event("content_block_start", index=i, content_block={

@@ -10,6 +10,7 @@ import json
 
 import aiohttp
 
+from ccproxy.testing.anthropic_sse import check_response
 from ccproxy.testing.fake_backend import FakeBackend
 
 KEY = "sk-fake-backend-key"
@@ -98,4 +99,6 @@ async def test_the_answer_text_names_the_model_and_may_stream_in_one_piece() -> 
             async with s.post(f"{fake.base_url}/v1/messages",
                               json={"model": "m-x", "max_tokens": 5,
                                     "messages": [{"role": "user", "content": "hi"}]}) as r:
-                assert (await r.json())["content"] == [{"type": "text", "text": "served by m-x"}]
+                raw = await r.read()
+                check_response("/v1/messages", r.status, r.headers.get("content-type"), raw)
+                assert json.loads(raw)["content"] == [{"type": "text", "text": "served by m-x"}]

@@ -25,6 +25,6 @@ class FakeMisbehaving(FakeBackend):
     def command(self) -> list[str]:
         return [*super().command(), "--misbehave", "--listing-delay", str(self.listing_delay)]
 
-    def stats(self) -> dict[str, int]:  # type: ignore[override]
+    def stats(self) -> dict[str, int]:
         """Requests received, by path."""
         return dict(collections.Counter(r["path"] for r in self.ctl("/_fake/requests")))

@@ -260,8 +260,9 @@ class FakeBackend(FakeOllama):
         reply = self._made(decide(self.task, _openai_tools(body), _last_is_tool_result(body, "openai"),
                                   self.text.format(model=model)), "openai", "call_")
         cid = self._new_id("chatcmpl-")
-        calls = [{"id": tc.id, "type": "function",
-                  "function": {"name": tc.name, "arguments": json.dumps(tc.arguments)}} for tc in reply.tool_calls]
+        calls: list[dict[str, Any]] = [{"id": tc.id, "type": "function",
+                                         "function": {"name": tc.name, "arguments": json.dumps(tc.arguments)}}
+                                        for tc in reply.tool_calls]
         finish = "tool_calls" if calls else "stop"
         usage = {"prompt_tokens": 11, "completion_tokens": max(1, len(_words(reply.text)) + len(calls)),
                  "total_tokens": 0}

@@ -117,7 +117,7 @@ http {{
 
 _children: list[subprocess.Popen] = []
 _tmpdirs: list[Path] = []
-_services: list = []  # RedisServer / PostgresServer (tests/integration/_procs.py), for --services
+_services: list = []  # RedisServer / PostgresServer (tests/helpers/procs.py), for --services
 
 
 def _kill_all() -> None:
@@ -516,18 +516,18 @@ def start_ccproxy(tmp: Path, nginx_port: int, name: str = "ccproxy", extra: dict
 
 def start_services(tmp: Path) -> tuple[dict, str | None]:
     """Redis and a PostgreSQL cluster on free loopback ports, with the integration tests' helpers."""
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    sys.path.insert(0, str(ROOT / "tests"))  # the tests' `helpers` package (pytest adds it itself)
     try:
-        from _procs import MissingDependency, PostgresServer, RedisServer, StartupError
+        from helpers.procs import MissingDependency, PostgresServer, RedisServer, StartupError
     except ImportError as e:
-        return {}, f"n/a (tests/integration/_procs.py not importable: {e})"
+        return {}, f"n/a (tests/helpers/procs.py not importable: {e})"
     svc: dict = {}
     try:
         redis = RedisServer(tmp / "redis")
         _services.append(redis)
         redis.start()
         svc["redis"] = redis
-        pg = PostgresServer()  # as root: a postgres-owned cluster in /tmp (see _procs.py)
+        pg = PostgresServer()  # as root: a postgres-owned cluster in /tmp (see tests/helpers/procs.py)
         _services.append(pg)
         pg.start(timeout=60)
         svc["pg"] = pg

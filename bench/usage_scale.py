@@ -33,7 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from ccproxy.testing.usage_gen import write_release_postgres, write_release_sqlite  # noqa: E402
 
@@ -222,7 +222,7 @@ def run_store(kind: str, rows: int, days: float, poll_seconds: float, workdir: P
 
             store: Any = SQLiteStore(db)
         else:
-            from _procs import PostgresServer
+            from helpers.procs import PostgresServer
 
             from ccproxy.usage.postgres import PostgresStore
 

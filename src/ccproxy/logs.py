@@ -1,11 +1,14 @@
-"""JSON log lines on stderr: one object per line, for the gateway's own events and uvicorn's.
-Every line passes through `ccproxy.redact.redact`, so no configured secret is ever logged."""
+"""JSON log lines on stderr: one object per line, for the gateway's own events, uvicorn's and the
+per-request line. Every line passes through `ccproxy.redact.redact`, so no configured secret is ever
+logged, and through the one handler `setup()` installs, so `--log-level` governs them all.
+
+The per-request line (`request_line`) is logged at `info` by the `ccproxy.request` logger:
+`--log-level warning` (or higher) drops it; the usage row and the metrics are kept either way."""
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
 
 import orjson
 
@@ -14,7 +17,7 @@ from ccproxy.redact import redact
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name,
+        line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                 "msg": record.getMessage()}
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
@@ -35,6 +38,18 @@ def setup(level: str = "info") -> None:
         lg.handlers[:] = []
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the gateway logs one line per request itself
+
+
+REQUEST_LOGGER = logging.getLogger("ccproxy.request")
+
+
+def request_line(fields: dict[str, object]) -> None:
+    """The one log line of a finished request (`"msg": "request"`), at `info`. Runs once per
+    request: when `info` is off the level check is the whole cost."""
+    if REQUEST_LOGGER.isEnabledFor(logging.INFO):
+        # makeRecord + handle is what `.info()` does, minus the stack walk for a caller nobody logs
+        REQUEST_LOGGER.handle(REQUEST_LOGGER.makeRecord(REQUEST_LOGGER.name, logging.INFO, __file__, 0,
+                                                        "request", (), None, extra={"fields": fields}))
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:

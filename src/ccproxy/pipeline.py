@@ -18,7 +18,6 @@ import itertools
 import logging
 import math
 import secrets
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from ccproxy import errors
+from ccproxy import errors, logs
 from ccproxy.asgi import (
     ClientGone,
     DisconnectWatcher,
@@ -286,12 +285,13 @@ class ChatFlow:
         self.gw.observe(r, self.admitted)
         if self.span is not None:
             self.span.finish(r, self.operation)
-        line = {"level": "info", "msg": "request", "request_id": r.request_id, "key": r.key_name,
-                "endpoint": r.endpoint, "alias": r.alias, "rule": r.rule, "provider": r.provider,
-                "upstream_model": r.upstream_model, "stream": r.stream, "status": r.status,
-                "error": r.error_kind, "latency_ms": r.latency_ms, "ttfb_ms": r.ttfb_ms,
-                "input_tokens": r.input_tokens, "output_tokens": r.output_tokens}
-        sys.stderr.write(orjson.dumps(line).decode() + "\n")
+        logs.request_line({"request_id": r.request_id, "key": r.key_name, "endpoint": r.endpoint,
+                           "alias": r.alias, "served_alias": r.served_alias, "rule": r.rule,
+                           "provider": r.provider, "upstream_model": r.upstream_model, "stream": r.stream,
+                           "status": r.status, "error": r.error_kind, "latency_ms": r.latency_ms,
+                           "ttfb_ms": r.ttfb_ms, "input_tokens": r.input_tokens,
+                           "output_tokens": r.output_tokens, "cost_usd": r.cost_usd,
+                           "session_id": r.session_id})
 
     # ---------------------------------------------------------------- attempts
 

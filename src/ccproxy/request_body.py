@@ -1,17 +1,18 @@
 """A request body -> a neutral `ChatRequest` and its prompt estimate, with the work bounded.
 
 Decoding is the only step of a request whose cost grows with what the client sends: JSON parsing,
-the depth check, the dialect parser and the token estimate are all linear in the body, and a 7 MB
-body of 200,000 short messages took about 2 s of pure Python. On the event loop that stalls every
-other request (`/health` included) for as long. So:
+the depth check, the dialect parser and the token estimate are all linear in the body, and a
+body of many short messages takes seconds of pure Python (figures: bench/README.md, "Design
+measurements"). On the event loop that stalls every other request (`/health` included) for as
+long. So:
 
 - bodies larger than `OFFLOAD_BYTES` are decoded in a worker thread. The thread still holds the
   GIL while it runs Python, but the interpreter hands it back to the event loop every few
   milliseconds (`sys.getswitchinterval()`), so other requests keep flowing. Small bodies, the
-  common case, stay on the loop: a thread hop costs about 50-100 us, more than decoding them;
+  common case, stay on the loop: a thread hop costs more than decoding them;
 - while a large body is decoded, Python's cyclic garbage collector is paused. Decoding allocates
   hundreds of thousands of objects, which trigger full collections over the whole heap, each
-  holding the GIL (so the event loop too) for 100 ms and more; JSON trees and the dataclasses made
+  holding the GIL (so the event loop too) for a long time; JSON trees and the dataclasses made
   from them form no cycles, so reference counting frees them anyway, and any cyclic garbage made
   meanwhile waits for the next collection;
 - `limits.max_messages` and `limits.max_content_blocks` bound what a request may carry, because
@@ -19,8 +20,7 @@ other request (`/health` included) for as long. So:
   is linear in the messages and blocks. Too many is a 400 naming the limit.
 
 What stays on the loop's clock: orjson parses the bytes without releasing the GIL, so the JSON
-parse itself (about 0.15-0.2 s for the 7 MB body above on a busy 2-core machine, a fraction of
-that on a quiet one) still delays other requests once.
+parse itself (a fraction of the decoding time) still delays other requests once.
 """
 
 from __future__ import annotations

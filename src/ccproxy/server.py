@@ -1,7 +1,7 @@
 """Running the gateway under uvicorn: signals, graceful drain, hot reload, start-up report.
 
-uvicorn with uvloop + httptools measured 8,478 req/s in a bare proxy on this kind of machine
-(granian 7,931), so it is the server. On SIGTERM/SIGINT the gateway first turns readiness to 503
+uvicorn with uvloop + httptools is the server: it was the fastest in a bare proxy (figures:
+bench/README.md, "Design measurements"). On SIGTERM/SIGINT the gateway first turns readiness to 503
 and refuses new chat requests, waits `shutdown_grace` seconds so load balancers notice, then stops
 accepting connections and lets in-flight requests finish for up to `drain_seconds`; the usage
 buffer is flushed in the lifespan shutdown. SIGHUP (and a change of the config file's mtime)

@@ -8,15 +8,12 @@ that installs it: a skipped integration test would pass CI without testing anyth
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # works with or without __init__.py / importlib mode
-from _procs import (  # noqa: E402
+from helpers.procs import (
     REPO,
     SETUP_HINT,
     Gateway,

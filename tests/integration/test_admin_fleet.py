@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, cli, openai_req, send_all  # noqa: E402
+from helpers.clients import cli, openai_req, send_all
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """One admission for every endpoint that reaches a backend, and the key's allowlist everywhere.
 
-A real `ccproxy serve` (SQLite usage, in-memory limiter) in front of `_fake_openai.FakeOpenAI`, a
+A real `ccproxy serve` (SQLite usage, in-memory limiter) in front of `helpers.procs.FakeOpenAI`, a
 separate process that also has llama.cpp's `POST /tokenize` and counts every request it sees:
 
 - `POST /v1/messages/count_tokens` goes through the chat flow's admission: a key restricted to
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -26,9 +25,8 @@ import asyncpg
 import pytest
 import requests
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, cli, wait_until  # noqa: E402
+from helpers.clients import cli, wait_until
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

@@ -17,21 +17,18 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.procs import REPO, SETUP_HINT, FakeBackend
+from helpers.recording_proxy import Exchange, RecordingProxy
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import REPO, SETUP_HINT, FakeBackend  # noqa: E402
-from _recording_proxy import Exchange, RecordingProxy  # noqa: E402
-
-from ccproxy.dialects.anthropic_stream_validator import validate_stream  # noqa: E402
-from ccproxy.dialects.openai_stream_validator import validate_chat_stream  # noqa: E402
-from ccproxy.dialects.responses_stream_validator import validate_stream as validate_responses_stream  # noqa: E402
+from ccproxy.dialects.anthropic_stream_validator import validate_stream
+from ccproxy.dialects.openai_stream_validator import validate_chat_stream
+from ccproxy.dialects.responses_stream_validator import validate_stream as validate_responses_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -1,6 +1,6 @@
 """`/v1/messages` with real parts: the `anthropic` Python SDK (and raw `requests`) -> a real
 `ccproxy serve` process -> a real llama.cpp server (SmolLM2-135M). Every stream is checked with
-`validate_stream` (protocols.md §1.6)."""
+`validate_stream` (https://docs.anthropic.com/en/docs/build-with-claude/streaming)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Cost and attribution on the usage rows of a real `ccproxy serve`, in SQLite and in PostgreSQL.
 
-The backend is `_fake_openai.FakeOpenAI` (`ptok=`, `cached=`, `chunks=`, `delay=` in the prompt
+The backend is `helpers.procs.FakeOpenAI` (`ptok=`, `cached=`, `chunks=`, `delay=` in the prompt
 make its usage exact). Each row must carry the client's session (Claude Code's
 `x-claude-code-session-id`, else the session inside `metadata.user_id`; Codex's `session-id`), the
 end user (OpenAI `user`, the account inside `metadata.user_id`), the key's tags, and the cost of
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,9 +21,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, anthropic_req, openai_req, send_all  # noqa: E402
+from helpers.clients import anthropic_req, openai_req, send_all
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

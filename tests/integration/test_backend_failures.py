@@ -1,5 +1,5 @@
 """Backends that misbehave, against a real gateway process and a real misbehaving backend process
-(`_fake_misbehaving.py`, speaking OpenAI, Anthropic and Ollama): a malformed answer (`choices` not
+(`helpers/fake_misbehaving.py`, speaking OpenAI, Anthropic and Ollama): a malformed answer (`choices` not
 objects, token counts as strings), a `Retry-After` of inf/nan/1e400, or a backend 5xx is a 502
 naming the provider, never the gateway's 500, and moves on to the alias's fallback.
 """
@@ -7,15 +7,11 @@ naming the provider, never the gateway's 500, and moves on to the alias's fallba
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_misbehaving import FakeMisbehaving  # noqa: E402
-from _fake_openai import send_all  # noqa: E402
+from helpers.clients import send_all
+from helpers.fake_misbehaving import FakeMisbehaving
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """Budgets across three `ccproxy serve` replicas on one Redis and one PostgreSQL, and after restarts.
 
-The backend is `_fake_openai.FakeOpenAI`; the prompt makes it answer exactly as many prompt tokens as
+The backend is `helpers.procs.FakeOpenAI`; the prompt makes it answer exactly as many prompt tokens as
 the gateway estimates and exactly `max_tokens` completion tokens, so a request costs exactly its
 worst-case reservation, and a budget of ten requests' cost admits exactly ten of a burst spread
 over the replicas. The refusal (429, `retry-after` at the next UTC midnight, `x-should-retry:
@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import asyncpg
 import openai
 import pytest
+from helpers.clients import chat_body, send_all
+from helpers.procs import FakeOpenAI
 
 from ccproxy.testing.anthropic_sse import validating_http_client
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, chat_body, send_all  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """An answer cut by the alias's own cap (`max_output_tokens`) ends normally at the HTTP level.
 
-The fake OpenAI upstream (`_fake_openai.py`, its own process) stops like a real backend: at exactly
+The fake OpenAI upstream (`helpers.procs.FakeOpenAI`, its own process) stops like a real backend: at exactly
 the `max_tokens` it was sent, with `finish_reason: "length"`. The client asked for more than the
 alias allows, so its limit was not reached: Anthropic clients get `end_turn`, OpenAI clients
 `stop`, Ollama clients `done_reason: "stop"` (Claude Code treats a `max_tokens` stop under its own
@@ -10,16 +10,13 @@ limit as an error and keeps asking to resume). The client's own limit still says
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.clients import anthropic_req, openai_req, send_all
+from helpers.procs import FakeOpenAI
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, anthropic_req, openai_req, send_all  # noqa: E402
-
-from ccproxy.testing.anthropic_sse import check_messages_stream  # noqa: E402
+from ccproxy.testing.anthropic_sse import check_messages_stream
 
 KEY, UP_KEY, CAP = "sk-capped-alice", "sk-capped-upstream", 4
 CUT = "".join(f"w{i} " for i in range(CAP))

@@ -22,7 +22,6 @@ import os
 import shlex
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +29,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import REPO, MissingDependency, StartupError, require_embedded  # noqa: E402
-from test_demo_default import DemoGateway  # noqa: E402
+from helpers.procs import REPO, MissingDependency, StartupError, require_embedded
+from test_demo_default import DemoGateway
 
 require_embedded()  # a missing extra fails the module, with the install command
 

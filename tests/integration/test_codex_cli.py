@@ -12,24 +12,21 @@ Codex got is checked by the Responses stream validator.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
+from helpers.procs import REPO
+from helpers.recording_proxy import RecordingProxy
 
 from ccproxy.dialects.responses_stream_validator import validate_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-codex-test"
 ALIAS = "default"
 CODEX_TIMEOUT = 600
@@ -43,61 +40,6 @@ def config(llama_base_url: str) -> dict[str, Any]:
                            "context_window": 16384, "strip_tools": True}},
         "database": "usage.db",
     }
-
-
-class RecordingProxy:
-    """A loopback reverse proxy in a thread: passes every request to the gateway, keeps each stream."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.streams: list[bytes] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> RecordingProxy:
-        self._thread.start()
-        assert self._started.wait(10), "the recording proxy did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CODEX_TIMEOUT)) as self._session:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = runner.addresses[0][1]
-            self._started.set()
-            await self._stop.wait()
-            await runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("host", "content-length", "accept-encoding", "transfer-encoding")}
-        async with self._session.request(request.method, self.target + request.path_qs, headers=headers,
-                                         data=await request.read()) as up:
-            resp = web.StreamResponse(status=up.status, headers={
-                k: v for k, v in up.headers.items() if k.lower() in ("content-type", "x-request-id", "retry-after")})
-            await resp.prepare(request)
-            raw = bytearray()
-            async for chunk in up.content.iter_any():
-                raw.extend(chunk)
-                await resp.write(chunk)
-            await resp.write_eof()
-        if up.headers.get("content-type", "").startswith("text/event-stream"):
-            self.streams.append(bytes(raw))
-        return resp
 
 
 def test_codex_exec_through_ccproxy_codex(gateway, llama_server, codex_bin, tmp_path: Path) -> None:
@@ -129,8 +71,9 @@ def test_codex_exec_through_ccproxy_codex(gateway, llama_server, codex_bin, tmp_
     assert all(r["status"] == 200 and r["stream"] for r in records), summary
     assert all(r["key"] == "codex" and r["alias"] == ALIAS and r["upstream_model"] == "smollm2" for r in records)
     assert all(r["output_tokens"] > 0 for r in records), summary
-    assert len(proxy.streams) == len(records)
-    answers = [validate_stream(raw) for raw in proxy.streams]
+    streams = [x.response_body for x in proxy.exchanges if x.content_type.startswith("text/event-stream")]
+    assert len(streams) == len(records)
+    answers = [validate_stream(raw) for raw in streams]
     assert all(a.status in ("completed", "incomplete") for a in answers)
     assert answers[-1].text.strip() and answers[-1].text.strip()[:20] in done.stdout
     # nothing was written outside the temporary CODEX_HOME: HOME is still empty of Codex files

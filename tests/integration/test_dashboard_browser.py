@@ -9,18 +9,14 @@ the live panel, and checks that without the admin key the page and the API answe
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
-from _procs import REPO, SETUP_HINT
+from helpers.procs import REPO, SETUP_HINT, FakeBackend
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from ccproxy.usage.sqlite import SQLiteStore
@@ -36,28 +32,13 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 ARTIFACTS = REPO / "test-artifacts"
 
 
-class _Models(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        body = json.dumps({"object": "list", "data": [{"id": "m1", "object": "model"}]}).encode()
-        self.send_response(200 if self.path == "/v1/models" else 404)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        return None
-
-
 @pytest.fixture
-def backend() -> Iterator[int]:
-    """An OpenAI-compatible backend that only lists its one model, m1."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+def backend(tmp_path: Path) -> Iterator[int]:
+    """The fake backend (its own process), listing one model, m1: its port."""
+    fake = FakeBackend(tmp_path / "backend", models=("m1",))
+    fake.start()
+    yield fake.port
+    fake.stop()
 
 
 @pytest.fixture

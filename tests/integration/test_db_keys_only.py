@@ -7,15 +7,13 @@ cannot open) instead of hiding the reason.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, chat_body, cli  # noqa: E402
+from helpers.clients import chat_body, cli
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

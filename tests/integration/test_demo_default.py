@@ -17,7 +17,6 @@ import asyncio
 import re
 import sqlite3
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -27,11 +26,9 @@ import anthropic
 import openai
 import pytest
 import requests
+from helpers.procs import Gateway, MissingDependency, StartupError, require_embedded
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import Gateway, MissingDependency, StartupError, require_embedded  # noqa: E402
-
-from ccproxy.testing.anthropic_sse import check_messages_stream, validating_http_client  # noqa: E402
+from ccproxy.testing.anthropic_sse import check_messages_stream, validating_http_client
 
 require_embedded()  # a missing extra fails the module, with the install command
 

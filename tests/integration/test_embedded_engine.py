@@ -5,15 +5,11 @@ Small contexts and short answers keep each test to about a second."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import require_embedded  # noqa: E402
+from helpers.procs import require_embedded
 
 from ccproxy import errors
 from ccproxy.config import ProviderConfig

@@ -8,17 +8,13 @@ import base64
 import json
 import sqlite3
 import struct
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import wait_until  # noqa: E402
-from _procs import FakeBackend, LlamaServer  # noqa: E402
+from helpers.clients import wait_until
+from helpers.procs import FakeBackend, LlamaServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -43,7 +39,7 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeBackend]:
 
 @pytest.fixture(scope="module")
 def gw(llama_embed: LlamaServer, fake: FakeBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from _procs import Gateway
+    from helpers.procs import Gateway
 
     config = {
         "keys": [{"name": "all", "key": KEY},

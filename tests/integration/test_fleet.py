@@ -15,7 +15,6 @@ import contextlib
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,10 +26,8 @@ from typing import Any
 import asyncpg
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, chat_body  # noqa: E402
-from _procs import REPO, Service, http_status  # noqa: E402
+from helpers.clients import chat_body
+from helpers.procs import REPO, FakeOpenAI, Service, http_status
 
 pytestmark = pytest.mark.integration
 

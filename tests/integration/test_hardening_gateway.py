@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from _procs import REPO, Service, http_status
+from helpers.procs import REPO, Service, http_status
 
 from ccproxy.testing.anthropic_sse import check_messages_stream, check_response
 

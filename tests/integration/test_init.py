@@ -11,7 +11,6 @@ import asyncio
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,10 @@ import anthropic
 import openai
 import pytest
 import yaml
+from helpers.procs import REPO, Gateway, MissingDependency, StartupError, free_port
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import REPO, Gateway, MissingDependency, StartupError, free_port  # noqa: E402
-
-from ccproxy.testing.anthropic_sse import validating_http_client  # noqa: E402
-from ccproxy.testing.fake_ollama import FakeOllama  # noqa: E402
+from ccproxy.testing.anthropic_sse import validating_http_client
+from ccproxy.testing.fake_ollama import FakeOllama
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")]

@@ -1,24 +1,21 @@
 """`/metrics` of a real `ccproxy serve` after known traffic: exact counter values.
 
 The gateway uses PostgreSQL for usage (so the usage queue can be made to grow by stopping it) and
-the fake OpenAI upstream (`_fake_openai.py`, its own process) for exact token counts. Also
+the fake OpenAI upstream (`helpers.procs.FakeOpenAI`, its own process) for exact token counts. Also
 `metrics_listen`: a second address serving only /metrics, without a key.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from helpers.clients import anthropic_req, openai_req, send_all, wait_until
+from helpers.procs import FakeOpenAI
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, anthropic_req, openai_req, send_all, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

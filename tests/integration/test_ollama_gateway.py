@@ -1,6 +1,7 @@
 """`ccproxy serve` in front of an Ollama that behaves as Ollama really does, over real HTTP.
 
-The backend is `python -m ccproxy.testing.fake_ollama` in its own process, scripted over HTTP
+The backend is the fake backend (`python -m ccproxy.testing.fake_backend`, whose Ollama side is
+`ccproxy.testing.fake_ollama`) in its own process, scripted over HTTP
 (`/_fake/script`, `/_fake/requests`). Like Ollama (server/routes.go) it thinks when `think` is
 omitted and the model can, puts the end of a text answer on the `done: true` line when tools were
 offered, and sends `load_duration`. Covered: Anthropic and OpenAI streaming with tools and
@@ -12,17 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from helpers.procs import FakeBackend
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import REPO, Service, http_status  # noqa: E402
-
-from ccproxy.testing.anthropic_sse import check_messages_stream, check_response  # noqa: E402
+from ccproxy.testing.anthropic_sse import check_messages_stream, check_response
 
 KEY = "sk-ollama-gateway-alice"
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
@@ -32,33 +29,9 @@ OPENAI_WEATHER = {"type": "function", "function": {"name": WEATHER["name"], "des
 CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
 
 
-class FakeOllamaProcess(Service):
-    name = "fake-ollama"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        return [str(REPO / ".venv/bin/python"), "-m", "ccproxy.testing.fake_ollama", "--port", str(self.port),
-                "--model", "qwen3=thinking", "--model", "llama3.2"]
-
-    def ready(self) -> bool:
-        return http_status(f"{self.url}/api/version") == 200
-
-    def script(self, *replies: dict[str, Any]) -> None:
-        requests.post(f"{self.url}/_fake/reset", timeout=5).raise_for_status()
-        if replies:
-            requests.post(f"{self.url}/_fake/script", json=list(replies), timeout=5).raise_for_status()
-
-    def chats(self) -> list[dict[str, Any]]:
-        got = requests.get(f"{self.url}/_fake/requests", timeout=5).json()
-        return [r["body"] for r in got if r["path"] == "/api/chat"]
-
-
 @pytest.fixture(scope="module")
 def ollama(tmp_path_factory: pytest.TempPathFactory):
-    fake = FakeOllamaProcess(tmp_path_factory.mktemp("fake-ollama"))
+    fake = FakeBackend(tmp_path_factory.mktemp("fake-ollama"), models=("qwen3=thinking", "llama3.2"))
     fake.start()
     yield fake
     fake.stop()
@@ -66,7 +39,7 @@ def ollama(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def gw(ollama, tmp_path_factory: pytest.TempPathFactory):
-    from _procs import Gateway
+    from helpers.procs import Gateway
 
     g = Gateway(tmp_path_factory.mktemp("gateway"), {
         "keys": [{"name": "alice", "key": KEY}],

@@ -19,9 +19,7 @@ from typing import Any
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import Service, StartupError, http_status  # noqa: E402
+from helpers.procs import Service, StartupError, http_status
 
 pytestmark = pytest.mark.integration
 

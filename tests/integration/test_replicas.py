@@ -1,7 +1,7 @@
 """Three `ccproxy serve` replicas sharing one Redis and one PostgreSQL (a fresh database per test).
 
 No proxy in front: the test itself spreads requests round-robin. The backend is
-`_fake_openai.FakeOpenAI` (its own process; `chunks= ptok= delay= stall=` words in the prompt make
+`helpers.procs.FakeOpenAI` (its own process; `chunks= ptok= delay= stall=` words in the prompt make
 answers and token counts exact). Checked: rpm, tpm and max_concurrent are exact across replicas
 and answer in each client's dialect; usage rows == admitted requests; SIGTERM drains in-flight
 streams with exit code 0 and no lost row; a 20 s PostgreSQL outage loses and doubles nothing;
@@ -13,26 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import (  # noqa: E402
-    FakeOpenAI,
-    anthropic_req,
-    chat_body,
-    cli,
-    openai_req,
-    send_all,
-    sse_data,
-)
+from helpers.clients import anthropic_req, chat_body, cli, openai_req, send_all, sse_data
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

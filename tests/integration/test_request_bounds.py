@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import http.client
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI  # noqa: E402
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

@@ -8,19 +8,15 @@ and checked by the Responses stream validator; usage rows are read from the gate
 from __future__ import annotations
 
 import sqlite3
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import openai
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI  # noqa: E402
+from helpers.procs import FakeOpenAI
 
 from ccproxy.dialects.responses_stream_validator import validate_stream
 

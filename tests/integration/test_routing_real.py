@@ -14,11 +14,9 @@ from typing import Any
 
 import pytest
 import requests
+from helpers.procs import LlamaServer, MissingDependency, Service, StartupError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _procs import LlamaServer, MissingDependency, Service, StartupError  # noqa: E402
-
-from ccproxy.testing.anthropic_sse import check_response  # noqa: E402
+from ccproxy.testing.anthropic_sse import check_response
 
 pytestmark = pytest.mark.integration
 

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, chat_body, cli, send_all  # noqa: E402
+from helpers.clients import chat_body, cli, send_all
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

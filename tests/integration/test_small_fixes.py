@@ -8,15 +8,12 @@ import asyncio
 import json
 import math
 import socket
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_misbehaving import FakeMisbehaving  # noqa: E402
+from helpers.fake_misbehaving import FakeMisbehaving
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +101,7 @@ def test_client_gone_during_body_upload_is_a_499_without_traceback(gw) -> None:
 
 
 def test_keys_create_refuses_empty_reserved_and_control_character_names(tmp_path: Path) -> None:
-    from _fake_openai import cli
+    from helpers.clients import cli
 
     config = tmp_path / "ccproxy.yaml"
     config.write_text(f"keys: [{{name: alice, key: {KEY}}}]\nproviders: {{oa: {{type: openai, base_url: "

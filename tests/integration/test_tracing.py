@@ -1,5 +1,5 @@
 """OpenTelemetry tracing through a real gateway process, exported over OTLP/HTTP to a receiver that
-decodes the protobuf (`_otlp.py`): a span per request with the GenAI attributes, a child span per
+decodes the protobuf (`helpers/otlp.py`): a span per request with the GenAI attributes, a child span per
 backend attempt, the client's `traceparent` as the parent, and the attempt's `traceparent` sent on
 to the backend. Off by default: then no `traceparent` reaches the backend.
 """
@@ -7,18 +7,14 @@ to the backend. Off by default: then no `traceparent` reaches the backend.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _otlp import OtlpReceiver  # noqa: E402
+from helpers.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.integration
 

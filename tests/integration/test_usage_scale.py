@@ -21,7 +21,8 @@ from typing import Any
 import asyncpg
 import pytest
 import requests
-from _fake_openai import FakeOpenAI, chat_body
+from helpers.clients import chat_body
+from helpers.procs import FakeOpenAI
 
 from ccproxy.testing.usage_gen import (
     raw_totals_postgres,

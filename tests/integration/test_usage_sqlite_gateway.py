@@ -1,6 +1,6 @@
 """Keys, limits and usage on one real `ccproxy serve` with the defaults: SQLite, in-memory limiter.
 
-The backend is `_fake_openai.FakeOpenAI`, a separate process that answers by the words in the
+The backend is `helpers.procs.FakeOpenAI`, a separate process that answers by the words in the
 prompt (`chunks=N ptok=N delay=S status=CODE`), so token counts are exact. Checked: rpm is exact
 under a burst, usage rows == admitted requests, SIGTERM drains in-flight streams and loses no row,
 a client that hangs up mid-stream still gets a row (client_disconnect, tokens so far), and
@@ -16,17 +16,14 @@ import json
 import math
 import signal
 import sqlite3
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fake_openai import FakeOpenAI, anthropic_req, cli, openai_req, send_all, sse_data, wait_until  # noqa: E402
+from helpers.clients import anthropic_req, cli, openai_req, send_all, sse_data, wait_until
+from helpers.procs import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 

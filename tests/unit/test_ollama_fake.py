@@ -1,4 +1,5 @@
-"""FakeOllama speaks the wire format of protocols.md §3 (checked with a raw HTTP client)."""
+"""FakeOllama speaks the wire format of https://github.com/ollama/ollama/blob/main/docs/api.md
+(checked with a raw HTTP client)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from aiohttp import web
 
 from ccproxy import errors
 from ccproxy.app import Gateway
@@ -22,6 +21,7 @@ from ccproxy.providers import make_provider
 from ccproxy.routing import Router
 from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
 from ccproxy.testing.anthropic_sse import ValidatingTransport
+from ccproxy.testing.fake_backend import FakeBackend
 
 NARROW, WIDE = "sk-prep-narrow", "sk-prep-wide"
 
@@ -118,34 +118,6 @@ def test_stop_sequences_are_applied_by_the_gateway_unless_the_backend_reports_th
 # --------------------------------------------------------------------------- count_tokens through the flow
 
 
-class Backend:
-    """Records every request; has llama.cpp's /tokenize (one token per word)."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.any)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
-
-    async def any(self, request: web.Request) -> web.Response:
-        self.paths.append(request.path)
-        body = await request.json() if request.can_read_body else {}
-        if request.path == "/tokenize":
-            return web.json_response({"tokens": list(range(len(str(body.get("content", "")).split())))})
-        return web.json_response({"error": {"message": "not here"}}, status=404)
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
 class Services:
     def __init__(self) -> None:
         self.usage = DiscardUsage()
@@ -163,8 +135,8 @@ class Services:
 
 
 @pytest.fixture
-async def gw() -> AsyncIterator[tuple[Gateway, Backend, httpx.AsyncClient]]:
-    backend = Backend()
+async def gw() -> AsyncIterator[tuple[Gateway, FakeBackend, httpx.AsyncClient]]:
+    backend = FakeBackend(["m"])  # records every request; has llama.cpp's /tokenize (one token per word)
     await backend.start()
     gateway = Gateway(parse_config(config(f"http://127.0.0.1:{backend.port}/v1")), Services())
     await gateway.startup()
@@ -174,7 +146,7 @@ async def gw() -> AsyncIterator[tuple[Gateway, Backend, httpx.AsyncClient]]:
     finally:
         await client.aclose()
         await gateway.shutdown()
-        await backend.close()
+        await backend.stop()
 
 
 def count(client: httpx.AsyncClient, key: str, model: str) -> Any:
@@ -182,16 +154,16 @@ def count(client: httpx.AsyncClient, key: str, model: str) -> Any:
                        json={"model": model, "messages": [{"role": "user", "content": "one two three"}]})
 
 
-async def test_count_tokens_is_admitted_like_chat(gw: tuple[Gateway, Backend, httpx.AsyncClient]) -> None:
+async def test_count_tokens_is_admitted_like_chat(gw: tuple[Gateway, FakeBackend, httpx.AsyncClient]) -> None:
     gateway, backend, client = gw
     resp = await count(client, NARROW, "other")
     assert resp.status_code == 403, resp.text
     assert resp.json()["error"]["type"] == "permission_error"
-    assert backend.paths == []  # the backend never saw the prompt
+    assert backend.paths() == []  # the backend never saw the prompt
     resp = await count(client, NARROW, "fast")
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"input_tokens": 3} and resp.headers["x-ccproxy-token-count"] == "backend"
-    assert backend.paths == ["/tokenize"]
+    assert backend.paths() == ["/tokenize"]
     rows = gateway.services.usage.rows
     assert [(r.endpoint, r.key_name, r.alias, r.served_alias, r.status, r.input_tokens, r.output_tokens)
             for r in rows] == [("/v1/messages/count_tokens", "narrow", "fast", "fast", 200, 3, 0)]
@@ -200,7 +172,7 @@ async def test_count_tokens_is_admitted_like_chat(gw: tuple[Gateway, Backend, ht
     assert 'ccproxy_requests_total{alias="other",provider="none",status="403"} 1.0' in text
 
 
-async def test_count_tokens_takes_a_global_slot(gw: tuple[Gateway, Backend, httpx.AsyncClient]) -> None:
+async def test_count_tokens_takes_a_global_slot(gw: tuple[Gateway, FakeBackend, httpx.AsyncClient]) -> None:
     gateway, backend, client = gw
     gateway.slots.in_use = gateway.runtime.config.limits.max_concurrent  # every slot is taken
     resp = await count(client, WIDE, "fast")
@@ -210,7 +182,7 @@ async def test_count_tokens_takes_a_global_slot(gw: tuple[Gateway, Backend, http
     assert gateway.in_flight == 0  # released
 
 
-async def test_api_tags_lists_only_the_keys_aliases(gw: tuple[Gateway, Backend, httpx.AsyncClient]) -> None:
+async def test_api_tags_lists_only_the_keys_aliases(gw: tuple[Gateway, FakeBackend, httpx.AsyncClient]) -> None:
     _, _, client = gw
     narrow = (await client.get("/api/tags", headers={"authorization": f"Bearer {NARROW}"})).json()
     assert [m["name"] for m in narrow["models"]] == ["fast", "guarded"]

@@ -12,7 +12,6 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 import yaml
-from aiohttp import web
 from click.testing import CliRunner
 
 from ccproxy.app import Gateway
@@ -20,6 +19,7 @@ from ccproxy.cli import main
 from ccproxy.commands.route import detect_dialect, explain_request
 from ccproxy.config import parse_config
 from ccproxy.testing.anthropic_sse import ValidatingTransport
+from ccproxy.testing.fake_backend import FakeBackend
 
 KEY = "sk-rules-alice"
 CI_KEY = "sk-rules-ci"
@@ -27,45 +27,9 @@ LIMITED_KEY = "sk-rules-limited"
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
 
-class Upstream:
-    """A fake OpenAI backend that answers with the upstream model's name, so a test sees where a
-    request went; it counts requests per model."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.calls.append(body["model"])
-        text = f"served by {body['model']}"
-        if body.get("stream"):
-            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-            await resp.prepare(request)
-            for delta, finish in (({"role": "assistant", "content": text}, None), ({}, "stop")):
-                chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
-        return web.json_response({
-            "id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}})
+def calls(upstream: FakeBackend) -> list[str]:
+    """The upstream model of each chat request the backend got, in order."""
+    return [r.body["model"] for r in upstream.requests if r.path == "/v1/chat/completions"]
 
 
 def config(base_url: str) -> dict[str, Any]:
@@ -97,15 +61,14 @@ def config(base_url: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = Upstream()
-    await up.start()
-    yield up
-    await up.close()
+async def upstream() -> AsyncIterator[FakeBackend]:
+    """The fake backend, answering with the upstream model's name, so a test sees where a request went."""
+    async with FakeBackend(["m-chat"], text="served by {model}", split=False) as up:
+        yield up
 
 
 @pytest.fixture
-async def client(upstream: Upstream) -> AsyncIterator[httpx.AsyncClient]:
+async def client(upstream: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
     gw = Gateway(parse_config(config(f"http://127.0.0.1:{upstream.port}/v1"), "rules.yaml"))
     await gw.startup()
     c = httpx.AsyncClient(transport=ValidatingTransport(httpx.ASGITransport(app=gw)),
@@ -183,14 +146,14 @@ CASES = [
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
 @pytest.mark.parametrize(("rule", "alias", "kw", "key", "headers"), CASES,
                          ids=[c[0] or f"no-rule-{i}" for i, c in enumerate(CASES)])
-async def test_each_rule_kind_on_both_endpoints(client: httpx.AsyncClient, upstream: Upstream, dialect: str,
+async def test_each_rule_kind_on_both_endpoints(client: httpx.AsyncClient, upstream: FakeBackend, dialect: str,
                                                 rule: str | None, alias: str, kw: dict[str, Any], key: str,
                                                 headers: dict[str, str]) -> None:
     make = openai_body if dialect == "openai" else anthropic_body
     resp = await send(client, dialect, make(**kw), key, headers)
     assert resp.status_code == 200, resp.text
     upstream_model = config("")["models"][alias]["model"]
-    assert upstream.calls == [upstream_model]
+    assert calls(upstream) == [upstream_model]
     assert resp.headers["x-ccproxy-upstream-model"] == upstream_model
     assert f"served by {upstream_model}" in answer_text(dialect, resp)
     if rule is None:
@@ -200,16 +163,16 @@ async def test_each_rule_kind_on_both_endpoints(client: httpx.AsyncClient, upstr
 
 
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
-async def test_route_header_on_streams(client: httpx.AsyncClient, upstream: Upstream, dialect: str) -> None:
+async def test_route_header_on_streams(client: httpx.AsyncClient, upstream: FakeBackend, dialect: str) -> None:
     make = openai_body if dialect == "openai" else anthropic_body
     resp = await send(client, dialect, make(stream=True), headers={"X-Ccproxy-Route": "coding"})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-ccproxy-route"] == "coding"
     assert "served by m-coder" in resp.text
-    assert upstream.calls == ["m-coder"]
+    assert calls(upstream) == ["m-coder"]
 
 
-async def test_first_match_wins(client: httpx.AsyncClient, upstream: Upstream) -> None:
+async def test_first_match_wins(client: httpx.AsyncClient, upstream: FakeBackend) -> None:
     # haiku, thinking, tool and header all match: the first rule in the file wins
     body = openai_body("claude-haiku-4-5", thinking=True, tools=["web_search"])
     resp = await send(client, "openai", body, CI_KEY, {"x-ccproxy-route": "coding"})
@@ -217,14 +180,14 @@ async def test_first_match_wins(client: httpx.AsyncClient, upstream: Upstream) -
     body = anthropic_body(thinking=True, tools=["web_search"])
     resp = await send(client, "anthropic", body, CI_KEY, {"x-ccproxy-route": "coding"})
     assert resp.headers["x-ccproxy-route"] == "thinking"
-    assert upstream.calls == ["m-haiku", "m-thinker"]
+    assert calls(upstream) == ["m-haiku", "m-thinker"]
 
 
 # --------------------------------------------------------------------------- per-key model access
 
 
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
-async def test_key_models_403_in_the_endpoint_dialect(client: httpx.AsyncClient, upstream: Upstream,
+async def test_key_models_403_in_the_endpoint_dialect(client: httpx.AsyncClient, upstream: FakeBackend,
                                                       dialect: str) -> None:
     make = openai_body if dialect == "openai" else anthropic_body
     ok = await send(client, dialect, make("chat"), LIMITED_KEY)
@@ -247,7 +210,7 @@ async def test_key_models_403_in_the_endpoint_dialect(client: httpx.AsyncClient,
     assert denied.headers["x-ccproxy-route"] == "coding"
     denied = await send(client, dialect, make("claude-opus"), LIMITED_KEY)
     assert denied.status_code == 403
-    assert upstream.calls == ["m-chat", "m-vision"]  # a refused request never reaches a backend
+    assert calls(upstream) == ["m-chat", "m-vision"]  # a refused request never reaches a backend
 
 
 async def test_models_list_follows_key_globs(client: httpx.AsyncClient) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,13 +20,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 
 from ccproxy import auth as auth_module
 from ccproxy.app import Gateway
 from ccproxy.build_services import build_services
 from ccproxy.config import DEFAULT_LISTEN, Config, parse_config
 from ccproxy.testing.anthropic_sse import check_response
+from ccproxy.testing.fake_backend import FakeBackend
 from ccproxy.testing.fake_ollama import FakeOllama
 
 KEY = "sk-security-alice"
@@ -82,69 +83,21 @@ async def call(app: Any, method: str, path: str, headers: dict[str, str] | list[
 # --------------------------------------------------------------------------- recording upstreams
 
 
-class Recorder:
-    """An OpenAI-compatible upstream that records every request (method, path, headers, body)."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        self.requests.append({"method": request.method, "path": request.path, "headers": dict(request.headers),
-                              "body": raw.decode("utf-8", "replace")})
-        if request.path.endswith("/models"):
-            return web.json_response({"object": "list", "data": [{"id": "echo"}]})
-        body = orjson.loads(raw) if raw else {}
-        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-        if body.get("stream"):
-            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-            await resp.prepare(request)
-            for obj in ({"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]},
-                        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-                        {"choices": [], "usage": usage}):
-                await resp.write(b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", **obj})
-                                 + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
-        return web.json_response({"id": "x", "object": "chat.completion", "created": 1, "model": "echo",
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                                               "finish_reason": "stop"}], "usage": usage})
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeBackend]:
+    """The fake backend: an OpenAI-compatible upstream (model `echo`) that records every request."""
+    async with FakeBackend(["echo"]) as fake:
+        yield fake
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Recorder]:
-    r = Recorder()
-    await r.start()
-    yield r
-    await r.close()
+async def attacker() -> AsyncIterator[FakeBackend]:
+    async with FakeBackend(["echo"]) as fake:
+        yield fake
 
 
-@pytest.fixture
-async def attacker() -> AsyncIterator[Recorder]:
-    r = Recorder()
-    await r.start()
-    yield r
-    await r.close()
+def v1(fake: FakeBackend) -> str:
+    return f"{fake.base_url}/v1"
 
 
 def config_for(upstream_url: str, **extra: Any) -> dict[str, Any]:
@@ -163,9 +116,9 @@ async def started(config: dict[str, Any], services: Any = None) -> Gateway:
 # --------------------------------------------------------------------------- backend URL / provider key
 
 
-async def test_no_request_field_or_header_chooses_the_backend(upstream: Recorder, attacker: Recorder) -> None:
-    gw = await started(config_for(upstream.base_url))
-    evil = attacker.base_url
+async def test_no_request_field_or_header_chooses_the_backend(upstream: FakeBackend, attacker: FakeBackend) -> None:
+    gw = await started(config_for(v1(upstream)))
+    evil = v1(attacker)
     evil_fields = {"base_url": evil, "api_base": evil, "api_key": "sk-client-chosen", "baseURL": evil,
                    "endpoint": evil, "url": evil, "host": f"127.0.0.1:{attacker.port}", "provider": "attacker",
                    "api_type": "azure", "deployment_id": evil, "extra_headers": {"host": "evil"},
@@ -199,12 +152,12 @@ async def test_no_request_field_or_header_chooses_the_backend(upstream: Recorder
     finally:
         await gw.shutdown()
     assert attacker.requests == [], "a request reached the attacker's host"
-    chats = [r for r in upstream.requests if r["path"].endswith("/chat/completions")]
+    chats = [r for r in upstream.requests if r.path.endswith("/chat/completions")]
     assert len(chats) >= 4
     for r in upstream.requests:
-        assert r["headers"].get("Authorization") in (f"Bearer {UPSTREAM_KEY}", None)
-        assert KEY not in r["body"] and KEY not in str(r["headers"])  # the client's key never goes upstream
-        assert r["headers"].get("Host") == f"127.0.0.1:{upstream.port}"
+        assert r.headers.get("Authorization") in (f"Bearer {UPSTREAM_KEY}", None)
+        assert KEY not in json.dumps(r.body) and KEY not in str(r.headers)  # the client's key never goes upstream
+        assert r.headers.get("Host") == f"127.0.0.1:{upstream.port}"
 
 
 async def test_ollama_admin_endpoints_are_never_reachable() -> None:
@@ -250,8 +203,8 @@ ENDPOINTS = [
 
 
 @pytest.fixture
-async def db_gateway(upstream: Recorder, tmp_path: Path) -> AsyncIterator[Gateway]:
-    cfg = parse_config(config_for(upstream.base_url, database=str(tmp_path / "usage.db")), "test.yaml")
+async def db_gateway(upstream: FakeBackend, tmp_path: Path) -> AsyncIterator[Gateway]:
+    cfg = parse_config(config_for(v1(upstream), database=str(tmp_path / "usage.db")), "test.yaml")
     gw = Gateway(cfg, build_services(cfg))
     await gw.startup()
     yield gw
@@ -259,7 +212,7 @@ async def db_gateway(upstream: Recorder, tmp_path: Path) -> AsyncIterator[Gatewa
 
 
 @pytest.mark.parametrize("breakage", ["key store lookup", "database", "auth code", "digest"])
-async def test_auth_fails_closed_when_the_key_check_breaks(db_gateway: Gateway, upstream: Recorder,
+async def test_auth_fails_closed_when_the_key_check_breaks(db_gateway: Gateway, upstream: FakeBackend,
                                                            monkeypatch: pytest.MonkeyPatch, breakage: str) -> None:
     async def boom(*a: Any, **k: Any) -> Any:
         raise RuntimeError("key store exploded")
@@ -283,7 +236,7 @@ async def test_auth_fails_closed_when_the_key_check_breaks(db_gateway: Gateway, 
             if breakage != "auth code":
                 assert status == 503, (breakage, method, path, status, out)
             assert b"exploded" not in out
-    assert not [r for r in upstream.requests if r["path"].endswith("/chat/completions")]
+    assert not [r for r in upstream.requests if r.path.endswith("/chat/completions")]
 
 
 async def test_a_config_key_still_works_and_others_get_401_or_403(db_gateway: Gateway) -> None:
@@ -302,9 +255,9 @@ async def test_metrics_need_the_admin_key(db_gateway: Gateway) -> None:
     assert b"ccproxy_" in body
 
 
-async def test_an_unexpected_error_is_a_json_500_never_a_success(upstream: Recorder,
+async def test_an_unexpected_error_is_a_json_500_never_a_success(upstream: FakeBackend,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    gw = await started(config_for(upstream.base_url))
+    gw = await started(config_for(v1(upstream)))
     try:
         def broken() -> list[str]:
             raise RuntimeError("router bug")
@@ -327,8 +280,8 @@ def test_the_default_listen_address_is_loopback() -> None:
     assert cfg.host == "127.0.0.1"
 
 
-async def test_the_app_refuses_too_many_or_too_large_headers(upstream: Recorder) -> None:
-    gw = await started(config_for(upstream.base_url, limits={"max_headers": 10, "max_header_bytes": 2048}))
+async def test_the_app_refuses_too_many_or_too_large_headers(upstream: FakeBackend) -> None:
+    gw = await started(config_for(v1(upstream), limits={"max_headers": 10, "max_header_bytes": 2048}))
     try:
         many = [(f"x-h{i}", "v") for i in range(11)]
         status, _, body = await call(gw, "GET", "/health", many)
@@ -342,8 +295,8 @@ async def test_the_app_refuses_too_many_or_too_large_headers(upstream: Recorder)
         await gw.shutdown()
 
 
-async def test_cors_is_off_unless_configured(upstream: Recorder) -> None:
-    gw = await started(config_for(upstream.base_url))
+async def test_cors_is_off_unless_configured(upstream: FakeBackend) -> None:
+    gw = await started(config_for(v1(upstream)))
     preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
                  "access-control-request-headers": "authorization, content-type"}
     try:
@@ -357,8 +310,8 @@ async def test_cors_is_off_unless_configured(upstream: Recorder) -> None:
         await gw.shutdown()
 
 
-async def test_cors_allows_only_the_configured_origins(upstream: Recorder) -> None:
-    gw = await started(config_for(upstream.base_url, cors_origins=["https://app.example"]))
+async def test_cors_allows_only_the_configured_origins(upstream: FakeBackend) -> None:
+    gw = await started(config_for(v1(upstream), cors_origins=["https://app.example"]))
     preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization, x-api-key"}
     try:
         status, headers, _ = await call(gw, "OPTIONS", "/v1/chat/completions",

@@ -93,7 +93,7 @@ def test_a_skip_fails_the_run_in_ci(tmp_path: Path, ci: str | None, allow: str |
 
 
 def test_the_suite_never_skips() -> None:
-    """A missing dependency fails with the command that installs it (e.g. `_procs.require_embedded`)."""
+    """A missing dependency fails with the command that installs it (e.g. `helpers.procs.require_embedded`)."""
     found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p, text in sources().items()
              for n, line in enumerate(text.splitlines(), 1)
              if re.search(r"importorskip|pytest\.skip\(|mark\.skip|skipif", line)]
@@ -151,7 +151,7 @@ def test_every_client_of_the_gateway_validates_anthropic_streams() -> None:
                     problems.append(f"{rel}:{node.lineno}: validate_stream directly; use ccproxy.testing.anthropic_sse")
         streams = "/v1/messages" in text and ".post(" in text and re.search(
             r'"stream": True|stream=True|stream=stream', text)
-        if streams and p.name not in NOT_READ_BY_THE_SUITE and p.name != "_fake_openai.py" \
+        if streams and p.name not in NOT_READ_BY_THE_SUITE and p.name != "clients.py" \
                 and "anthropic_sse" not in text and "send_all" not in text:
             problems.append(f"{rel}: streams /v1/messages without ccproxy.testing.anthropic_sse")
     assert not problems, "\n".join(problems)

@@ -1,9 +1,9 @@
 """The dashboard (/ui) in-process: auth and sessions, the JSON API over seeded SQLite rows, validation.
 
 The gateway runs with the real services on a temporary SQLite file and a fake OpenAI-compatible
-backend (aiohttp on 127.0.0.1) for the live panel. `Dashboard.clock` is pinned to NOW so the time
-windows and buckets are exact. `seed_rows()` and `check_usage_api()` are shared with the
-PostgreSQL test (tests/integration/test_ui_api_postgres.py).
+backend (`ccproxy.testing.fake_backend`, in-process on 127.0.0.1) for the live panel.
+`Dashboard.clock` is pinned to NOW so the time windows and buckets are exact. `seed_rows()` and
+`check_usage_api()` are shared with the PostgreSQL test (tests/integration/test_ui_api_postgres.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from aiohttp import web
 
 from ccproxy.app import Gateway
 from ccproxy.build_services import build_services
@@ -27,6 +26,7 @@ from ccproxy.limits import MemoryLimiter
 from ccproxy.routing import DeploymentHealth
 from ccproxy.services import Principal, UnlimitedLimiter
 from ccproxy.testing.anthropic_sse import ValidatingTransport
+from ccproxy.testing.fake_backend import FakeBackend
 from ccproxy.ui.handlers import auto_bucket
 from ccproxy.ui.sessions import LoginThrottle, Sessions
 from ccproxy.usage.query import aggregate
@@ -186,19 +186,9 @@ async def check_validation(client: httpx.AsyncClient, headers: dict[str, str]) -
 
 @pytest.fixture
 async def backend() -> AsyncIterator[int]:
-    """A fake OpenAI-compatible backend that lists one model, m1."""
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m1", "object": "model"}]})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield runner.addresses[0][1]
-    await runner.cleanup()
+    """The fake backend, in-process, listing one model, m1 (its port)."""
+    async with FakeBackend(["m1"]) as fake:
+        yield fake.port
 
 
 def make_config(tmp_path: Path, port: int, **extra: Any):

@@ -3,7 +3,7 @@
 Client side (a client speaks Anthropic to us):
     parse_request / parse_count_tokens   POST /v1/messages body -> ChatRequest
     render_response                      ChatResponse -> message JSON
-    AnthropicStreamRenderer              StreamEvents -> SSE frames (protocols.md §1.6, §4.8 A)
+    AnthropicStreamRenderer              StreamEvents -> SSE frames (https://docs.anthropic.com/en/docs/build-with-claude/streaming)
     render_error, render_models          error envelope, /v1/models list
 
 Backend side (the passthrough provider speaks Anthropic to a backend):
@@ -513,7 +513,7 @@ _PING = _sse("ping", {"type": "ping"})
 
 
 class AnthropicStreamRenderer:
-    """Turns neutral StreamEvents into Anthropic SSE frames (protocols.md §4.8 A).
+    """Turns neutral StreamEvents into Anthropic SSE frames (https://docs.anthropic.com/en/docs/build-with-claude/streaming).
 
     Usage: `start()` once, `feed(event)` per event (a `Finish` closes the message), `ping()` as a
     keep-alive, `error(exc)` if the upstream fails after `start()`. Every method returns bytes to

@@ -1,8 +1,8 @@
 """A strict checker of Anthropic Messages SSE streams, for tests (ours and the integration suite).
 
-`validate_stream(raw)` parses SSE text, checks the grammar of protocols.md §1.6 and returns the
-reassembled message; any violation raises `StreamGrammarError` (an AssertionError) saying which event
-broke which rule. The grammar:
+`validate_stream(raw)` parses SSE text, checks the event grammar of
+https://docs.anthropic.com/en/docs/build-with-claude/streaming and returns the reassembled message;
+any violation raises `StreamGrammarError` (an AssertionError) saying which event broke which rule. The grammar:
 
     stream  := ping* (message_start item* message_delta ping* message_stop
                       | message_start item* error | error)

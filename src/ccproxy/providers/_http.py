@@ -1,7 +1,7 @@
 """Shared HTTP plumbing for providers that talk to a backend over HTTP (aiohttp).
 
-One pooled `aiohttp.ClientSession` per provider, kept open; aiohttp measured 11x httpx's
-throughput on this kind of machine in a bare proxy (8,478 vs 739 req/s), hence the choice.
+One pooled `aiohttp.ClientSession` per provider, kept open; aiohttp is the client because it had
+by far the higher throughput in a bare proxy (figures: bench/README.md, "Design measurements").
 Transport failures are mapped to `ccproxy.errors` here, once, with messages that name the
 provider and never carry its key or URL credentials.
 """

@@ -1,6 +1,7 @@
 """Provider type `embedded`: a GGUF model run in-process by llama.cpp through `xllamacpp`.
 
-What xllamacpp (2026.10.x, a prebuilt llama.cpp wheel) really does, measured on this machine:
+What xllamacpp (2026.10.x, a prebuilt llama.cpp wheel) really does, found by trying it (the speed
+figures are in bench/README.md, "Design measurements"):
 
 * `Server(CommonParams)` loads the model in its constructor and holds the GIL meanwhile (SmolLM2-135M:
   ~0.5 s, during which the event loop stalls even though `start()` runs it in a thread). A bad path
@@ -27,15 +28,13 @@ What xllamacpp (2026.10.x, a prebuilt llama.cpp wheel) really does, measured on 
   `n_parallel` ourselves so the wait queue, and its limit, live here.
 * Threads: `cpuparams.n_threads` (generation) and `cpuparams_batch.n_threads` (prompt) default to
   -1, i.e. llama.cpp takes every core. Its threads sync at a barrier after each operation, so when
-  anything else wants the CPU, throughput collapses: on this 2-core box under load (loadavg ~6),
-  2 threads gave 2-15 tokens/s and 1 thread 26-38 tokens/s. Without `n_threads` in the config we
-  therefore use all CPUs but one (`default_threads`).
+  anything else wants the CPU, throughput collapses (one thread fewer than the cores did far
+  better under load). Without `n_threads` in the config we therefore use all CPUs but one
+  (`default_threads`).
 * No close method: dropping the last reference runs `~Server` (terminate + join its loop thread,
   about a millisecond). A running call keeps the object alive until it returns.
 * SmolLM2's chat template ignores `tools`; the model never emits `tool_calls`, not even with
   `tool_choice: "required"`. Tool definitions are still passed for models whose template uses them.
-* Speed (2 cores, 2 threads, idle machine, SmolLM2-135M Q4_1): ~100-110 tokens/s generated for one
-  request, ~60 tokens/s each for two concurrent ones; prompts at ~200-260 tokens/s.
 
 Every call goes through the engine's streaming path, also for `complete()`, so that a client that
 goes away stops the generation in both cases.

@@ -11,13 +11,35 @@ policy shared by all three dialects, the **agent task**: with `POST /_fake/agent
   (`Bash`, `bash`, `shell`, `exec_command`, ...) is answered with ONE call of that tool, writing
   `content` to `path`, under a call id the fake makes up (listed by `GET /_fake/calls`);
 * a request whose last message carries a tool result is answered with the text `final`;
-* anything else (an agent's side request, e.g. a title) gets the text `ok`.
+* anything else (an agent's side request, e.g. a title) gets the text `ok`; without a task every
+  OpenAI and Anthropic answer is that text, which `text=` can set, e.g. `text="served by {model}"`
+  (`{model}`: the request's model), so a test sees where a request went. Streams send a text word
+  by word, or in one piece with `split=False`.
 
 `POST /v1/embeddings` (OpenAI-compatible) gives the same deterministic vectors as `/api/embed`.
 
 Every request is recorded (`GET /_fake/requests`), so a test can check that the tool result came
 back for the call id the fake made. Scripted replies (`POST /_fake/script`, Ollama only) win over
-the agent task. Run: `python -m ccproxy.testing.fake_backend --port N [--model NAME ...]`.
+the agent task.
+
+Options for the gateway tests (`ccproxy.testing.directives`):
+
+* `directives=True` (`--directives`): `/v1/chat/completions` answers by `key=value` words in the
+  last user message instead (chunks, delays, stalls, a connection dropped mid-stream, error
+  statuses that echo the Authorization header, cache reads, `max_tokens` honoured);
+* `misbehave=True` (`--misbehave`, with `listing_delay=` / `--listing-delay S`): the chat endpoints
+  of all three dialects misbehave as the upstream model name says (malformed answers, token counts
+  as strings, 503 with odd `Retry-After`s, error statuses: `ccproxy.testing.misbehaving`), and the
+  model lists (`good` only) answer after the delay;
+* `api_key=` (`--api-key`): the OpenAI endpoints and `/tokenize` want `Authorization: Bearer KEY`;
+  a wrong one gets a 401 that echoes it, as OpenAI's does.
+
+`POST /tokenize` (at the root, as llama.cpp's server has it) answers `{"tokens": [...]}`, one
+token per word. `GET /_fake/stats` gives {"chat": OpenAI chat requests seen, "active": in progress,
+"max_active": the most at once, "tokenize": tokenize requests seen}; `POST /_fake/reset` also
+resets those counts (`max_active` to what is in progress).
+
+Run: `python -m ccproxy.testing.fake_backend --port N [--model NAME ...] [--directives] [--api-key K]`.
 """
 
 from __future__ import annotations
@@ -31,7 +53,18 @@ from typing import Any
 
 from aiohttp import web
 
-from ccproxy.testing.fake_ollama import FakeOllama, Reply, ToolCall, _canonical, _pseudo_vector, _unit, _words
+from ccproxy.testing import directives as directed
+from ccproxy.testing import misbehaving
+from ccproxy.testing.fake_ollama import (
+    FakeOllama,
+    Reply,
+    ToolCall,
+    _canonical,
+    _pseudo_vector,
+    _unit,
+    _words,
+    model_specs,
+)
 
 __all__ = ["FakeBackend", "decide"]
 
@@ -71,10 +104,11 @@ def _write_call(tools: list[tuple[str, dict[str, Any]]], path: str, content: str
     return None
 
 
-def decide(task: dict[str, str] | None, tools: list[tuple[str, dict[str, Any]]], after_tool: bool) -> Reply:
+def decide(task: dict[str, str] | None, tools: list[tuple[str, dict[str, Any]]], after_tool: bool,
+           default: str = "ok") -> Reply:
     """The agent-task policy (module docstring), the same for every dialect."""
     if task is None:
-        return Reply(text="ok")
+        return Reply(text=default)
     if after_tool:
         return Reply(text=task["final"])
     call = _write_call(tools, task["path"], task["content"])
@@ -116,15 +150,22 @@ def _last_is_tool_result(body: dict[str, Any], dialect: str) -> bool:
 class FakeBackend(FakeOllama):
     """FakeOllama plus the OpenAI and Anthropic chat endpoints and the agent task."""
 
-    def __init__(self, models: dict[str, dict[str, Any]] | list[str] | None = None, **kw: Any):
+    def __init__(self, models: dict[str, dict[str, Any]] | list[str] | None = None, *,
+                 directives: bool = False, api_key: str | None = None, misbehave: bool = False,
+                 listing_delay: float = 0.0, text: str = "ok", split: bool = True, **kw: Any):
         super().__init__(models, **kw)
+        self.text, self.split = text, split
+        self.directives, self.api_key = directives, api_key
+        self.misbehave, self.listing_delay = misbehave, listing_delay
         self.task: dict[str, str] | None = None
         self.calls: list[dict[str, Any]] = []  # {"id", "name", "arguments", "dialect"} per call made
+        self.stats = {"chat": 0, "active": 0, "max_active": 0, "tokenize": 0}
         self._ids = 0
 
     def reset(self) -> None:
         super().reset()
         self.calls.clear()
+        self.stats.update(chat=0, max_active=self.stats["active"], tokenize=0)
 
     def _more_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._openai)
@@ -133,6 +174,11 @@ class FakeBackend(FakeOllama):
         app.router.add_post("/v1/embeddings", self._openai_embeddings)
         app.router.add_post("/_fake/agent", self._ctl_agent)
         app.router.add_get("/_fake/calls", self._ctl_calls)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_get("/_fake/stats", self._ctl_stats)
+
+    def _pieces(self, text: str) -> list[str]:
+        return _words(text) if self.split else [text] if text else []
 
     def _new_id(self, prefix: str) -> str:
         self._ids += 1
@@ -146,7 +192,15 @@ class FakeBackend(FakeOllama):
 
     # ------------------------------------------------------------------ Ollama: the agent task
 
+    async def _tags(self, request: web.Request) -> web.Response:
+        if self.misbehave:
+            await self._record(request)
+            return await misbehaving.listing(request, self.listing_delay)
+        return await super()._tags(request)
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if self.misbehave:
+            return await misbehaving.answer(request, await self._record(request), "ollama")
         if not self.replies and self.task is not None:
             try:
                 body = json.loads(await request.read())
@@ -161,22 +215,54 @@ class FakeBackend(FakeOllama):
 
     async def _openai_models(self, request: web.Request) -> web.Response:
         await self._record(request)
+        refused = directed.refused(request, self.api_key)
+        if refused is not None:
+            return refused
+        if self.misbehave:
+            return await misbehaving.listing(request, self.listing_delay)
         return web.json_response({"object": "list", "data": [
             {"id": name.removesuffix(":latest"), "object": "model", "created": 1, "owned_by": "fake"}
             for name in self.models]})
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        stats["chat"] += 1
+        stats["active"] += 1
+        stats["max_active"] = max(stats["max_active"], stats["active"])
+        try:
+            body = await self._record(request)
+            refused = directed.refused(request, self.api_key)
+            if refused is not None:
+                return refused
+            if self.misbehave:
+                return await misbehaving.answer(request, body, "openai")
+            if self.directives:
+                return await directed.answer(request, body)
+            return await self._openai_agent(request, body)
+        finally:
+            stats["active"] -= 1
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        self.stats["tokenize"] += 1
         body = await self._record(request)
+        refused = directed.refused(request, self.api_key)
+        if refused is not None:
+            return refused
+        text = body.get("content", "") if isinstance(body, dict) else ""
+        return web.json_response({"tokens": list(range(len(str(text).split())))})
+
+    async def _openai_agent(self, request: web.Request, body: Any) -> web.StreamResponse:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             return web.json_response({"error": {"message": "'messages' is required", "type":
                                                 "invalid_request_error", "param": "messages", "code": None}},
                                      status=400)
-        reply = self._made(decide(self.task, _openai_tools(body), _last_is_tool_result(body, "openai")),
-                           "openai", "call_")
         model = str(body.get("model") or "fake")
+        reply = self._made(decide(self.task, _openai_tools(body), _last_is_tool_result(body, "openai"),
+                                  self.text.format(model=model)), "openai", "call_")
         cid = self._new_id("chatcmpl-")
         calls: list[dict[str, Any]] = [{"id": tc.id, "type": "function",
-                  "function": {"name": tc.name, "arguments": json.dumps(tc.arguments)}} for tc in reply.tool_calls]
+                                         "function": {"name": tc.name, "arguments": json.dumps(tc.arguments)}}
+                                        for tc in reply.tool_calls]
         finish = "tool_calls" if calls else "stop"
         usage = {"prompt_tokens": 11, "completion_tokens": max(1, len(_words(reply.text)) + len(calls)),
                  "total_tokens": 0}
@@ -197,7 +283,7 @@ class FakeBackend(FakeOllama):
             await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
         await chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        for piece in _words(reply.text):
+        for piece in self._pieces(reply.text):
             await chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
         for i, call in enumerate(calls):
             args = call["function"]["arguments"]
@@ -239,13 +325,15 @@ class FakeBackend(FakeOllama):
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
+        if self.misbehave:
+            return await misbehaving.answer(request, body, "anthropic")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             return web.json_response({"type": "error", "error": {"type": "invalid_request_error",
                                                                  "message": "messages: field required"}},
                                      status=400)
-        reply = self._made(decide(self.task, _anthropic_tools(body), _last_is_tool_result(body, "anthropic")),
-                           "anthropic", "toolu_")
         model = str(body.get("model") or "fake")
+        reply = self._made(decide(self.task, _anthropic_tools(body), _last_is_tool_result(body, "anthropic"),
+                                  self.text.format(model=model)), "anthropic", "toolu_")
         mid = self._new_id("msg_")
         blocks: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text else []
         blocks += [{"type": "tool_use", "id": tc.id, "name": tc.name, "input": tc.arguments}
@@ -269,7 +357,7 @@ class FakeBackend(FakeOllama):
         for i, block in enumerate(blocks):
             if block["type"] == "text":
                 await event("content_block_start", index=i, content_block={"type": "text", "text": ""})
-                for piece in _words(block["text"]):
+                for piece in self._pieces(block["text"]):
                     await event("content_block_delta", index=i, delta={"type": "text_delta", "text": piece})
             else:
                 await event("content_block_start", index=i, content_block={
@@ -302,17 +390,30 @@ class FakeBackend(FakeOllama):
     async def _ctl_calls(self, request: web.Request) -> web.Response:
         return web.json_response(self.calls)
 
+    async def _ctl_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats)
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ccproxy.testing.fake_backend",
                                  description="A fake model backend (Ollama, OpenAI chat, Anthropic) for tests.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--model", action="append", default=[], help="model name (repeatable; default: fake)")
+    ap.add_argument("--model", action="append", default=[],
+                    help="model name, optionally with capabilities as for fake_ollama: "
+                         "name[:tag][=tools,thinking,vision,notools] (repeatable; default: fake)")
+    ap.add_argument("--directives", action="store_true",
+                    help="OpenAI chat answers by key=value words in the last user message (ccproxy.testing.directives)")
+    ap.add_argument("--api-key", help="the OpenAI endpoints and /tokenize want Authorization: Bearer API_KEY")
+    ap.add_argument("--misbehave", action="store_true",
+                    help="chat answers misbehave as the model name says (ccproxy.testing.misbehaving)")
+    ap.add_argument("--listing-delay", type=float, default=0.0, help="with --misbehave: seconds before model lists")
     args = ap.parse_args(argv)
 
     async def run() -> None:
-        fake = FakeBackend(args.model or ["fake"], host=args.host, port=args.port)
+        fake = FakeBackend(model_specs(args.model or ["fake"]), host=args.host, port=args.port,
+                           directives=args.directives, api_key=args.api_key, misbehave=args.misbehave,
+                           listing_delay=args.listing_delay)
         url = await fake.start()
         print(f"fake backend listening on {url}", flush=True)
         try:

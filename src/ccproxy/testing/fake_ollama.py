@@ -1,4 +1,4 @@
-"""A faithful, scriptable in-process Ollama server for tests (protocols.md §3).
+"""A faithful, scriptable in-process Ollama server for tests (https://github.com/ollama/ollama/blob/main/docs/api.md).
 
     async with FakeOllama(models={"llama3.2": {}, "tiny": {"tools": False}}) as fake:
         fake.script(Reply(text="Hi!"), Reply(tool_calls=[ToolCall("get_weather", {"city": "Paris"})]))
@@ -451,16 +451,10 @@ def _ndjson(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ccproxy.testing.fake_ollama",
-                                 description="A fake Ollama server for tests.")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=11434)
-    ap.add_argument("--model", action="append", default=[],
-                    help="model name, optionally with capabilities: name[:tag][=tools,thinking,vision,notools]")
-    args = ap.parse_args(argv)
+def model_specs(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`--model` values (`name[:tag][=tools,thinking,vision,notools]`) -> the `models` argument."""
     models: dict[str, dict[str, Any]] = {}
-    for item in args.model or ["llama3.2"]:
+    for item in items:
         name, _, caps = item.partition("=")
         spec: dict[str, Any] = {}
         for cap in filter(None, caps.split(",")):
@@ -469,6 +463,18 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 spec[cap] = True
         models[name] = spec
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ccproxy.testing.fake_ollama",
+                                 description="A fake Ollama server for tests.")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=11434)
+    ap.add_argument("--model", action="append", default=[],
+                    help="model name, optionally with capabilities: name[:tag][=tools,thinking,vision,notools]")
+    args = ap.parse_args(argv)
+    models = model_specs(args.model or ["llama3.2"])
 
     async def run() -> None:
         fake = FakeOllama(models, host=args.host, port=args.port)

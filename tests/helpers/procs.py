@@ -34,6 +34,7 @@ SETUP_HINT = "run scripts/setup-test-deps (scripts/test runs it for you)"
 __all__ = [
     "REPO",
     "FakeBackend",
+    "FakeOpenAI",
     "Gateway",
     "LlamaServer",
     "MissingDependency",
@@ -331,9 +332,11 @@ class FakeBackend(Service):
 
     name = "fake-backend"
 
-    def __init__(self, workdir: Path, port: int | None = None, models: Sequence[str] = ("fake",)) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, models: Sequence[str] = ("fake",), *,
+                 directives: bool = False, api_key: str | None = None) -> None:
         super().__init__(workdir, port)
         self.models = list(models)
+        self.directives, self.api_key = directives, api_key
 
     @property
     def url(self) -> str:
@@ -343,6 +346,10 @@ class FakeBackend(Service):
         cmd = [str(REPO / ".venv/bin/python"), "-m", "ccproxy.testing.fake_backend", "--port", str(self.port)]
         for m in self.models:
             cmd += ["--model", m]
+        if self.directives:
+            cmd.append("--directives")
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
         return cmd
 
     def ready(self) -> bool:
@@ -355,6 +362,41 @@ class FakeBackend(Service):
                                      headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
+
+    def script(self, *replies: dict[str, Any]) -> None:
+        """Forget what came before, then queue these Ollama replies (`ccproxy.testing.fake_ollama.Reply`
+        as JSON); each `/api/chat` call takes the next one."""
+        self.ctl("/_fake/reset", {})
+        if replies:
+            self.ctl("/_fake/script", list(replies))
+
+    def chats(self) -> list[dict[str, Any]]:
+        """The bodies of the `/api/chat` requests received, in order."""
+        return [r["body"] for r in self.ctl("/_fake/requests") if r["path"] == "/api/chat"]
+
+    def stats(self) -> dict[str, int]:
+        """{"chat", "active", "max_active", "tokenize"}: OpenAI chat requests seen, in progress, the
+        most at once, tokenize requests seen."""
+        return self.ctl("/_fake/stats")
+
+
+class FakeOpenAI(FakeBackend):
+    """The fake backend as the gateway tests' OpenAI upstream: `/v1/chat/completions` answers by
+    directives in the last user message (`ccproxy.testing.directives`: chunks=, delay=, stall=,
+    fail_mid=, status=, cached=, ...), with `api_key` required when given.
+
+        fake = FakeOpenAI(workdir, api_key="sk-...")   # fake.start() / fake.stop()
+        provider = {"type": "openai", "base_url": fake.base_url, "api_key": "sk-..."}
+    """
+
+    name = "fake-openai"
+
+    def __init__(self, workdir: Path, api_key: str | None = None, port: int | None = None) -> None:
+        super().__init__(workdir, port, models=("m",), directives=True, api_key=api_key)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
 
 
 # --------------------------------------------------------------------------- Redis

@@ -45,7 +45,6 @@ Run: `python -m ccproxy.testing.fake_backend --port N [--model NAME ...] [--dire
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shlex
 import time
@@ -64,6 +63,7 @@ from ccproxy.testing.fake_ollama import (
     _unit,
     _words,
     model_specs,
+    serve_forever,
 )
 
 __all__ = ["FakeBackend", "decide"]
@@ -410,21 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--listing-delay", type=float, default=0.0, help="with --misbehave: seconds before model lists")
     args = ap.parse_args(argv)
 
-    async def run() -> None:
-        fake = FakeBackend(model_specs(args.model or ["fake"]), host=args.host, port=args.port,
-                           directives=args.directives, api_key=args.api_key, misbehave=args.misbehave,
-                           listing_delay=args.listing_delay)
-        url = await fake.start()
-        print(f"fake backend listening on {url}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await fake.stop()
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
+    serve_forever(FakeBackend(model_specs(args.model or ["fake"]), host=args.host, port=args.port,
+                              directives=args.directives, api_key=args.api_key, misbehave=args.misbehave,
+                              listing_delay=args.listing_delay), "fake backend")
 
 
 if __name__ == "__main__":

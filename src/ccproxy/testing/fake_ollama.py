@@ -476,10 +476,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     models = model_specs(args.model or ["llama3.2"])
 
+    serve_forever(FakeOllama(models, host=args.host, port=args.port), "fake Ollama")
+
+
+def serve_forever(fake: FakeOllama, what: str) -> None:
+    """Run a fake server as a process of its own (`python -m ...`) until it is stopped."""
+
     async def run() -> None:
-        fake = FakeOllama(models, host=args.host, port=args.port)
         url = await fake.start()
-        print(f"fake Ollama listening on {url}", flush=True)
+        print(f"{what} listening on {url}", flush=True)
         try:
             await asyncio.Event().wait()
         finally:

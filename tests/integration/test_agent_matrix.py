@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _procs import REPO, SETUP_HINT, FakeBackend  # noqa: E402
 from _recording_proxy import Exchange, RecordingProxy  # noqa: E402
 
-from ccproxy.dialects.anthropic_stream_validator import validate_stream  # noqa: E402
-from ccproxy.dialects.openai_stream_validator import validate_chat_stream  # noqa: E402
-from ccproxy.dialects.responses_stream_validator import validate_stream as validate_responses_stream  # noqa: E402
+from ccproxy.dialects.anthropic.validator import validate_stream  # noqa: E402
+from ccproxy.dialects.openai.validator import validate_chat_stream  # noqa: E402
+from ccproxy.dialects.responses.validator import validate_stream as validate_responses_stream  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

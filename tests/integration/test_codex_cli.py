@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ccproxy.dialects.responses_stream_validator import validate_stream
+from ccproxy.dialects.responses.validator import validate_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

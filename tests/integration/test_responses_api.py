@@ -22,7 +22,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_openai import FakeOpenAI  # noqa: E402
 
-from ccproxy.dialects.responses_stream_validator import validate_stream
+from ccproxy.dialects.responses.validator import validate_stream
 
 pytestmark = pytest.mark.integration
 

@@ -109,7 +109,7 @@ def _to_openai_request(req: ChatRequest, model: str) -> dict[str, Any]:
     """Neutral request -> the OpenAI chat-completion body the engine takes (always streaming)."""
     if req.has_images():
         raise errors.CapabilityMissing("the embedded model takes text only; this request has images")
-    return dialect.build_backend_request(dataclasses.replace(req, stream=True), model)
+    return dialect.build_request(dataclasses.replace(req, stream=True), model)
 
 
 def _engine_error(provider: str, err: Any) -> errors.GatewayError:

@@ -23,7 +23,7 @@ import orjson
 from ccproxy import errors
 from ccproxy.config import AliasConfig, ProviderConfig
 from ccproxy.core import ChatRequest, ChatResponse, StreamEvent, ThinkingBlock, ThinkingDelta
-from ccproxy.dialects.ollama import OllamaStreamParser, build_chat_request, parse_chat_response
+from ccproxy.dialects.ollama import OllamaStreamParser, build_request, parse_response
 from ccproxy.providers import _http
 from ccproxy.providers.base import ModelListing
 
@@ -44,7 +44,7 @@ class OllamaProvider(_http.HttpProvider):
         if isinstance(data, dict) and "error" in data:
             raise errors.UpstreamError(f"provider '{self.name}': {data['error']}", provider=self.name)
         with _http.reading(self.name):
-            resp = parse_chat_response(data, self.name)
+            resp = parse_response(data, self.name)
         if not _asked_to_think(req):
             resp.content = [b for b in resp.content if not isinstance(b, ThinkingBlock)]
         return resp
@@ -61,7 +61,7 @@ class OllamaProvider(_http.HttpProvider):
                     yield ev
             if parser.done:
                 return
-        for ev in parser.end():
+        for ev in parser.close():
             if think or not isinstance(ev, ThinkingDelta):
                 yield ev
 
@@ -87,7 +87,7 @@ class OllamaProvider(_http.HttpProvider):
         changes["num_ctx"] = num_ctx
 
     def _body(self, req: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
-        return build_chat_request(req, model, num_ctx=req.num_ctx, keep_alive=self.config.keep_alive, stream=stream)
+        return build_request(req, model, num_ctx=req.num_ctx, keep_alive=self.config.keep_alive, stream=stream)
 
     async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         return await _http.post(self.session, self._base + "/api/chat", provider=self.name, config=self.config,

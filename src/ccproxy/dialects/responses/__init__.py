@@ -6,7 +6,7 @@ neutral answers back; errors use the OpenAI error shape. The gateway is stateles
 """
 
 from ccproxy.dialects.responses.render import ResponsesStreamRenderer, render_error, render_response
-from ccproxy.dialects.responses.request import NAMESPACES, not_stored, parse_request
+from ccproxy.dialects.responses.client import NAMESPACES, not_stored, parse_request
 
 __all__ = ["NAMESPACES", "ResponsesStreamRenderer", "not_stored", "parse_request", "render_error",
            "render_response"]

@@ -42,7 +42,7 @@ from ccproxy.core import (
 )
 from ccproxy.dialects import openai
 from ccproxy.dialects.responses.encrypted import encode_reasoning
-from ccproxy.dialects.responses.request import NAMESPACES
+from ccproxy.dialects.responses.client import NAMESPACES
 
 _INCOMPLETE: dict[str, str] = {"max_tokens": "max_output_tokens", "refusal": "content_filter"}
 

@@ -203,7 +203,7 @@ def parse_in_pieces(raw: bytes, size: int, stop: list[str] | None) -> list[dict[
     for i in range(0, len(raw), size):
         events += parser.feed(raw[i:i + size])
     assert parser.done
-    events.append(parser.close())
+    events.extend(parser.close())
     return [event_dict(e) for e in events]
 
 

@@ -16,13 +16,14 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
+from ccproxy.core import StreamEvent
 from ccproxy.providers.base import ProviderDefaults
 from ccproxy.redact import redact
 from ccproxy.routing import MAX_RETRY_AFTER
@@ -164,9 +165,11 @@ def _connection_gone(resp: aiohttp.ClientResponse) -> bool:
     return proto is None or proto.transport is None
 
 
-async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig) -> AsyncIterator[bytes]:
-    """The body as it arrives; each wait for the next chunk is bounded by the idle timeout."""
-    idle = config.timeouts.idle
+async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig,
+                      first_wait: float | None = None) -> AsyncIterator[bytes]:
+    """The body as it arrives; each wait for the next chunk is bounded by the idle timeout (the wait
+    for the first one by `first_wait` when given)."""
+    idle = config.timeouts.idle if first_wait is None else first_wait
     try:
         with mapped_errors(provider):
             while True:
@@ -188,8 +191,46 @@ async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: Provi
                 if not chunk:
                     return
                 yield chunk
+                idle = config.timeouts.idle
     finally:
         resp.close()  # closing (not releasing) aborts the backend request if we stop early
+
+
+class StreamParser(Protocol):
+    """A backend stream parser of a dialect (`dialects/<name>/stream.py`): bytes split anywhere in,
+    events out. `done` once the stream's own end marker came; `error` a failure found after events
+    that were handed out first (raised by the next call too); `close()` at the end of the body."""
+
+    done: bool
+    error: errors.UpstreamError | None
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]: ...
+
+    def close(self) -> list[StreamEvent]: ...
+
+
+async def read_stream(resp: aiohttp.ClientResponse, parser: StreamParser, provider: str, config: ProviderConfig,
+                      first_wait: float | None = None) -> AsyncIterator[StreamEvent]:
+    """The one stream reading loop of the HTTP providers: chunks from `iter_chunks` (timeouts, the
+    broken-connection check, the response closed however the loop ends) through `parser`, until
+    its end marker or the end of the body."""
+    chunks = iter_chunks(resp, provider, config, first_wait)
+    try:
+        async for chunk in chunks:
+            with reading(provider):
+                events = parser.feed(chunk)
+            for ev in events:
+                yield ev
+            if parser.error is not None:  # an error right after the events above
+                raise parser.error
+            if parser.done:
+                break
+        with reading(provider):
+            events = parser.close()
+        for ev in events:
+            yield ev
+    finally:
+        await chunks.aclose()
 
 
 class HttpProvider(ProviderDefaults):

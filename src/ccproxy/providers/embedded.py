@@ -187,10 +187,12 @@ class EmbeddedProvider(ProviderDefaults):
         finally:
             await chunks.aclose()  # stops the engine now if we leave early
         try:
-            yield parser.close()
+            events = parser.close()
         except errors.UpstreamError:
             raise errors.UpstreamError(f"embedded model '{self.name}' stopped before finishing its answer",
                                        provider=self.name) from None
+        for ev in events:
+            yield ev
 
     async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
         return response_from_events([ev async for ev in self.stream(req, model)])

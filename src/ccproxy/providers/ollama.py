@@ -53,15 +53,7 @@ class OllamaProvider(_http.HttpProvider):
         resp = await self._post(self._body(req, model, stream=True))
         parser = OllamaStreamParser(provider=self.name)
         think = _asked_to_think(req)
-        async for chunk in _http.iter_chunks(resp, self.name, self.config):
-            with _http.reading(self.name):
-                events = parser.feed(chunk)
-            for ev in events:
-                if think or not isinstance(ev, ThinkingDelta):
-                    yield ev
-            if parser.done:
-                return
-        for ev in parser.close():
+        async for ev in _http.read_stream(resp, parser, self.name, self.config):
             if think or not isinstance(ev, ThinkingDelta):
                 yield ev
 

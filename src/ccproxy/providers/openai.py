@@ -42,14 +42,8 @@ class OpenAIProvider(_http.HttpProvider):
         body["stream_options"] = {"include_usage": True}
         resp = await self._post(body)
         parser = dialect.OpenAIStreamParser(req.stop, self.name)
-        async for chunk in _http.iter_chunks(resp, self.name, self.config):
-            with _http.reading(self.name):
-                events = parser.feed(chunk)
-            for ev in events:
-                yield ev
-            if parser.done:
-                break
-        yield parser.close()
+        async for ev in _http.read_stream(resp, parser, self.name, self.config):
+            yield ev
 
     async def list_models(self) -> ModelListing:
         try:

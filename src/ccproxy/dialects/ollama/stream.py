@@ -30,11 +30,11 @@ class OllamaStreamParser:
         self._buf = b""
         self._tool_calls = 0
         self._saw_tool_calls = False
-        self._pending: errors.UpstreamError | None = None
+        self.error: errors.UpstreamError | None = None  # after the events handed out before it
 
     def _raise_pending(self) -> None:
-        if self._pending is not None:
-            exc, self._pending = self._pending, None
+        if self.error is not None:
+            exc, self.error = self.error, None
             raise exc
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
@@ -52,7 +52,7 @@ class OllamaStreamParser:
                 if not events:
                     raise
                 # hand out what came before the error line first; raise on the next call
-                self._pending, self._buf = exc, b""
+                self.error, self._buf = exc, b""
                 break
         return events
 

@@ -29,7 +29,8 @@ class OpenAIStreamParser:
     """Bytes of an OpenAI SSE stream (split anywhere) -> neutral events.
 
     The Finish event is held back until the stream ends, because the usage chunk comes after the
-    finish chunk; `close()` returns it."""
+    finish chunk; `close()` returns it. An error raises at once (`error` stays None: nothing is
+    held back), as the stream parsers of the other dialects do when a chunk yields no events."""
 
     def __init__(self, req_stop: list[str] | None = None, provider: str | None = None):
         self._buf = b""
@@ -40,6 +41,7 @@ class OpenAIStreamParser:
         self._usage = Usage()
         self._saw_tool = False
         self.done = False
+        self.error: errors.UpstreamError | None = None
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         self._buf += chunk
@@ -105,8 +107,8 @@ class OpenAIStreamParser:
                 self._finish = _stop_reason(choice, self._req_stop)
         return events
 
-    def close(self) -> Finish:
-        """The stream ended: the Finish event (raises if the backend never finished)."""
+    def close(self) -> list[StreamEvent]:
+        """The stream ended: [the Finish event] (raises if the backend never finished)."""
         if self._finish is None:
             who = f"the stream of provider '{self._provider}'" if self._provider else "the backend's stream"
             raise errors.UpstreamError(f"{who} ended before it finished the answer",
@@ -114,5 +116,5 @@ class OpenAIStreamParser:
         reason, seq = self._finish
         if reason == "end_turn" and self._saw_tool:
             reason = "tool_use"
-        return Finish(reason, self._usage, seq)
+        return [Finish(reason, self._usage, seq)]
 

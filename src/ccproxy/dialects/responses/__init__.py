@@ -5,8 +5,8 @@ into the neutral `ChatRequest`; `render.render_response` and `render.ResponsesSt
 neutral answers back; errors use the OpenAI error shape. The gateway is stateless (see request.py).
 """
 
-from ccproxy.dialects.responses.render import ResponsesStreamRenderer, render_error, render_response
 from ccproxy.dialects.responses.client import NAMESPACES, not_stored, parse_request
+from ccproxy.dialects.responses.render import ResponsesStreamRenderer, render_error, render_response
 
 __all__ = ["NAMESPACES", "ResponsesStreamRenderer", "not_stored", "parse_request", "render_error",
            "render_response"]

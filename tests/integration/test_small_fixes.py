@@ -21,7 +21,7 @@ from _fake_misbehaving import FakeMisbehaving  # noqa: E402
 pytestmark = pytest.mark.integration
 
 KEY = "sk-small-fixes-key"
-READY_CACHE_SECONDS = 2.0  # ccproxy.app.READY_CACHE_SECONDS
+READY_CACHE_SECONDS = 2.0  # ccproxy.handlers.READY_CACHE_SECONDS
 
 
 @pytest.fixture(scope="module")

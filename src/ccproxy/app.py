@@ -70,8 +70,7 @@ class Gateway(EndpointHandlers):
         self._routes: dict[tuple[str, str], Handler] = routes(self.endpoints)
         self._dialects: dict[str, DialectAdapter] = error_dialects(self.endpoints)
         self._openapi_doc: bytes | None = None
-        # the layers around the endpoint table, outermost first (each one file: cors.py, headerlimits.py)
-        self._stack: Handler = Cors(HeaderLimits(self._dispatch, self._config, self._refuse), self._config)
+        self._stack: Handler = self._layers(config)
 
     def _endpoint_table(self) -> list[Endpoint]:
         """The gateway's own endpoints (the dashboard adds its own): the router, the dialect of
@@ -143,6 +142,7 @@ class Gateway(EndpointHandlers):
         old = self.runtime
         new = await replace_runtime(old, config)
         self.runtime = new
+        self._stack = self._layers(config)
         self.authenticator = Authenticator(config, getattr(self.services, "keys", None))
         self._retirer.retire(old, new)
 
@@ -185,8 +185,11 @@ class Gateway(EndpointHandlers):
         apply_forwarded(scope, self.runtime.config.trusted_proxies)
         await self._stack(scope, receive, send, header_map(scope))
 
-    def _config(self) -> Config:
-        return self.runtime.config
+    def _layers(self, config: Config) -> Handler:
+        """The layers around the endpoint table for `config`, outermost first (one file each: cors.py,
+        headerlimits.py); rebuilt on reload. CORS only when origins are configured."""
+        app: Handler = HeaderLimits(self._dispatch, config.limits, self._refuse)
+        return Cors(app, config.cors_origins) if config.cors_origins else app
 
     async def _refuse(self, scope: Scope, send: Send, headers: dict[str, str], exc: errors.GatewayError) -> None:
         """An error before routing, in the dialect of the request's path."""
@@ -194,7 +197,9 @@ class Gateway(EndpointHandlers):
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         """The innermost layer: the endpoint table's handler for the method and path."""
-        path = request_path(scope)
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/")
         handler = self._routes.get((scope["method"], path))
         if handler is None:
             await self._not_found(scope, path, headers, send)

@@ -8,11 +8,10 @@ Spec: https://fetch.spec.whatwg.org/#http-cors-protocol.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Collection
 from typing import Any
 
 from ccproxy.asgi import Receive, Scope, Send
-from ccproxy.config import Config
 from ccproxy.endpoints import Handler
 
 CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
@@ -46,21 +45,21 @@ def _with_cors(send: Send, origin: str) -> Send:
 
 
 class Cors:
-    """Wraps `app` (a handler: scope, receive, send, headers); `config` gives the current config."""
+    """Wraps `app` (a handler: scope, receive, send, headers) for the allowed `origins` ("*": any).
+    The gateway adds this layer only when `cors_origins` is set, and rebuilds it on reload."""
 
-    __slots__ = ("_app", "_config")
+    __slots__ = ("_any", "_app", "_origins")
 
-    def __init__(self, app: Handler, config: Callable[[], Config]):
+    def __init__(self, app: Handler, origins: Collection[str]):
         self._app = app
-        self._config = config
+        self._origins = frozenset(origins)
+        self._any = "*" in self._origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        origins = self._config().cors_origins
-        if origins:
-            origin = headers.get("origin")
-            if origin is not None and (origin in origins or "*" in origins):
-                if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
-                    await _cors_preflight(origin, headers, send)
-                    return
-                send = _with_cors(send, origin)
+        origin = headers.get("origin")
+        if origin is not None and (self._any or origin in self._origins):
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                await _cors_preflight(origin, headers, send)
+                return
+            send = _with_cors(send, origin)
         await self._app(scope, receive, send, headers)

@@ -9,25 +9,25 @@ from collections.abc import Awaitable, Callable
 
 from ccproxy import errors
 from ccproxy.asgi import Receive, Scope, Send
-from ccproxy.config import Config
+from ccproxy.config import Limits
 from ccproxy.endpoints import Handler
 
 Refuse = Callable[[Scope, Send, dict[str, str], errors.GatewayError], Awaitable[None]]
 
 
 class HeaderLimits:
-    """Wraps `app` (a handler: scope, receive, send, headers); `config` gives the current config,
-    `refuse` answers an error in the request's dialect."""
+    """Wraps `app` (a handler: scope, receive, send, headers) with the config's `limits`; `refuse`
+    answers an error in the request's dialect. The gateway rebuilds this layer on reload."""
 
-    __slots__ = ("_app", "_config", "_refuse")
+    __slots__ = ("_app", "_limits", "_refuse")
 
-    def __init__(self, app: Handler, config: Callable[[], Config], refuse: Refuse):
+    def __init__(self, app: Handler, limits: Limits, refuse: Refuse):
         self._app = app
-        self._config = config
+        self._limits = limits
         self._refuse = refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        limits = self._config().limits
+        limits = self._limits
         raw = scope["headers"]
         if len(raw) > limits.max_headers or sum(len(k) + len(v) + 4 for k, v in raw) > limits.max_header_bytes:
             exc = errors.GatewayError(f"the request headers exceed the limits of {limits.max_headers} headers and "

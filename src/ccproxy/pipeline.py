@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -99,8 +99,7 @@ async def send_error(send: Send, adapter: DialectAdapter, exc: errors.GatewayErr
     await send_json(send, status, body, {**(headers or {}), **exc.headers})
 
 
-@dataclass(frozen=True, slots=True)
-class Served:
+class Served(NamedTuple):
     """What serving an admitted request ends with: its usage, and the response's last send, which
     the flow makes once the usage row and the log line are written (`ChatFlow._finish`)."""
     usage: Usage

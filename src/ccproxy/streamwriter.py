@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ccproxy import errors
 from ccproxy.asgi import Send, start_stream
@@ -27,12 +27,16 @@ class StreamWriter:
         self._req = req
         self._renderer: StreamRenderer | None = None
 
+    def _body(self, data: bytes) -> dict[str, Any]:
+        """The body message for `data`; the first one sets the row's time to first byte."""
+        record = self._flow.record
+        if record.ttfb_ms is None:
+            record.ttfb_ms = round((time.perf_counter() - self._flow.t0) * 1000, 3)
+        return {"type": "http.response.body", "body": data, "more_body": True}
+
     async def out(self, data: bytes) -> None:
         if data:
-            record = self._flow.record
-            if record.ttfb_ms is None:
-                record.ttfb_ms = round((time.perf_counter() - self._flow.t0) * 1000, 3)
-            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+            await self._send(self._body(data))
 
     async def commit(self) -> None:
         """Start the response (status 200, the dialect's stream content type) if not yet started."""
@@ -56,7 +60,9 @@ class StreamWriter:
         if not self._flow.started:
             await self.commit()
         assert self._renderer is not None
-        await self.out(self._renderer.feed(ev))
+        data = self._renderer.feed(ev)
+        if data:  # not through out(): one coroutine less per event
+            await self._send(self._body(data))
 
     async def error(self, exc: errors.GatewayError) -> None:
         """The backend failed after the first byte: the dialect's in-band error."""

@@ -8,7 +8,7 @@ module names in every dialect package (openai, anthropic, ollama):
     backend.py   build_request (ChatRequest -> body), parse_response (message JSON -> ChatResponse),
                  upstream_error (error body -> UpstreamError)
     stream.py    AnthropicStreamParser: a backend's SSE bytes in arbitrary splits -> StreamEvents
-    validator.py the stream grammar check the tests and `ccproxy check` use
+    validator.py the strict stream grammar check the tests use
 """
 
 from ccproxy.dialects.anthropic.backend import (

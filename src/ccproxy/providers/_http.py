@@ -165,35 +165,23 @@ def _connection_gone(resp: aiohttp.ClientResponse) -> bool:
     return proto is None or proto.transport is None
 
 
-async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig,
-                      first_wait: float | None = None) -> AsyncIterator[bytes]:
-    """The body as it arrives; each wait for the next chunk is bounded by the idle timeout (the wait
-    for the first one by `first_wait` when given)."""
-    idle = config.timeouts.idle if first_wait is None else first_wait
-    try:
-        with mapped_errors(provider):
-            while True:
-                waited = 0.0
-                while True:  # in slices, to notice a connection that broke without waking the reader
-                    step = min(BROKEN_POLL_SECONDS, idle - waited)
-                    try:
-                        async with asyncio.timeout(step):
-                            chunk = await resp.content.readany()
-                        break
-                    except TimeoutError:
-                        waited += step
-                        if waited >= idle:
-                            raise errors.UpstreamTimeout(f"provider '{provider}' sent no stream chunk within "
-                                                         f"{idle:g} s", provider=provider) from None
-                        if _connection_gone(resp):
-                            raise errors.UpstreamError(f"the connection to provider '{provider}' broke",
-                                                       provider=provider) from None
-                if not chunk:
-                    return
-                yield chunk
-                idle = config.timeouts.idle
-    finally:
-        resp.close()  # closing (not releasing) aborts the backend request if we stop early
+async def _next_chunk(resp: aiohttp.ClientResponse, provider: str, idle: float) -> bytes:
+    """The next piece of the body (b"" at its end), waited for at most `idle` seconds, in slices, to
+    notice a connection that broke without waking the reader."""
+    waited = 0.0
+    while True:
+        step = min(BROKEN_POLL_SECONDS, idle - waited)
+        try:
+            async with asyncio.timeout(step):
+                return await resp.content.readany()
+        except TimeoutError:
+            waited += step
+            if waited >= idle:
+                raise errors.UpstreamTimeout(f"provider '{provider}' sent no stream chunk within "
+                                             f"{idle:g} s", provider=provider) from None
+            if _connection_gone(resp):
+                raise errors.UpstreamError(f"the connection to provider '{provider}' broke",
+                                           provider=provider) from None
 
 
 class StreamParser(Protocol):
@@ -211,26 +199,32 @@ class StreamParser(Protocol):
 
 async def read_stream(resp: aiohttp.ClientResponse, parser: StreamParser, provider: str, config: ProviderConfig,
                       first_wait: float | None = None) -> AsyncIterator[StreamEvent]:
-    """The one stream reading loop of the HTTP providers: chunks from `iter_chunks` (timeouts, the
-    broken-connection check, the response closed however the loop ends) through `parser`, until
-    its end marker or the end of the body."""
-    chunks = iter_chunks(resp, provider, config, first_wait)
+    """The one stream reading loop of the HTTP providers: the body as it arrives, each wait bounded
+    by the idle timeout (the first one by `first_wait` when given) and checked for a broken
+    connection, through `parser` until its end marker or the end of the body. The response is
+    closed however the loop ends (closing, not releasing, aborts the backend request if we stop early)."""
+    idle = config.timeouts.idle if first_wait is None else first_wait
     try:
-        async for chunk in chunks:
+        with mapped_errors(provider):
+            while True:
+                chunk = await _next_chunk(resp, provider, idle)
+                if not chunk:
+                    break
+                idle = config.timeouts.idle
+                with reading(provider):
+                    events = parser.feed(chunk)
+                for ev in events:
+                    yield ev
+                if parser.error is not None:  # an error right after the events above
+                    raise parser.error
+                if parser.done:
+                    break
             with reading(provider):
-                events = parser.feed(chunk)
+                events = parser.close()
             for ev in events:
                 yield ev
-            if parser.error is not None:  # an error right after the events above
-                raise parser.error
-            if parser.done:
-                break
-        with reading(provider):
-            events = parser.close()
-        for ev in events:
-            yield ev
     finally:
-        await chunks.aclose()
+        resp.close()
 
 
 class HttpProvider(ProviderDefaults):

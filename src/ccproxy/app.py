@@ -1,10 +1,11 @@
-"""The ASGI application: endpoint table, lifespan, readiness, hot-swappable runtime.
+"""The ASGI application: the entry point, the endpoint table, lifespan and reload.
 
-`Gateway(config)` is the ASGI app. Per request it picks the endpoint from its endpoint table;
+`Gateway(config)` is the ASGI app. A request passes the layers around the endpoint table (CORS,
+cors.py; header limits, headerlimits.py) and reaches the endpoint's handler (handlers.py);
 endpoints that reach a backend run the request flow (`pipeline.ChatFlow`, or `CountTokensFlow`)
 with the dialect adapter of the endpoint, under the global slot (`limits.max_concurrent`).
 Everything that a config reload may change (config, router, providers) lives in one `Runtime`
-object that is replaced atomically; a request pins the runtime it started with.
+object (runtime.py) that is replaced atomically; a request pins the runtime it started with.
 
 Endpoint table: `Gateway._endpoint_table` lists the gateway's endpoints and `Dashboard.endpoints`
 the dashboard's, one `endpoints.Endpoint` each (method, path, handler, dialect of its errors, auth,
@@ -19,117 +20,45 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import orjson
-
-from ccproxy import __version__, asgi, errors, openapi, redact
+from ccproxy import asgi, errors, openapi
 from ccproxy.admin_api import AdminApi
-from ccproxy.asgi import ClientGone, Receive, Scope, Send, header_map, send_bytes, send_json
+from ccproxy.asgi import ClientGone, Receive, Scope, Send, header_map
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.context import GatewayServices
+from ccproxy.cors import Cors
 from ccproxy.dialects import adapters
 from ccproxy.embeddings import EmbeddingsFlow
-from ccproxy.endpoints import Endpoint, Handler, error_dialects, openapi_paths, resolve, routes, templates
-from ccproxy.pipeline import ChatFlow, CountTokensFlow, DialectAdapter, model_allowed, send_error
-from ccproxy.pricing import PriceBook
-from ccproxy.providers import make_provider
-from ccproxy.providers.base import ModelListing, Provider
+from ccproxy.endpoints import Endpoint, Handler, error_dialects, resolve, routes, templates
+from ccproxy.handlers import EndpointHandlers
+from ccproxy.headerlimits import HeaderLimits
+from ccproxy.pipeline import CountTokensFlow, DialectAdapter, send_error
+from ccproxy.providers.base import ModelListing
 from ccproxy.proxyheaders import apply_forwarded
-from ccproxy.routing import DeploymentHealth, Router
-from ccproxy.services import DiscardUsage, Principal, UnlimitedLimiter
-from ccproxy.slots import GlobalSlots, SlotAfterBody
+from ccproxy.runtime import NullServices, Retirer, Runtime, replace_runtime
+from ccproxy.slots import GlobalSlots
 from ccproxy.tracing import build_tracing
 from ccproxy.ui import Dashboard
 from ccproxy.usage.record import UsageRecord
 
 log = logging.getLogger("ccproxy")
 
-READY_CACHE_SECONDS = 2.0
-READY_PROBE_TIMEOUT = 2.0
-RETIRE_GRACE = 2.0  # seconds before a replaced runtime may close (non-chat endpoints finish)
-RETIRE_POLL = 0.5
 BLOCKED_OLLAMA_PATHS = {"/api/pull", "/api/create", "/api/push", "/api/delete", "/api/copy", "/api/blobs"}
 
 
-CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
-CORS_EXPOSE_HEADERS = ("x-request-id, retry-after, x-ccproxy-route, x-ccproxy-provider, x-ccproxy-upstream-model, "
-                       "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-limit-tokens, "
-                       "x-ratelimit-remaining-tokens, x-should-retry")
+def request_path(scope: Scope) -> str:
+    """The request's path without a trailing slash ("/" stays "/")."""
+    path: str = scope["path"]
+    if len(path) > 1 and path.endswith("/"):
+        path = path.rstrip("/")
+    return path
 
 
-async def _cors_preflight(origin: str, headers: dict[str, str], send: Send) -> None:
-    """Answer a CORS preflight from a configured origin (`cors_origins`)."""
-    allow_headers = headers.get("access-control-request-headers") or "authorization, content-type, x-api-key"
-    await send({"type": "http.response.start", "status": 204, "headers": [
-        (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"origin"),
-        (b"access-control-allow-methods", CORS_ALLOW_METHODS.encode()),
-        (b"access-control-allow-headers", allow_headers.encode("latin-1")),
-        (b"access-control-max-age", b"600"), (b"content-length", b"0")]})
-    await send({"type": "http.response.body", "body": b""})
-
-
-def _with_cors(send: Send, origin: str) -> Send:
-    """`send` that adds the CORS response headers for an allowed origin."""
-    extra = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"origin"),
-             (b"access-control-expose-headers", CORS_EXPOSE_HEADERS.encode())]
-
-    async def cors_send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), *extra]}
-        await send(message)
-
-    return cors_send
-
-
-class Runtime:
-    """Config + router + providers: the part a hot reload replaces."""
-
-    def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None,
-                 reuse: dict[str, Provider] | None = None):
-        redact.use_config(config)  # its secrets never leave the gateway (errors, logs)
-        self.config = config
-        self.router = Router(config, health)
-        self.prices = PriceBook(config)  # warns once per model that `price: auto` cannot price
-        self.active = 0  # chat requests pinned to this runtime; a retired runtime closes when it is 0
-        reuse = reuse or {}
-        self.providers: dict[str, Provider] = {}
-        for name, pc in config.providers.items():
-            old = reuse.get(name)
-            self.providers[name] = old if old is not None and old.config == pc else make_provider(name, pc)
-
-    async def start(self) -> None:
-        await asyncio.gather(*(p.start() for p in self.providers.values()))
-
-    async def close(self, keep: set[int] | None = None) -> None:
-        keep = keep or set()
-        await asyncio.gather(*(p.close() for p in self.providers.values() if id(p) not in keep),
-                             return_exceptions=True)
-
-
-class _Services:
-    """The defaults when the full services layer is not wired: nothing stored, nothing limited."""
-
-    def __init__(self) -> None:
-        self.usage = DiscardUsage()
-        self.limiter = UnlimitedLimiter()
-        self.keys = None
-        self.metrics = None
-        self.store = None
-        self.budgets = None
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-class Gateway:
+class Gateway(EndpointHandlers):
     def __init__(self, config: Config, services: GatewayServices | None = None):
         self.runtime = Runtime(config)
-        self.services: GatewayServices = services if services is not None else _Services()
+        self.services: GatewayServices = services if services is not None else NullServices()
         self.authenticator = Authenticator(config, self.services.keys)
         self.draining = False
         metrics = self.services.metrics
@@ -137,7 +66,7 @@ class Gateway:
         self.started_at = time.time()
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._ready_probe: asyncio.Task[dict[str, ModelListing]] | None = None  # shared by concurrent callers
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retirer = Retirer()
         self.tracing = build_tracing(config)  # None when `tracing` is off (tracing.py)
         self.ui = Dashboard(self)  # /ui: the usage dashboard and its JSON API (ccproxy.ui)
         self.admin_api = AdminApi(self)  # /admin/keys: the database's keys over HTTP (admin_api.py)
@@ -146,6 +75,7 @@ class Gateway:
         self._templates = templates(self.endpoints)  # paths with {parameters}, e.g. /admin/keys/{name}
         self._dialects: dict[str, DialectAdapter] = error_dialects(self.endpoints)
         self._openapi_doc: bytes | None = None
+        self._stack: Handler = self._layers(config)
         # run after start-up and after shutdown: what the server process adds (server.py: /metrics listener)
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
@@ -224,27 +154,11 @@ class Gateway:
     async def reload(self, config: Config) -> None:
         """Swap in a new, already validated config. In-flight requests keep the old runtime."""
         old = self.runtime
-        new = Runtime(config, old.router.health, old.providers)
-        try:
-            await new.start()
-        except BaseException:
-            await new.close(keep={id(p) for p in old.providers.values()})  # the old runtime keeps serving
-            raise
+        new = await replace_runtime(old, config)
         self.runtime = new
+        self._stack = self._layers(config)
         self.authenticator = Authenticator(config, self.services.keys)
-        kept = {id(p) for p in new.providers.values()}
-
-        async def retire() -> None:
-            # In-flight chat requests finish on the old runtime however long they stream; other
-            # endpoints use it for a moment only (RETIRE_GRACE).
-            await asyncio.sleep(RETIRE_GRACE)
-            while old.active > 0:
-                await asyncio.sleep(RETIRE_POLL)
-            await old.close(keep=kept)
-
-        task = asyncio.get_running_loop().create_task(retire())
-        self._retiring.add(task)  # a strong reference: the loop keeps only weak ones
-        task.add_done_callback(self._retiring.discard)
+        self._retirer.retire(old, new)
 
     def observe(self, record: UsageRecord, admitted: bool) -> None:
         metrics = self.services.metrics
@@ -282,29 +196,24 @@ class Gateway:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        apply_forwarded(scope, self.runtime.config.trusted_proxies)
+        await self._stack(scope, receive, send, header_map(scope))
+
+    def _layers(self, config: Config) -> Handler:
+        """The layers around the endpoint table for `config`, outermost first (one file each: cors.py,
+        headerlimits.py); rebuilt on reload. CORS only when origins are configured."""
+        app: Handler = HeaderLimits(self._dispatch, config.limits, self._refuse)
+        return Cors(app, config.cors_origins) if config.cors_origins else app
+
+    async def _refuse(self, scope: Scope, send: Send, headers: dict[str, str], exc: errors.GatewayError) -> None:
+        """An error before routing, in the dialect of the request's path."""
+        await send_error(send, self._adapter_for(request_path(scope), headers), exc)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        """The innermost layer: the endpoint table's handler for the method and path."""
         path = scope["path"]
         if len(path) > 1 and path.endswith("/"):
             path = path.rstrip("/")
-        headers = header_map(scope)
-        config = self.runtime.config
-        apply_forwarded(scope, config.trusted_proxies)
-        if config.cors_origins:
-            origin = headers.get("origin")
-            if origin is not None and (origin in config.cors_origins or "*" in config.cors_origins):
-                if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
-                    await _cors_preflight(origin, headers, send)
-                    return
-                send = _with_cors(send, origin)
-        limits = config.limits
-        raw = scope["headers"]
-        if len(raw) > limits.max_headers or sum(len(k) + len(v) + 4 for k, v in raw) > limits.max_header_bytes:
-            # uvicorn refuses these itself (httpguard.py); this covers other servers and in-process use
-            exc = errors.GatewayError(f"the request headers exceed the limits of {limits.max_headers} headers and "
-                                      f"{limits.max_header_bytes} bytes (limits.max_headers, limits.max_header_bytes)",
-                                      status=431, headers={"connection": "close"})
-            exc.kind = "headers_too_large"
-            await send_error(send, self._adapter_for(path, headers), exc)
-            return
         handler = self._routes.get((scope["method"], path))
         if handler is None and self._templates:  # /admin/keys/{name}: endpoints.resolve
             path, scope["path_params"] = resolve(path, self._templates)
@@ -350,122 +259,3 @@ class Gateway:
             exc = errors.NotFound(f"no endpoint {scope['method']} {path}; see the README for the endpoint list")
         await send_error(send, adapter, exc)
 
-    async def _authenticated(self, headers: dict[str, str], send: Send, adapter: DialectAdapter,
-                             *, admin: bool = False) -> Principal | None:
-        try:
-            principal = await self.authenticator.authenticate(headers)
-            if admin and not principal.admin:
-                raise errors.Forbidden("this endpoint needs the admin key (admin_key in the config)")
-            return principal
-        except errors.GatewayError as e:
-            await send_error(send, adapter, e)
-            return None
-
-    # ---------------------------------------------------------------- endpoints
-
-    def _chat(self, adapter: DialectAdapter, endpoint: str, flow_class: type[ChatFlow] = ChatFlow) -> Handler:
-        """A handler that runs `flow_class` (the request flow: auth, preparation, limits, usage)
-        under the gateway's global slot (`limits.max_concurrent`)."""
-        async def handler(scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-            if self.draining:
-                await send_error(send, adapter, errors.Overloaded("the gateway is shutting down; retry on "
-                                                                  "another replica"), {"connection": "close"})
-                return
-            flow = flow_class(self, adapter, endpoint, headers)  # pins self.runtime for its whole life
-            # the global slot is taken once the body is in, not during a (slow) upload: slots.py
-            slot = SlotAfterBody(self.slots, receive, flow.runtime.config.limits.max_concurrent)
-            flow.runtime.active += 1
-            try:
-                await flow.run(slot, send)
-            finally:
-                flow.runtime.active -= 1
-                slot.release()
-        return handler
-
-    async def _health(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        await send_json(send, 200, {"status": "ok", "version": __version__})
-
-    async def _root(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        await send_bytes(send, 200, b"ccproxy is running\n", "text/plain; charset=utf-8")
-
-    async def probe_backends(self) -> dict[str, ModelListing]:
-        """Every backend's model listing, probed at most once per READY_CACHE_SECONDS: callers that
-        arrive while a probe runs wait for that one (single flight), so a crowd of unauthenticated
-        /health/ready callers cannot multiply the load on the backends."""
-        now = time.monotonic()
-        if self._ready_cache and now - self._ready_cache[0] < READY_CACHE_SECONDS:
-            return self._ready_cache[1]
-        if self._ready_probe is None or self._ready_probe.done():
-            self._ready_probe = asyncio.get_running_loop().create_task(self._probe_backends(now))
-        return await asyncio.shield(self._ready_probe)  # one caller leaving does not cancel it for the rest
-
-    async def _probe_backends(self, now: float) -> dict[str, ModelListing]:
-        providers = self.runtime.providers
-
-        async def probe(p: Provider) -> ModelListing:
-            try:
-                async with asyncio.timeout(READY_PROBE_TIMEOUT):
-                    return await p.list_models()
-            except TimeoutError:
-                return ModelListing(False, [], "no answer within 2 s")
-            except Exception as e:
-                return ModelListing(False, [], type(e).__name__)
-
-        results = await asyncio.gather(*(probe(p) for p in providers.values()))
-        listing = dict(zip(providers, results, strict=True))
-        self._ready_cache = (now, listing)
-        return listing
-
-    async def _ready(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        if self.draining:  # at once: no backend probe while shutting down
-            await send_json(send, 503, {"status": "draining"}, {"connection": "close"})
-            return
-        listing = await self.probe_backends()
-        up = [n for n, r in listing.items() if r.reachable]
-        ok = bool(up) and not self.draining
-        body: dict[str, Any] = {"status": "ready" if ok else ("draining" if self.draining else "unavailable"),
-                                "backends_up": len(up), "backends": len(listing)}
-        try:
-            await self.authenticator.authenticate(headers)
-            body["providers"] = {n: {"reachable": r.reachable, "error": r.error} for n, r in listing.items()}
-            body["deployments"] = self.runtime.router.snapshot()
-        except errors.GatewayError:
-            pass  # details only for callers with a key
-        await send_json(send, 200 if ok else 503, body)
-
-    async def _models(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        adapter = self._adapter_for("/v1/models", headers)
-        principal = await self._authenticated(headers, send, adapter)
-        if principal is None:
-            return
-        aliases = [a for a in self.runtime.router.aliases() if model_allowed(principal, a)]
-        render = adapters.ANTHROPIC_MODELS if adapter is adapters.ANTHROPIC else adapters.OPENAI_MODELS
-        await send_json(send, 200, render(aliases))
-
-    async def _ollama_tags(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        principal = await self._authenticated(headers, send, adapters.OLLAMA)
-        if principal is None:
-            return
-        await send_json(send, 200, adapters.OLLAMA_TAGS(
-            [a for a in self.runtime.router.aliases() if model_allowed(principal, a)]))
-
-    async def _ollama_version(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        await send_json(send, 200, {"version": __version__})
-
-    async def _metrics(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        try:  # throttled and logged per client address, as the dashboard's header auth
-            await self.ui.admin_key(scope, headers, "/metrics")
-        except errors.GatewayError as e:
-            await send_error(send, adapters.OPENAI, e)
-            return
-        metrics = self.services.metrics
-        if metrics is None:
-            await send_bytes(send, 200, b"", "text/plain; version=0.0.4")
-            return
-        data, content_type = metrics.render()
-        await send_bytes(send, 200, data, content_type)
-
-    async def _openapi(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        if self._openapi_doc is None:
-            self._openapi_doc = orjson.dumps(openapi.spec(openapi_paths(self.endpoints)))
-        await send_bytes(send, 200, self._openapi_doc, "application/json")

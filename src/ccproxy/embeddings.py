@@ -17,17 +17,17 @@ without `embeddings: true`) gets a 400 naming the alias, before admission.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable
 from typing import Any
 
 import orjson
 
 from ccproxy import errors
-from ccproxy.asgi import DisconnectWatcher, Send, send_bytes
+from ccproxy.asgi import DisconnectWatcher, Send
+from ccproxy.attempts import Attempts
 from ccproxy.core import ChatRequest, Message, TextBlock, Usage
 from ccproxy.dialects import embeddings as emb
-from ccproxy.pipeline import ChatFlow
+from ccproxy.pipeline import ChatFlow, Served
 from ccproxy.preparation import Preparation
 from ccproxy.providers.embeddings import embedder
 from ccproxy.routing import Route
@@ -56,7 +56,7 @@ class EmbeddingsFlow(ChatFlow):
         assert plan.route is not None
         self._check_can_embed(plan.route)
 
-    async def _serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Usage:
+    async def _serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Served:
         req, route = self.embedding, plan.route
         assert req is not None and plan.req is not None and route is not None
         result = await self._embed(req, plan.req, route)
@@ -66,16 +66,10 @@ class EmbeddingsFlow(ChatFlow):
                 f"{len(result.vectors[0])}-dimensional vectors instead of {req.dimensions}; leave "
                 "'dimensions' out", param="dimensions")
         usage = Usage(input_tokens=result.prompt_tokens or self.prompt_estimate)
-        out = orjson.dumps(emb.render_response(req, result, usage.input_tokens))
-        watcher.stop()
-        self.started = True
-        self.record.status = 200
-        self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
-        self._finish(usage)
-        await send_bytes(send, 200, out, "application/json", self.resp_headers)
-        return usage
+        body = orjson.dumps(emb.render_response(req, result, usage.input_tokens))
+        return self.json_answer(send, watcher, usage, body)
 
-    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Usage]:
+    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Served]:
         return self._serve(send, plan, watcher)
 
     def _check_can_embed(self, route: Route) -> None:
@@ -92,12 +86,12 @@ class EmbeddingsFlow(ChatFlow):
 
     async def _embed(self, req: emb.EmbeddingRequest, chat: ChatRequest, route: Route) -> emb.EmbeddingResult:
         """The first deployment that answers, in the chat flow's order and retry budget."""
-        last: errors.GatewayError | None = None
-        for target, _prepared, provider in self._attempts(chat, route):
+        attempts = Attempts(self, chat, route)
+        for target, _prepared, provider in attempts:
             embed = embedder(provider)
             if embed is None:
                 continue  # another deployment of the route embeds (_check_can_embed)
-            self._begin_attempt(target)
+            attempts.begin(target)
             ok = False
             retry_after: float | None = None
             try:
@@ -105,15 +99,14 @@ class EmbeddingsFlow(ChatFlow):
                 ok = True
                 return result
             except errors.UpstreamError as e:
-                last = e
                 if not e.retryable:
                     ok = True  # the backend is fine; the request was refused
                     raise
                 retry_after = getattr(e, "retry_after", None)
-                self._attempt_failed(target, e)
+                attempts.failed(target, e)
             except errors.InvalidRequest:
                 ok = True
                 raise
             finally:
-                self._end_attempt(target, ok, retry_after)
-        raise last or errors.UpstreamError("no deployment could take this request")
+                attempts.end(target, ok, retry_after)
+        raise attempts.exhausted()

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -34,8 +35,8 @@ from ccproxy.asgi import (
     read_body,
     send_bytes,
     send_json,
-    start_stream,
 )
+from ccproxy.attempts import Attempts
 from ccproxy.attribution import attribute
 from ccproxy.context import FlowContext
 from ccproxy.core import (
@@ -56,8 +57,9 @@ from ccproxy.providers.base import Provider, TokenCounter
 from ccproxy.request_body import decode_request
 from ccproxy.routing import Route, Target
 from ccproxy.stopseq import apply_stop_sequences, collect, without_stop
+from ccproxy.streamwriter import StreamWriter
 from ccproxy.tokens import estimate_prompt_tokens
-from ccproxy.tracing import AttemptSpan, RequestSpan
+from ccproxy.tracing import RequestSpan
 from ccproxy.usage.record import UsageRecord
 
 log = logging.getLogger("ccproxy.request")
@@ -95,6 +97,13 @@ async def send_error(send: Send, adapter: DialectAdapter, exc: errors.GatewayErr
                      headers: dict[str, str] | None = None) -> None:
     status, body = adapter.render_error(exc)
     await send_json(send, status, body, {**(headers or {}), **exc.headers})
+
+
+class Served(NamedTuple):
+    """What serving an admitted request ends with: its usage, and the response's last send, which
+    the flow makes once the usage row and the log line are written (`ChatFlow._finish`)."""
+    usage: Usage
+    last: Callable[[], Awaitable[None]]
 
 
 # --------------------------------------------------------------------------- request preparation
@@ -137,7 +146,6 @@ class ChatFlow:
         self.runtime = gateway.runtime  # pinned for the whole request (hot reload safe)
         tracing = gateway.tracing
         self.span: RequestSpan | None = tracing.request_span(endpoint, headers) if tracing is not None else None
-        self._attempt_span: AttemptSpan | None = None
         self.adapter = adapter
         self.headers = headers
         self.t0 = time.perf_counter()
@@ -147,10 +155,9 @@ class ChatFlow:
         self.started = False  # response headers sent
         self.output_events = 0
         self.prompt_estimate = 0
-        self.more_attempts = False  # another deployment may still be tried (see _attempts)
         self.plan = Preparation(self.runtime.router, self.runtime.providers)
         self.admitted = False  # passed auth, validation and limits: the request gets a usage row
-        self.finished = False  # the log line (and row) is written, just before the response ends
+        self.finished = False  # the log line (and row) is written, just before the response's last send
         self.price: Price | None = None  # of the deployment serving the request (pricing.py)
 
     # ---------------------------------------------------------------- entry point
@@ -161,6 +168,7 @@ class ChatFlow:
         watcher: DisconnectWatcher | None = None
         gone = False  # the client left while its body was uploading (before the watcher runs)
         usage = Usage()
+        last: Callable[[], Awaitable[None]] | None = None  # the response's last send, after _finish
         try:
             try:
                 principal = await self.gw.authenticator.authenticate(self.headers)
@@ -183,7 +191,8 @@ class ChatFlow:
                 self.resp_headers.update(ticket.headers)
                 watcher = DisconnectWatcher(receive)
                 watcher.start()
-                usage = await self.serve(send, plan, watcher)
+                served = await self.serve(send, plan, watcher)
+                usage, last = served.usage, served.last
             except ClientGone:
                 gone = True
                 raise asyncio.CancelledError() from None
@@ -205,25 +214,28 @@ class ChatFlow:
             self.record.error_kind = e.kind
             if not self.started:
                 self._note_route()  # a refusal after routing (403, 400) still names the alias in its log line
-                self._finish(usage)
-                await send_error(send, self.adapter, e, self.resp_headers)
+                last = functools.partial(send_error, send, self.adapter, e, self.resp_headers)
         except Exception:
             log.exception("unexpected error in request %s", self.request_id)
             exc = errors.GatewayError("internal gateway error; see the gateway log for request "
                                       + self.request_id)
             self.record.status, self.record.error_kind = 500, "internal_error"
             if not self.started:
-                self._finish(usage)
-                await send_error(send, self.adapter, exc, self.resp_headers)
+                last = functools.partial(send_error, send, self.adapter, exc, self.resp_headers)
         finally:
             if watcher is not None:
                 watcher.stop()
-            if not self.finished:
-                self._finish(usage)
-            if ticket is not None:
-                await ticket.release(usage.prompt_tokens + usage.output_tokens)
-            if hold is not None:
-                await hold.settle(self.record.cost_usd)
+            self._finish(usage)  # the one caller: row and log line, before the response's last send
+            try:
+                if last is not None:
+                    await last()
+            except Exception:
+                log.exception("unexpected error in request %s", self.request_id)
+            finally:
+                if ticket is not None:
+                    await ticket.release(usage.prompt_tokens + usage.output_tokens)
+                if hold is not None:
+                    await hold.settle(self.record.cost_usd)
 
     def _note_route(self) -> None:
         route = self.plan.route
@@ -262,17 +274,25 @@ class ChatFlow:
         return max(worst_case_usd(prices.get(t.alias, t.deployment), plan.prompt_tokens, out)
                    for t in plan.route.targets)
 
-    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Usage]:
-        """Answer an admitted request; its usage (the response is sent, the row not yet). Returns
-        the coroutine of the answering method rather than awaiting it: no extra frame per request."""
+    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Served]:
+        """Answer an admitted request, all but the response's last send (`Served`). Returns the
+        coroutine of the answering method rather than awaiting it: no extra frame per request."""
         assert plan.req is not None and plan.route is not None
         if plan.req.stream:
             return self._stream(send, plan.req, plan.route, watcher)
         return self._complete(send, plan.req, plan.route, watcher)
 
+    def json_answer(self, send: Send, watcher: DisconnectWatcher, usage: Usage, body: bytes) -> Served:
+        """A 200 JSON answer: the response is decided (no other deployment is tried), sent by `run`."""
+        watcher.stop()
+        self.started = True
+        self.record.status = 200
+        self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
+        return Served(usage, functools.partial(send_bytes, send, 200, body, "application/json", self.resp_headers))
+
     def _finish(self, usage: Usage) -> None:
-        """Log line, usage row and metrics; called right before the response's last byte, so a
-        client that has its answer can already find both."""
+        """Log line, usage row and metrics; called by `run` only, right before the response's last
+        send, so a client that has its answer can already find both."""
         self.finished = True
         r = self.record
         r.latency_ms = round((time.perf_counter() - self.t0) * 1000, 3)
@@ -295,34 +315,6 @@ class ChatFlow:
 
     # ---------------------------------------------------------------- attempts
 
-    def _attempts(self, req: ChatRequest, route: Route) -> Iterator[tuple[Target, ChatRequest, Provider]]:
-        """Yield (target, prepared request, provider) in order, within the retry budget
-        (`retry.max_attempts`) and deadline (`retry.deadline_seconds` from the request's arrival:
-        no new attempt starts after it). Deployments in cooldown are skipped while others remain."""
-        config = self.runtime.config
-        router = self.runtime.router
-        remaining = list(route.targets)
-        deadline = self.t0 + config.retry.deadline_seconds
-        n = 0
-        while n < config.retry.max_attempts:
-            target = router.next_target(remaining)
-            if target is None:
-                return
-            if n and time.perf_counter() >= deadline:
-                log.warning("retry deadline of %ss passed; no further attempt", config.retry.deadline_seconds,
-                            extra={"fields": {"request_id": self.request_id}})
-                return
-            try:
-                prepared = self.plan.fitted(target)
-            except errors.InvalidRequest:
-                if target.alias == route.alias:
-                    raise
-                continue  # a fallback that cannot take this request
-            n += 1
-            self.more_attempts = bool(remaining) and n < config.retry.max_attempts and \
-                time.perf_counter() < deadline
-            yield target, prepared, self.runtime.providers[target.deployment.provider]
-
     def _filled(self, usage: Usage, sent: ChatRequest | None = None) -> Usage:
         """Some servers (llama-cpp-python) stream no usage: fall back to our own counts, so
         `usage` is always present and a row never says 0 tokens for a real answer. `sent` is the
@@ -332,28 +324,6 @@ class ChatFlow:
         if usage.output_tokens == 0:
             usage.output_tokens = self.output_events
         return usage
-
-    def _attempt_failed(self, target: Target, e: errors.GatewayError) -> None:
-        if self._attempt_span is not None:
-            self._attempt_span.failed(e.kind, e.message)
-        log.warning("attempt failed, trying the next deployment if any: %s", e.message,
-                    extra={"fields": {"request_id": self.request_id, "provider": target.deployment.provider,
-                                      "upstream_model": target.deployment.model, "error": e.kind}})
-
-    def _begin_attempt(self, target: Target) -> None:
-        """A call to `target` starts: it is the serving deployment until another is tried."""
-        self._note_target(target)
-        self.runtime.router.started(target.deployment)
-        if self.span is not None:
-            provider = self.runtime.config.providers[target.deployment.provider]
-            self._attempt_span = self.span.start_attempt(target.deployment.provider, provider.type,
-                                                         target.deployment.model, self.operation)
-
-    def _end_attempt(self, target: Target, ok: bool, retry_after: float | None) -> None:
-        self.runtime.router.finished(target.deployment, ok, retry_after)
-        if self._attempt_span is not None:
-            self._attempt_span.end()
-            self._attempt_span = None
 
     def _note_target(self, target: Target) -> None:
         self.record.served_alias = target.alias
@@ -365,25 +335,24 @@ class ChatFlow:
 
     # ---------------------------------------------------------------- non-streaming
 
-    async def _complete(self, send: Send, req: ChatRequest, route: Route, watcher: DisconnectWatcher) -> Usage:
-        last: errors.GatewayError | None = None
-        for target, prepared, provider in self._attempts(req, route):
-            self._begin_attempt(target)
+    async def _complete(self, send: Send, req: ChatRequest, route: Route, watcher: DisconnectWatcher) -> Served:
+        attempts = Attempts(self, req, route)
+        for target, prepared, provider in attempts:
+            attempts.begin(target)
             ok = False
             retry_after: float | None = None
             try:
                 resp = await _call_complete(provider, prepared, target.deployment.model)
                 ok = True
             except errors.UpstreamError as e:
-                last = e
                 if not e.retryable:
                     ok = True  # the backend is fine; the request was refused
                     raise
                 retry_after = getattr(e, "retry_after", None)
-                self._attempt_failed(target, e)
+                attempts.failed(target, e)
                 continue
             finally:
-                self._end_attempt(target, ok, retry_after)
+                attempts.end(target, ok, retry_after)
             if resp.usage.output_tokens == 0:
                 self.output_events = math.ceil(sum(len(getattr(b, "text", "")) for b in resp.content) / 4)
             resp.usage = self._filled(resp.usage, prepared)
@@ -391,45 +360,24 @@ class ChatFlow:
             render = self.adapter.render_for_request
             body = orjson.dumps(render(req, resp, self.request_id) if render is not None
                                 else self.adapter.render_response(resp, req.model, self.request_id))
-            watcher.stop()
-            self.started = True
-            self.record.status = 200
-            self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
-            self._finish(resp.usage)
-            await send_bytes(send, 200, body, "application/json", self.resp_headers)
-            return resp.usage
-        raise last or errors.UpstreamError("no deployment could take this request")
+            return self.json_answer(send, watcher, resp.usage, body)
+        raise attempts.exhausted()
 
     # ---------------------------------------------------------------- streaming
 
-    async def _stream(self, send: Send, req: ChatRequest, route: Route, watcher: DisconnectWatcher) -> Usage:
-        renderer: StreamRenderer | None = None
-        last: errors.GatewayError | None = None
+    async def _stream(self, send: Send, req: ChatRequest, route: Route, watcher: DisconnectWatcher) -> Served:
+        writer = StreamWriter(self, send, req)
         usage = Usage()
-
-        async def out(data: bytes) -> None:
-            if data:
-                if self.record.ttfb_ms is None:
-                    self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        async def commit() -> None:
-            nonlocal renderer
-            self.started = True
-            self.record.status = 200
-            await start_stream(send, self.adapter.stream_content_type, self.resp_headers)
-            renderer = self.adapter.make_renderer(req, req.model, self.request_id, self.prompt_estimate)
-            await out(renderer.start())
-
-        for target, prepared, provider in self._attempts(req, route):
-            self._begin_attempt(target)
+        attempts = Attempts(self, req, route)
+        for target, prepared, provider in attempts:
+            attempts.begin(target)
             ok = False
             retry_after: float | None = None
             queue: asyncio.Queue[Any] = asyncio.Queue()
             events = _call_stream(provider, prepared, target.deployment.model)
             pump = asyncio.get_running_loop().create_task(_pump(events, queue))
             hold = PING_INTERVAL
-            if self.more_attempts:
+            if attempts.more:
                 hold = max(PING_INTERVAL, min(provider.config.timeouts.first_byte + 0.5, FALLBACK_HOLD))
             try:
                 while True:
@@ -437,21 +385,14 @@ class ChatFlow:
                         async with asyncio.timeout(PING_INTERVAL if self.started else hold):
                             item = await queue.get()
                     except TimeoutError:
-                        if not self.started:
-                            await commit()
-                        assert renderer is not None
-                        await out(renderer.ping())
+                        await writer.ping()
                         continue
                     if item is _END:
                         ok = True
-                        if not self.started:
-                            await commit()
+                        await writer.commit()
                         break
                     if isinstance(item, BaseException):
                         raise item
-                    if not self.started:
-                        await commit()
-                    assert renderer is not None
                     if isinstance(item, (TextDelta, ThinkingDelta, ToolCallDelta)):
                         self.output_events += 1
                     elif isinstance(item, Finish):
@@ -459,29 +400,25 @@ class ChatFlow:
                         item.stop_reason = capped_stop_reason(item.stop_reason, req, prepared)
                     elif isinstance(item, UsageUpdate):
                         usage = item.usage
-                    await out(renderer.feed(item))
+                    await writer.event(item)
             except errors.GatewayError as e:
                 retryable = isinstance(e, errors.UpstreamError) and e.retryable
                 ok = not retryable
-                last = e
                 if self.started:
                     # Bytes already reached the client: never retry; end with an in-band error.
                     self.record.status = e.status
                     self.record.error_kind = e.kind
-                    assert renderer is not None
-                    await out(renderer.error(e))
+                    await writer.error(e)
                     watcher.stop()
                     usage = Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
-                    self._finish(usage)
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    return usage
+                    return Served(usage, writer.end_message())
                 if not retryable:
                     raise
                 retry_after = getattr(e, "retry_after", None)
-                self._attempt_failed(target, e)
+                attempts.failed(target, e)
                 continue
             finally:
-                self._end_attempt(target, ok, retry_after)
+                attempts.end(target, ok, retry_after)
                 if not pump.done():
                     pump.cancel()
                     try:
@@ -489,10 +426,8 @@ class ChatFlow:
                     except BaseException:  # noqa: S110 - the pump's own end is not our concern here
                         pass
             watcher.stop()
-            self._finish(usage)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return usage
-        raise last or errors.UpstreamError("no deployment could take this request")
+            return Served(usage, writer.end_message())
+        raise attempts.exhausted()
 
 
 class CountTokensFlow(ChatFlow):
@@ -505,10 +440,10 @@ class CountTokensFlow(ChatFlow):
     def reserve(self, plan: Preparation) -> int:
         return plan.prompt_tokens
 
-    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Usage]:
+    def serve(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Awaitable[Served]:
         return self._count(send, plan, watcher)
 
-    async def _count(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Usage:
+    async def _count(self, send: Send, plan: Preparation, watcher: DisconnectWatcher) -> Served:
         assert plan.req is not None and plan.route is not None
         target = plan.route.targets[0]
         self._note_target(target)
@@ -522,15 +457,8 @@ class CountTokensFlow(ChatFlow):
         how = "backend"
         if count is None:
             count, how = self.prompt_estimate, "estimate"
-        watcher.stop()
-        self.started = True
-        self.record.status = 200
-        self.record.ttfb_ms = round((time.perf_counter() - self.t0) * 1000, 3)
-        usage = Usage(input_tokens=count)
-        self._finish(usage)
         self.resp_headers["x-ccproxy-token-count"] = how
-        await send_json(send, 200, {"input_tokens": count}, self.resp_headers)
-        return usage
+        return self.json_answer(send, watcher, Usage(input_tokens=count), orjson.dumps({"input_tokens": count}))
 
 
 _END = object()

@@ -26,9 +26,9 @@ import pytest
 from helpers.procs import REPO, SETUP_HINT, FakeBackend
 from helpers.recording_proxy import Exchange, RecordingProxy
 
-from ccproxy.dialects.anthropic_stream_validator import validate_stream
-from ccproxy.dialects.openai_stream_validator import validate_chat_stream
-from ccproxy.dialects.responses_stream_validator import validate_stream as validate_responses_stream
+from ccproxy.dialects.anthropic.validator import validate_stream
+from ccproxy.dialects.openai.validator import validate_chat_stream
+from ccproxy.dialects.responses.validator import validate_stream as validate_responses_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -23,7 +23,7 @@ import pytest
 from helpers.procs import REPO
 from helpers.recording_proxy import RecordingProxy
 
-from ccproxy.dialects.responses_stream_validator import validate_stream
+from ccproxy.dialects.responses.validator import validate_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 from helpers.procs import FakeOpenAI
 
-from ccproxy.dialects.responses_stream_validator import validate_stream
+from ccproxy.dialects.responses.validator import validate_stream
 
 pytestmark = pytest.mark.integration
 

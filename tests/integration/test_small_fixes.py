@@ -18,7 +18,7 @@ from helpers.fake_misbehaving import FakeMisbehaving
 pytestmark = pytest.mark.integration
 
 KEY = "sk-small-fixes-key"
-READY_CACHE_SECONDS = 2.0  # ccproxy.app.READY_CACHE_SECONDS
+READY_CACHE_SECONDS = 2.0  # ccproxy.handlers.READY_CACHE_SECONDS
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from aiohttp import web
 from ccproxy import pipeline
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
-from ccproxy.dialects.anthropic_stream_validator import ValidatedMessage
+from ccproxy.dialects.anthropic.validator import ValidatedMessage
 from ccproxy.testing.anthropic_sse import ValidatingTransport, check_messages_stream
 
 KEY = "sk-anthropic-app-alice"

@@ -22,7 +22,7 @@ from ccproxy.core import (
     UsageUpdate,
 )
 from ccproxy.dialects.anthropic import PLACEHOLDER_SIGNATURE, AnthropicStreamParser, AnthropicStreamRenderer
-from ccproxy.dialects.anthropic_stream_validator import validate_stream
+from ccproxy.dialects.anthropic.validator import validate_stream
 from ccproxy.testing.anthropic_sse import ValidatingTransport
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ccproxy.dialects.anthropic_stream_validator import StreamGrammarError, validate_stream
+from ccproxy.dialects.anthropic.validator import StreamGrammarError, validate_stream
 
 START = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
                                               "content": [], "stop_reason": None, "stop_sequence": None,

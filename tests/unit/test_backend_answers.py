@@ -21,11 +21,11 @@ CASES = json.loads((Path(__file__).resolve().parents[1] / "fixtures/regressions/
 
 def parse_body(dialect: str, body: Any) -> None:
     if dialect == "openai":
-        openai.parse_backend_response(body, None, "up")
+        openai.parse_response(body, None, "up")
     elif dialect == "anthropic":
         anthropic.parse_response(body, "up")
     else:
-        ollama.parse_chat_response(body, "up")
+        ollama.parse_response(body, "up")
 
 
 def parse_stream(dialect: str, lines: list[bytes]) -> None:
@@ -43,7 +43,7 @@ def parse_stream(dialect: str, lines: list[bytes]) -> None:
         o = ollama.OllamaStreamParser("up")
         for line in lines:
             o.feed(line + b"\n")
-        o.end()
+        o.close()
 
 
 def parse(case: dict[str, Any]) -> None:

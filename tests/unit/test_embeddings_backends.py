@@ -14,7 +14,7 @@ import pytest
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
 from ccproxy.dialects.embeddings import EmbeddingRequest
-from ccproxy.dialects.openai_stream_validator import validate_chat_stream
+from ccproxy.dialects.openai.validator import validate_chat_stream
 from ccproxy.providers.embedded import EmbeddedProvider
 from ccproxy.testing.anthropic_sse import check_messages_stream
 from ccproxy.testing.fake_backend import FakeBackend, decide

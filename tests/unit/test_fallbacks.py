@@ -29,7 +29,7 @@ import httpx2 as httpx
 import pytest
 from aiohttp import web
 
-from ccproxy import app, pipeline
+from ccproxy import pipeline, runtime
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
 from ccproxy.testing.anthropic_sse import ValidatingTransport
@@ -470,8 +470,8 @@ async def test_every_deployment_cooling_still_tries_them(upstream: Upstream, cli
 
 async def test_reload_in_flight_requests_finish_on_the_old_runtime(upstream: Upstream, client: Client,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app, "RETIRE_GRACE", 0.0)  # the old runtime closes as soon as nothing uses it
-    monkeypatch.setattr(app, "RETIRE_POLL", 0.05)
+    monkeypatch.setattr(runtime, "RETIRE_GRACE", 0.0)  # the old runtime closes as soon as nothing uses it
+    monkeypatch.setattr(runtime, "RETIRE_POLL", 0.05)
     await client.open(make_config(upstream, swap={"provider": "up", "model": "slow-ok"}))
     assert client.gw is not None
     old = client.gw.runtime

@@ -112,15 +112,15 @@ bodies = st.one_of(request_like, request_like, request_like, json_values)
 # --------------------------------------------------------------------------- the property
 
 PARSERS = {"openai": openai.parse_request, "anthropic": anthropic.parse_request,
-           "anthropic_count": anthropic.parse_count_tokens, "ollama": ollama.parse_client_request}
+           "anthropic_count": anthropic.parse_count_tokens, "ollama": ollama.parse_request}
 
 
 def _translate(req: ChatRequest) -> None:
     estimate_prompt_tokens(req)
     RequestTraits.of(req, {}, "key")
-    openai.build_backend_request(req, "backend-model")
+    openai.build_request(req, "backend-model")
     anthropic.build_request(req, "backend-model")
-    ollama.build_chat_request(req, "backend-model", num_ctx=4096)
+    ollama.build_request(req, "backend-model", num_ctx=4096)
 
 
 def check(parser: str, body: Any) -> None:
@@ -206,7 +206,7 @@ def _valid_requests() -> list[tuple[str, Any]]:
     for parser, path, field in (("openai", "openai/parse_request.json", "input"),
                                 ("anthropic", "anthropic/parse_request.json", "input"),
                                 ("anthropic_count", "anthropic/parse_count_tokens.json", "input"),
-                                ("ollama", "ollama/parse_client_request.json", "body")):
+                                ("ollama", "ollama/parse_request.json", "body")):
         out += [(parser, case[field]) for case in json.loads((FIXTURES / path).read_text()) if "error" not in case]
     return out + FULL
 

@@ -78,28 +78,28 @@ def neutral_response(d: dict[str, Any]) -> ChatResponse:
 # --------------------------------------------------------------------------- backend direction
 
 
-@pytest.mark.parametrize("case", cases("build_chat_request.json"))
+@pytest.mark.parametrize("case", cases("build_request.json"))
 def test_build_chat_request(case: dict[str, Any]) -> None:
     req = neutral_request(case["request"])
     kwargs = {k: case[k] for k in ("num_ctx", "keep_alive", "stream") if k in case}
     if "error" in case:
         with pytest.raises(getattr(errors, case["error"])) as info:
-            ollama.build_chat_request(req, case["model"], **kwargs)
+            ollama.build_request(req, case["model"], **kwargs)
         assert info.value.status == 400
         return
-    assert ollama.build_chat_request(req, case["model"], **kwargs) == case["expected"]
+    assert ollama.build_request(req, case["model"], **kwargs) == case["expected"]
 
 
 def test_image_url_error_says_inline() -> None:
     req = neutral_request({"model": "a", "messages": [
         {"role": "user", "content": [{"type": "image", "url": "https://x.test/a.png"}]}]})
     with pytest.raises(errors.CapabilityMissing, match="inline"):
-        ollama.build_chat_request(req, "m")
+        ollama.build_request(req, "m")
 
 
-@pytest.mark.parametrize("case", cases("parse_chat_response.json"))
+@pytest.mark.parametrize("case", cases("parse_response.json"))
 def test_parse_chat_response(case: dict[str, Any]) -> None:
-    got = ollama.parse_chat_response(case["body"])
+    got = ollama.parse_response(case["body"])
     want = neutral_response(case["expected"])
     for g, w in zip(got.content, want.content, strict=False):
         if isinstance(w, ToolUseBlock) and w.id == "<synthesized>":
@@ -110,13 +110,13 @@ def test_parse_chat_response(case: dict[str, Any]) -> None:
 
 def test_parse_chat_response_error_body() -> None:
     with pytest.raises(errors.UpstreamError, match="boom"):
-        ollama.parse_chat_response({"error": "boom"})
+        ollama.parse_response({"error": "boom"})
 
 
 def test_synthesized_ids_are_unique() -> None:
     body = {"message": {"content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}] * 3},
             "done": True, "done_reason": "stop"}
-    ids = {b.id for b in ollama.parse_chat_response(body).content}
+    ids = {b.id for b in ollama.parse_response(body).content}
     assert len(ids) == 3
     assert ollama.new_tool_id("call_").startswith("call_")
 
@@ -124,16 +124,16 @@ def test_synthesized_ids_are_unique() -> None:
 # --------------------------------------------------------------------------- client direction
 
 
-@pytest.mark.parametrize("case", cases("parse_client_request.json"))
+@pytest.mark.parametrize("case", cases("parse_request.json"))
 def test_parse_client_request(case: dict[str, Any]) -> None:
     if "error" in case:
         with pytest.raises(getattr(errors, case["error"])) as info:
-            ollama.parse_client_request(case["body"])
+            ollama.parse_request(case["body"])
         assert info.value.status == 400
         if "param" in case:  # a field of the wrong type is named
             assert info.value.param == case["param"] and case["param"] in info.value.message
         return
-    got = ollama.parse_client_request(case["body"])
+    got = ollama.parse_request(case["body"])
     assert asdict(got) == asdict(neutral_request(case["expected"]))
 
 
@@ -144,7 +144,7 @@ def test_parse_client_request_synthesizes_matching_ids() -> None:
                                                             {"function": {"name": "f", "arguments": {"a": 2}}}]},
         {"role": "tool", "content": "one", "tool_name": "f"},
         {"role": "tool", "content": "two", "tool_name": "f"}]}
-    req = ollama.parse_client_request(body)
+    req = ollama.parse_request(body)
     calls = [b for b in req.messages[1].content if isinstance(b, ToolUseBlock)]
     results = [b for b in req.messages[2].content if isinstance(b, ToolResultBlock)]
     assert [r.tool_use_id for r in results] == [c.id for c in calls]
@@ -153,23 +153,23 @@ def test_parse_client_request_synthesizes_matching_ids() -> None:
 
 def test_round_trip_tool_turn_through_both_directions() -> None:
     """An Ollama client's tool round, parsed then rebuilt for an Ollama backend, keeps its meaning."""
-    body = json.loads((FIXTURES / "parse_client_request.json").read_text())[3]["body"]
-    rebuilt = ollama.build_chat_request(ollama.parse_client_request(body), "qwen3")
+    body = json.loads((FIXTURES / "parse_request.json").read_text())[3]["body"]
+    rebuilt = ollama.build_request(ollama.parse_request(body), "qwen3")
     assert [m["role"] for m in rebuilt["messages"]] == ["user", "assistant", "tool", "tool", "user"]
     assert rebuilt["messages"][2] == {"role": "tool", "content": "18C", "tool_name": "get_weather",
                                       "tool_call_id": "call_1"}
     assert rebuilt["messages"][3]["tool_name"] == "get_time"
 
 
-@pytest.mark.parametrize("case", cases("render_client_response.json"))
+@pytest.mark.parametrize("case", cases("render_response.json"))
 def test_render_client_response(case: dict[str, Any]) -> None:
-    got = ollama.render_client_response(neutral_response(case["response"]), case["model"],
+    got = ollama.render_response(neutral_response(case["response"]), case["model"],
                                         created_at="2025-01-01T00:00:00.000000Z")
     assert got == case["expected"]
 
 
 def test_render_client_response_has_timestamp() -> None:
-    got = ollama.render_client_response(ChatResponse(content=[]), "m", total_duration_ns=123)
+    got = ollama.render_response(ChatResponse(content=[]), "m", total_duration_ns=123)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", got["created_at"])
     assert got["total_duration"] == 123
 
@@ -188,7 +188,7 @@ def lines(out: bytes) -> list[dict[str, Any]]:
 
 
 def test_client_stream_renderer_text_thinking_tools_and_final() -> None:
-    r = ollama.OllamaClientStreamRenderer("coding", clock=FakeClock(), now=lambda: "T")
+    r = ollama.OllamaStreamRenderer("coding", clock=FakeClock(), now=lambda: "T")
     out = b""
     out += r.feed(ThinkingDelta("hmm"))
     out += r.feed(TextDelta("Hi "))
@@ -215,7 +215,7 @@ def test_client_stream_renderer_text_thinking_tools_and_final() -> None:
 
 
 def test_client_stream_renderer_flushes_tool_call_at_finish_and_length() -> None:
-    r = ollama.OllamaClientStreamRenderer("m", now=lambda: "T")
+    r = ollama.OllamaStreamRenderer("m", now=lambda: "T")
     r.feed(ToolCallStart(0, "c", "f"))
     r.feed(ToolCallDelta(0, '{"x": 1}'))
     got = lines(r.feed(Finish("max_tokens", Usage(output_tokens=2))))
@@ -224,7 +224,7 @@ def test_client_stream_renderer_flushes_tool_call_at_finish_and_length() -> None
 
 
 def test_client_stream_renderer_uses_usage_update_when_finish_has_none() -> None:
-    r = ollama.OllamaClientStreamRenderer("m", now=lambda: "T")
+    r = ollama.OllamaStreamRenderer("m", now=lambda: "T")
     r.feed(UsageUpdate(Usage(input_tokens=3, output_tokens=5)))
     final = lines(r.feed(Finish("end_turn", Usage())))[0]
     assert (final["prompt_eval_count"], final["eval_count"]) == (3, 5)
@@ -242,7 +242,7 @@ def test_render_error_statuses() -> None:
 def test_render_tags() -> None:
     aliases = {"coding": AliasConfig(provider="p", model="m", supports_images=False, supports_thinking=True),
                "claude-*": AliasConfig(provider="p", model="m")}
-    got = ollama.render_tags(aliases, modified_at="2025-01-01T00:00:00Z")
+    got = ollama.render_models(aliases, modified_at="2025-01-01T00:00:00Z")
     assert [m["name"] for m in got["models"]] == ["coding"]
     m = got["models"][0]
     assert m["model"] == "coding" and m["modified_at"] == "2025-01-01T00:00:00Z"
@@ -250,5 +250,5 @@ def test_render_tags() -> None:
     assert set(m["details"]) == {"parent_model", "format", "family", "families", "parameter_size",
                                  "quantization_level"}
     assert re.fullmatch(r"[0-9a-f]{64}", m["digest"])
-    names = ollama.render_tags(["a", "b"])
+    names = ollama.render_models(["a", "b"])
     assert [x["name"] for x in names["models"]] == ["a", "b"]

@@ -47,7 +47,7 @@ def run(chunks: list[bytes]) -> list[Any]:
     events = []
     for c in chunks:
         events.extend(p.feed(c))
-    events.extend(p.end())
+    events.extend(p.close())
     return events
 
 
@@ -100,21 +100,21 @@ def test_events_before_an_error_line_in_the_same_chunk_are_kept() -> None:
     p = OllamaStreamParser()
     assert p.feed(b'{"message":{"content":"a"},"done":false}\n{"error":"boom"}\n') == [TextDelta("a")]
     with pytest.raises(errors.UpstreamError, match="boom"):
-        p.end()
+        p.close()
 
 
 def test_truncated_stream_raises() -> None:
     p = OllamaStreamParser()
     p.feed(b'{"message":{"content":"a"},"done":false}\n{"message":')
     with pytest.raises(errors.UpstreamError):
-        p.end()
+        p.close()
 
 
 def test_stream_without_done_raises() -> None:
     p = OllamaStreamParser()
     p.feed(b'{"message":{"content":"a"},"done":false}\n')
     with pytest.raises(errors.UpstreamError, match="before the final done"):
-        p.end()
+        p.close()
 
 
 def test_garbage_line_raises() -> None:

@@ -17,6 +17,7 @@ import pytest
 from ccproxy import core, errors
 from ccproxy.core import ChatResponse, TextDelta, Usage
 from ccproxy.dialects import openai as dialect
+from ccproxy.dialects.openai import render as render_module
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "openai"
 REQUEST_ID = "req123"
@@ -33,7 +34,7 @@ def cases(name: str) -> list[Any]:
 
 @pytest.fixture
 def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dialect.time, "time", lambda: CREATED + 0.5)
+    monkeypatch.setattr(render_module.time, "time", lambda: CREATED + 0.5)
 
 
 def assert_fields(actual: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -101,9 +102,9 @@ def test_tool_call_without_id_gets_one() -> None:
 # --------------------------------------------------------------------------- backend side: request
 
 
-@pytest.mark.parametrize(("body", "expected"), cases("build_backend_request"))
+@pytest.mark.parametrize(("body", "expected"), cases("build_request"))
 def test_build_backend_request(body: dict[str, Any], expected: dict[str, Any]) -> None:
-    built = dialect.build_backend_request(dialect.parse_request(body), BACKEND_MODEL)
+    built = dialect.build_request(dialect.parse_request(body), BACKEND_MODEL)
     assert built == expected
     orjson.dumps(built)  # always serializable
 
@@ -129,20 +130,20 @@ def test_build_backend_request_from_anthropic_style_neutral_request() -> None:
 # --------------------------------------------------------------------------- backend side: response
 
 
-@pytest.mark.parametrize(("data", "expected"), cases("parse_backend_response"))
+@pytest.mark.parametrize(("data", "expected"), cases("parse_response"))
 def test_parse_backend_response(data: dict[str, Any], expected: dict[str, Any]) -> None:
-    resp = dialect.parse_backend_response(data["body"], data.get("stop"))
+    resp = dialect.parse_response(data["body"], data.get("stop"))
     assert_fields(dataclasses.asdict(resp), expected)
 
 
 @pytest.mark.parametrize("body", [None, [], {}, {"choices": []}, {"choices": "x"}, {"error": {"message": "x"}}])
 def test_parse_backend_response_without_choices(body: Any) -> None:
     with pytest.raises(errors.UpstreamError, match="no choices"):
-        dialect.parse_backend_response(body)
+        dialect.parse_response(body)
 
 
 def test_backend_tool_call_without_id_gets_one() -> None:
-    resp = dialect.parse_backend_response({"choices": [{"finish_reason": "tool_calls", "message": {
+    resp = dialect.parse_response({"choices": [{"finish_reason": "tool_calls", "message": {
         "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}}]})
     assert isinstance(resp.content[0], core.ToolUseBlock)
     assert resp.content[0].id.startswith("call_")
@@ -202,7 +203,7 @@ def parse_in_pieces(raw: bytes, size: int, stop: list[str] | None) -> list[dict[
     for i in range(0, len(raw), size):
         events += parser.feed(raw[i:i + size])
     assert parser.done
-    events.append(parser.close())
+    events.extend(parser.close())
     return [event_dict(e) for e in events]
 
 

@@ -11,7 +11,7 @@ import pytest
 from ccproxy import errors
 from ccproxy.core import Finish, TextDelta, ToolCallDelta, ToolCallStart, Usage
 from ccproxy.dialects import openai as dialect
-from ccproxy.dialects.openai_stream_validator import ChatStreamError, validate_chat_stream
+from ccproxy.dialects.openai.validator import ChatStreamError, validate_chat_stream
 
 
 def chunk(choices: list[Any], **extra: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def _body(n: int, text: str = "hi", **extra: Any) -> bytes:
     return orjson.dumps({"model": "m", "max_tokens": 10, "messages": msgs, **extra})
 
 
-@pytest.mark.parametrize("parse", [openai.parse_request, anthropic.parse_request, ollama.parse_client_request])
+@pytest.mark.parametrize("parse", [openai.parse_request, anthropic.parse_request, ollama.parse_request])
 def test_too_many_messages_is_a_400_naming_the_limit(parse: Any) -> None:
     decode(_body(5), Limits(max_messages=5), parse)
     with pytest.raises(errors.InvalidRequest) as info:

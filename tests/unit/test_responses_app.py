@@ -18,7 +18,7 @@ from test_anthropic_provider import Backend, sse_body, stream_route
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
 from ccproxy.core import Finish, TextDelta, ThinkingDelta, Usage
-from ccproxy.dialects.responses_stream_validator import ValidatedResponse, validate_stream
+from ccproxy.dialects.responses.validator import ValidatedResponse, validate_stream
 from ccproxy.testing.anthropic_sse import ValidatingTransport
 from ccproxy.testing.fake_ollama import FakeOllama, Reply, ToolCall
 

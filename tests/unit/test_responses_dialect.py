@@ -37,7 +37,7 @@ from ccproxy.core import (
 )
 from ccproxy.dialects import responses as dialect
 from ccproxy.dialects.responses import encrypted, render
-from ccproxy.dialects.responses_stream_validator import StreamGrammarError, validate_stream
+from ccproxy.dialects.responses.validator import StreamGrammarError, validate_stream
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "responses"
 REQUEST_ID = "req1"
@@ -368,6 +368,6 @@ def test_any_body_is_a_400_or_a_request_every_backend_can_take(body: Any) -> Non
         assert e.status == 400 and e.param
         return
     estimate_prompt_tokens(req)
-    openai.build_backend_request(req, "backend-model")
+    openai.build_request(req, "backend-model")
     anthropic.build_request(req, "backend-model")
-    ollama.build_chat_request(req, "backend-model", num_ctx=4096)
+    ollama.build_request(req, "backend-model", num_ctx=4096)

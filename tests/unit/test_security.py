@@ -310,6 +310,30 @@ async def test_cors_is_off_unless_configured(upstream: FakeBackend) -> None:
         await gw.shutdown()
 
 
+async def test_cors_and_header_limits_follow_a_reload(upstream: FakeBackend) -> None:
+    """The layers around the endpoint table (cors.py, headerlimits.py) are built from the config,
+    so a reload that adds or drops an origin, or changes the header limits, takes effect at once."""
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    gw = await started(config_for(v1(upstream)))
+    try:
+        status, headers, _ = await call(gw, "OPTIONS", "/v1/chat/completions", preflight)
+        assert status != 204 and "access-control-allow-origin" not in headers
+        await gw.reload(parse_config(config_for(v1(upstream), cors_origins=["https://app.example"],
+                                                limits={"max_headers": 8}), "test.yaml"))
+        status, headers, _ = await call(gw, "OPTIONS", "/v1/chat/completions", preflight)
+        assert status == 204 and headers["access-control-allow-origin"] == "https://app.example"
+        many = {f"x-extra-{i}": "1" for i in range(8)}
+        status, _, body = await call(gw, "GET", "/v1/models", {"authorization": f"Bearer {KEY}", **many})
+        assert status == 431 and b"limits.max_headers" in body
+        await gw.reload(parse_config(config_for(v1(upstream)), "test.yaml"))
+        status, headers, _ = await call(gw, "OPTIONS", "/v1/chat/completions", preflight)
+        assert status != 204 and "access-control-allow-origin" not in headers
+        status, _, _ = await call(gw, "GET", "/v1/models", {"authorization": f"Bearer {KEY}", **many})
+        assert status == 200
+    finally:
+        await gw.shutdown()
+
+
 async def test_cors_allows_only_the_configured_origins(upstream: FakeBackend) -> None:
     gw = await started(config_for(v1(upstream), cors_origins=["https://app.example"]))
     preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization, x-api-key"}

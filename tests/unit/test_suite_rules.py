@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from ccproxy.dialects.anthropic_stream_validator import StreamGrammarError
+from ccproxy.dialects.anthropic.validator import StreamGrammarError
 from ccproxy.testing.anthropic_sse import ValidatingTransport, check_response
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,7 +145,7 @@ def test_every_client_of_the_gateway_validates_anthropic_streams() -> None:
                 name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
                 if name in ("Anthropic", "AsyncAnthropic") and not any(k.arg == "http_client" for k in node.keywords):
                     problems.append(f"{rel}:{node.lineno}: an Anthropic SDK client without a validating http_client")
-                anthropic_validator = "anthropic_stream_validator import" in text
+                anthropic_validator = "anthropic.validator import" in text
                 if name == "validate_stream" and anthropic_validator and p.name not in ("test_anthropic_validator.py",
                                                                  "test_anthropic_stream.py"):
                     problems.append(f"{rel}:{node.lineno}: validate_stream directly; use ccproxy.testing.anthropic_sse")

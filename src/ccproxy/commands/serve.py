@@ -84,8 +84,8 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
 def check(config_path: str | None) -> None:
     """Validate the config and ask every backend whether it is reachable and has each model."""
     config = _config_or_exit(config_path)
-    from ccproxy.app import Runtime
     from ccproxy.checks import CheckRow, format_table, run_checks
+    from ccproxy.runtime import Runtime
 
     async def go() -> list[CheckRow]:
         rt = Runtime(config)

@@ -43,7 +43,7 @@ class _OllamaRenderer:
     """Ollama streams have no opening frame and no keep-alive; errors are a `{"error"}` line."""
 
     def __init__(self, model: str):
-        self._inner = ollama.OllamaClientStreamRenderer(model)
+        self._inner = ollama.OllamaStreamRenderer(model)
 
     def start(self) -> bytes:
         return b""
@@ -59,13 +59,13 @@ class _OllamaRenderer:
 
 
 def _ollama_parse(body: Any) -> ChatRequest:
-    return ollama.parse_client_request(body)
+    return ollama.parse_request(body)
 
 
 OLLAMA = DialectAdapter(
     name="ollama",
     parse=_ollama_parse,
-    render_response=lambda resp, model, rid: ollama.render_client_response(resp, model),
+    render_response=lambda resp, model, rid: ollama.render_response(resp, model),
     make_renderer=lambda req, model, rid, est: _OllamaRenderer(model),
     render_error=ollama.render_error,
     stream_content_type="application/x-ndjson",
@@ -84,5 +84,5 @@ RESPONSES = DialectAdapter(
 responses_not_stored = responses.not_stored
 OPENAI_MODELS = openai.render_models
 ANTHROPIC_MODELS = anthropic.render_models
-OLLAMA_TAGS = ollama.render_tags
+OLLAMA_TAGS = ollama.render_models
 parse_count_tokens = anthropic.parse_count_tokens

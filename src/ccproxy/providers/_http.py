@@ -16,13 +16,14 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
 from ccproxy import errors
 from ccproxy.config import ProviderConfig
+from ccproxy.core import StreamEvent
 from ccproxy.providers.base import ProviderDefaults
 from ccproxy.redact import redact
 from ccproxy.routing import MAX_RETRY_AFTER
@@ -164,32 +165,66 @@ def _connection_gone(resp: aiohttp.ClientResponse) -> bool:
     return proto is None or proto.transport is None
 
 
-async def iter_chunks(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig) -> AsyncIterator[bytes]:
-    """The body as it arrives; each wait for the next chunk is bounded by the idle timeout."""
-    idle = config.timeouts.idle
+async def _next_chunk(resp: aiohttp.ClientResponse, provider: str, idle: float) -> bytes:
+    """The next piece of the body (b"" at its end), waited for at most `idle` seconds, in slices, to
+    notice a connection that broke without waking the reader."""
+    waited = 0.0
+    while True:
+        step = min(BROKEN_POLL_SECONDS, idle - waited)
+        try:
+            async with asyncio.timeout(step):
+                return await resp.content.readany()
+        except TimeoutError:
+            waited += step
+            if waited >= idle:
+                raise errors.UpstreamTimeout(f"provider '{provider}' sent no stream chunk within "
+                                             f"{idle:g} s", provider=provider) from None
+            if _connection_gone(resp):
+                raise errors.UpstreamError(f"the connection to provider '{provider}' broke",
+                                           provider=provider) from None
+
+
+class StreamParser(Protocol):
+    """A backend stream parser of a dialect (`dialects/<name>/stream.py`): bytes split anywhere in,
+    events out. `done` once the stream's own end marker came; `error` a failure found after events
+    that were handed out first (raised by the next call too); `close()` at the end of the body."""
+
+    done: bool
+    error: errors.UpstreamError | None
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]: ...
+
+    def close(self) -> list[StreamEvent]: ...
+
+
+async def read_stream(resp: aiohttp.ClientResponse, parser: StreamParser, provider: str, config: ProviderConfig,
+                      first_wait: float | None = None) -> AsyncIterator[StreamEvent]:
+    """The one stream reading loop of the HTTP providers: the body as it arrives, each wait bounded
+    by the idle timeout (the first one by `first_wait` when given) and checked for a broken
+    connection, through `parser` until its end marker or the end of the body. The response is
+    closed however the loop ends (closing, not releasing, aborts the backend request if we stop early)."""
+    idle = config.timeouts.idle if first_wait is None else first_wait
     try:
         with mapped_errors(provider):
             while True:
-                waited = 0.0
-                while True:  # in slices, to notice a connection that broke without waking the reader
-                    step = min(BROKEN_POLL_SECONDS, idle - waited)
-                    try:
-                        async with asyncio.timeout(step):
-                            chunk = await resp.content.readany()
-                        break
-                    except TimeoutError:
-                        waited += step
-                        if waited >= idle:
-                            raise errors.UpstreamTimeout(f"provider '{provider}' sent no stream chunk within "
-                                                         f"{idle:g} s", provider=provider) from None
-                        if _connection_gone(resp):
-                            raise errors.UpstreamError(f"the connection to provider '{provider}' broke",
-                                                       provider=provider) from None
+                chunk = await _next_chunk(resp, provider, idle)
                 if not chunk:
-                    return
-                yield chunk
+                    break
+                idle = config.timeouts.idle
+                with reading(provider):
+                    events = parser.feed(chunk)
+                for ev in events:
+                    yield ev
+                if parser.error is not None:  # an error right after the events above
+                    raise parser.error
+                if parser.done:
+                    break
+            with reading(provider):
+                events = parser.close()
+            for ev in events:
+                yield ev
     finally:
-        resp.close()  # closing (not releasing) aborts the backend request if we stop early
+        resp.close()
 
 
 class HttpProvider(ProviderDefaults):

@@ -64,21 +64,9 @@ class AnthropicProvider(_http.HttpProvider):
         body["stream"] = True
         resp = await self._post("/v1/messages", body, req)
         parser = dialect.AnthropicStreamParser(self.name)
-        try:
-            with _http.mapped_errors(self.name):
-                wait = self.config.timeouts.first_byte
-                while not parser.done:
-                    async with asyncio.timeout(wait):
-                        chunk = await resp.content.readany()
-                    wait = self.config.timeouts.idle
-                    with _http.reading(self.name):
-                        events = parser.feed(chunk) if chunk else parser.close()
-                    for ev in events:
-                        yield ev
-                    if parser.error is not None:  # an `error` event after the events above
-                        raise parser.error
-        finally:
-            resp.close()  # closing (not releasing) aborts the backend request if we stop early
+        # the first event may take as long as the first byte (the headers come at once)
+        async for ev in _http.read_stream(resp, parser, self.name, self.config, self.config.timeouts.first_byte):
+            yield ev
 
     async def list_models(self) -> ModelListing:
         models: list[str] = []

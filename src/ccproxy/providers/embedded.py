@@ -113,7 +113,7 @@ def _to_openai_request(req: ChatRequest, model: str) -> dict[str, Any]:
     """Neutral request -> the OpenAI chat-completion body the engine takes (always streaming)."""
     if req.has_images():
         raise errors.CapabilityMissing("the embedded model takes text only; this request has images")
-    return dialect.build_backend_request(dataclasses.replace(req, stream=True), model)
+    return dialect.build_request(dataclasses.replace(req, stream=True), model)
 
 
 def _engine_error(provider: str, err: Any) -> errors.GatewayError:
@@ -191,10 +191,12 @@ class EmbeddedProvider(ProviderDefaults):
         finally:
             await chunks.aclose()  # stops the engine now if we leave early
         try:
-            yield parser.close()
+            events = parser.close()
         except errors.UpstreamError:
             raise errors.UpstreamError(f"embedded model '{self.name}' stopped before finishing its answer",
                                        provider=self.name) from None
+        for ev in events:
+            yield ev
 
     async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
         return response_from_events([ev async for ev in self.stream(req, model)])

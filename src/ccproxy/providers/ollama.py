@@ -7,7 +7,7 @@ comes from the provider config. This provider only reads (`/api/chat`, `/api/tag
 pulls, creates, pushes or deletes models.
 
 A request that did not ask to think (or whose alias has no `supports_thinking`: the app drops
-`thinking` for it) sends `think: false` (dialects/ollama.py), and any thinking Ollama sends anyway
+`thinking` for it) sends `think: false` (dialects/ollama/backend.py), and any thinking Ollama sends anyway
 (gpt-oss ignores `think: false`) is dropped here, so the client never gets what it did not ask for.
 """
 
@@ -23,7 +23,7 @@ import orjson
 from ccproxy import errors
 from ccproxy.config import AliasConfig, ProviderConfig
 from ccproxy.core import ChatRequest, ChatResponse, StreamEvent, ThinkingBlock, ThinkingDelta
-from ccproxy.dialects.ollama import OllamaStreamParser, build_chat_request, parse_chat_response
+from ccproxy.dialects.ollama import OllamaStreamParser, build_request, parse_response
 from ccproxy.providers import _http
 from ccproxy.providers.base import ModelListing
 
@@ -44,7 +44,7 @@ class OllamaProvider(_http.HttpProvider):
         if isinstance(data, dict) and "error" in data:
             raise errors.UpstreamError(f"provider '{self.name}': {data['error']}", provider=self.name)
         with _http.reading(self.name):
-            answer = parse_chat_response(data, self.name)
+            answer = parse_response(data, self.name)
         if not _asked_to_think(req):
             answer.content = [b for b in answer.content if not isinstance(b, ThinkingBlock)]
         return answer
@@ -53,15 +53,7 @@ class OllamaProvider(_http.HttpProvider):
         resp = await self._post(self._body(req, model, stream=True))
         parser = OllamaStreamParser(provider=self.name)
         think = _asked_to_think(req)
-        async for chunk in _http.iter_chunks(resp, self.name, self.config):
-            with _http.reading(self.name):
-                events = parser.feed(chunk)
-            for ev in events:
-                if think or not isinstance(ev, ThinkingDelta):
-                    yield ev
-            if parser.done:
-                return
-        for ev in parser.end():
+        async for ev in _http.read_stream(resp, parser, self.name, self.config):
             if think or not isinstance(ev, ThinkingDelta):
                 yield ev
 
@@ -87,7 +79,7 @@ class OllamaProvider(_http.HttpProvider):
         changes["num_ctx"] = num_ctx
 
     def _body(self, req: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
-        return build_chat_request(req, model, num_ctx=req.num_ctx, keep_alive=self.config.keep_alive, stream=stream)
+        return build_request(req, model, num_ctx=req.num_ctx, keep_alive=self.config.keep_alive, stream=stream)
 
     async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         return await _http.post(self.session, self._base + "/api/chat", provider=self.name, config=self.config,

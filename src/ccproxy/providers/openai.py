@@ -29,28 +29,22 @@ class OpenAIProvider(_http.HttpProvider):
                                 config=self.config, body=orjson.dumps(body), headers=self._headers)
 
     async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
-        body = dialect.build_backend_request(req, model)
+        body = dialect.build_request(req, model)
         body["stream"] = False
         body.pop("stream_options", None)
         resp = await self._post(body)
         data = self._json(await _http.read_body(resp, self.name, self.config))
         with _http.reading(self.name):
-            return dialect.parse_backend_response(data, req.stop, self.name)
+            return dialect.parse_response(data, req.stop, self.name)
 
     async def stream(self, req: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
-        body = dialect.build_backend_request(req, model)
+        body = dialect.build_request(req, model)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         resp = await self._post(body)
         parser = dialect.OpenAIStreamParser(req.stop, self.name)
-        async for chunk in _http.iter_chunks(resp, self.name, self.config):
-            with _http.reading(self.name):
-                events = parser.feed(chunk)
-            for ev in events:
-                yield ev
-            if parser.done:
-                break
-        yield parser.close()
+        async for ev in _http.read_stream(resp, parser, self.name, self.config):
+            yield ev
 
     async def list_models(self) -> ModelListing:
         try:

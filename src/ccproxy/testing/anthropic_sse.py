@@ -1,5 +1,5 @@
 """The one place the test suite reads a streamed `/v1/messages` answer: every such stream is
-checked against the Anthropic SSE grammar (`dialects/anthropic_stream_validator.py`) before a test
+checked against the Anthropic SSE grammar (`dialects/anthropic/validator.py`) before a test
 looks at it, whichever client read it.
 
     msg = check_messages_stream(raw)                  # bytes a test read itself (requests, aiohttp)
@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx2 as httpx
 
-from ccproxy.dialects.anthropic_stream_validator import StreamGrammarError, ValidatedMessage, validate_stream
+from ccproxy.dialects.anthropic.validator import StreamGrammarError, ValidatedMessage, validate_stream
 
 __all__ = ["ValidatingTransport", "check_messages_stream", "check_response", "is_messages_stream",
            "validating_http_client"]

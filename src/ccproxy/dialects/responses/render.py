@@ -41,8 +41,8 @@ from ccproxy.core import (
     Usage,
 )
 from ccproxy.dialects import openai
+from ccproxy.dialects.responses.client import NAMESPACES
 from ccproxy.dialects.responses.encrypted import encode_reasoning
-from ccproxy.dialects.responses.request import NAMESPACES
 
 _INCOMPLETE: dict[str, str] = {"max_tokens": "max_output_tokens", "refusal": "content_filter"}
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import orjson
 
-from ccproxy.dialects.anthropic_stream_validator import StreamGrammarError as _Base
-from ccproxy.dialects.anthropic_stream_validator import parse_sse
+from ccproxy.dialects.anthropic.validator import StreamGrammarError as _Base
+from ccproxy.dialects.anthropic.validator import parse_sse
 
 __all__ = ["StreamGrammarError", "ValidatedResponse", "validate_stream"]
 

@@ -40,7 +40,7 @@ from ccproxy.core import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from ccproxy.dialects.openai import _append as append_turn
+from ccproxy.dialects.openai.client import _append as append_turn
 from ccproxy.dialects.responses.encrypted import decode_reasoning
 
 log = logging.getLogger("ccproxy.responses")

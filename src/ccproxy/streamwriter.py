@@ -1,0 +1,74 @@
+"""Writing one streaming response: the headers go out with the first output (`commit`, after which
+no other deployment may be tried), then the dialect renderer's frames, keep-alive pings while the
+backend is silent, and an in-band error event when the backend fails after the first byte. The last
+empty body message is not sent here: `end_message` is what the flow sends once the row and the log
+line are written."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ccproxy import errors
+from ccproxy.asgi import Send, start_stream
+from ccproxy.core import ChatRequest, StreamEvent
+
+if TYPE_CHECKING:
+    from ccproxy.pipeline import ChatFlow, StreamRenderer
+
+class StreamWriter:
+    __slots__ = ("_flow", "_renderer", "_req", "_send")
+
+    def __init__(self, flow: ChatFlow, send: Send, req: ChatRequest):
+        self._flow = flow
+        self._send = send
+        self._req = req
+        self._renderer: StreamRenderer | None = None
+
+    def _body(self, data: bytes) -> dict[str, Any]:
+        """The body message for `data`; the first one sets the row's time to first byte."""
+        record = self._flow.record
+        if record.ttfb_ms is None:
+            record.ttfb_ms = round((time.perf_counter() - self._flow.t0) * 1000, 3)
+        return {"type": "http.response.body", "body": data, "more_body": True}
+
+    async def out(self, data: bytes) -> None:
+        if data:
+            await self._send(self._body(data))
+
+    async def commit(self) -> None:
+        """Start the response (status 200, the dialect's stream content type) if not yet started."""
+        flow = self._flow
+        if flow.started:
+            return
+        flow.started = True
+        flow.record.status = 200
+        adapter = flow.adapter
+        await start_stream(self._send, adapter.stream_content_type, flow.resp_headers)
+        self._renderer = adapter.make_renderer(self._req, self._req.model, flow.request_id, flow.prompt_estimate)
+        await self.out(self._renderer.start())
+
+    async def ping(self) -> None:
+        if not self._flow.started:
+            await self.commit()
+        assert self._renderer is not None
+        await self.out(self._renderer.ping())
+
+    async def event(self, ev: StreamEvent) -> None:
+        if not self._flow.started:
+            await self.commit()
+        assert self._renderer is not None
+        data = self._renderer.feed(ev)
+        if data:  # not through out(): one coroutine less per event
+            await self._send(self._body(data))
+
+    async def error(self, exc: errors.GatewayError) -> None:
+        """The backend failed after the first byte: the dialect's in-band error."""
+        assert self._renderer is not None
+        await self.out(self._renderer.error(exc))
+
+    def end_message(self) -> Callable[[], Awaitable[None]]:
+        """The response's last (empty) body message, to send after the row and the log line."""
+        return functools.partial(self._send, {"type": "http.response.body", "body": b"", "more_body": False})

@@ -106,29 +106,14 @@ class EngineBridge:
 
     async def chunks(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk dicts of one streaming call; an exception raised by the engine is re-raised as is."""
-        self._admit()
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        if self._closing:
-            self._slots.release()
-            raise errors.Overloaded(f"embedded model '{self.name}' is shutting down")
-        self.running += 1
-        loop = asyncio.get_running_loop()
-        job = _Job(loop)
+        await self._take_slot()
+        job = _Job(asyncio.get_running_loop())
         self._jobs.add(job)
         try:
-            call = loop.run_in_executor(self._executor, self._run, orjson.dumps(body).decode(), job)
+            call = self._submit(self._run, orjson.dumps(body).decode(), job)
         except BaseException:
             self._jobs.discard(job)
-            self.running -= 1
-            self._slots.release()
             raise
-        self._calls.add(call)
-        call.add_done_callback(self._release)
-        call.add_done_callback(self._calls.discard)
         try:
             while (item := await job.queue.get()) is not _END:
                 if isinstance(item, BaseException):
@@ -144,6 +129,12 @@ class EngineBridge:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """One blocking, non-streaming engine call (e.g. embeddings) within the same slots and queue."""
+        await self._take_slot()
+        call = self._submit(fn, *args)
+        return await asyncio.shield(call)  # a client that goes away does not free the slot early
+
+    async def _take_slot(self) -> None:
+        """Wait for one of the engine's slots (the wait bounded by `_admit`); refused once closing."""
         self._admit()
         self.waiting += 1
         try:
@@ -154,6 +145,9 @@ class EngineBridge:
             self._slots.release()
             raise errors.Overloaded(f"embedded model '{self.name}' is shutting down")
         self.running += 1
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run `fn` on the engine thread in the slot just taken; the slot is freed when it returns."""
         try:
             call = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except BaseException:
@@ -163,7 +157,7 @@ class EngineBridge:
         self._calls.add(call)
         call.add_done_callback(self._release)
         call.add_done_callback(self._calls.discard)
-        return await asyncio.shield(call)  # a client that goes away does not free the slot early
+        return call
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Refuse new calls, stop running ones, and wait up to `timeout` s for the engine to return."""

@@ -21,7 +21,7 @@ from ccproxy.tracing import Tracing
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.store import Store
 
-__all__ = ["DashboardContext", "FlowContext", "GatewayServices", "RuntimeView"]
+__all__ = ["DashboardContext", "FlowContext", "GatewayCore", "GatewayServices", "RuntimeView"]
 
 
 class RuntimeView(Protocol):
@@ -64,8 +64,8 @@ class GatewayServices(Protocol):
     async def close(self) -> None: ...
 
 
-class FlowContext(Protocol):
-    """What one request flow uses: the runtime it pins, auth, limits and usage, tracing, metrics."""
+class GatewayCore(Protocol):
+    """What every part served by the gateway reads: the current runtime, the services, auth."""
 
     @property
     def runtime(self) -> RuntimeView: ...
@@ -75,6 +75,10 @@ class FlowContext(Protocol):
 
     @property
     def authenticator(self) -> Authenticator: ...
+
+
+class FlowContext(GatewayCore, Protocol):
+    """What one request flow uses: the runtime it pins, auth, limits and usage, tracing, metrics."""
 
     @property
     def tracing(self) -> Tracing | None: ...
@@ -84,17 +88,8 @@ class FlowContext(Protocol):
         ...
 
 
-class DashboardContext(Protocol):
+class DashboardContext(GatewayCore, Protocol):
     """What the dashboard (`ui.Dashboard`) shows and uses: config, auth, services and live state."""
-
-    @property
-    def runtime(self) -> RuntimeView: ...
-
-    @property
-    def services(self) -> GatewayServices: ...
-
-    @property
-    def authenticator(self) -> Authenticator: ...
 
     @property
     def started_at(self) -> float: ...

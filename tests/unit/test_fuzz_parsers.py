@@ -123,9 +123,15 @@ def _translate(req: ChatRequest) -> None:
     ollama.build_request(req, "backend-model", num_ctx=4096)
 
 
+def as_received(body: Any) -> Any:
+    """`body` as the gateway's parsers get it: sent as JSON and read back by `parse_json` (which,
+    like orjson, turns an integer beyond 64 bits into a float: such an int never reaches them)."""
+    return parse_json(json.dumps(body).encode("utf-8", "surrogatepass"), 64)
+
+
 def check(parser: str, body: Any) -> None:
     try:
-        req = PARSERS[parser](body)
+        req = PARSERS[parser](as_received(body))
     except errors.GatewayError as e:
         assert 400 <= e.status < 500, f"{parser}: {type(e).__name__} {e.status}: {e.message}"
         return

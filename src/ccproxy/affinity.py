@@ -24,17 +24,15 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
 
-from ccproxy.attribution import attribute
 from ccproxy.core import ChatRequest, TextBlock
 
 _MAX_HASHED_CHARS = 64 * 1024  # a longer system prompt is identified by its first 64 KB
 
 
-def session_key(req: ChatRequest, headers: Mapping[str, str]) -> tuple[str, str]:
-    """(key, where it came from) identifying the conversation this request belongs to."""
-    session, _ = attribute(dict(headers), req.user)  # the session the usage row records
+def session_key(req: ChatRequest, session: str | None) -> tuple[str, str]:
+    """(key, where it came from) identifying the conversation this request belongs to; `session`
+    is the client's own (`RequestTraits.session`, the one the usage row records)."""
     if session:
         return session, "client session"
     cache_key = req.passthrough.get("prompt_cache_key")

@@ -37,7 +37,6 @@ from ccproxy.asgi import (
     send_json,
 )
 from ccproxy.attempts import Attempts
-from ccproxy.attribution import attribute
 from ccproxy.context import FlowContext
 from ccproxy.core import (
     ChatRequest,
@@ -181,8 +180,8 @@ class ChatFlow:
                                             read_headers=self.adapter.read_headers, generate=self.generates)
                 self._note_route()
                 self.check(plan)
-                if plan.req is not None:
-                    self.record.session_id, self.record.end_user = attribute(self.headers, plan.req.user)
+                if plan.traits is not None:
+                    self.record.session_id, self.record.end_user = plan.traits.session, plan.traits.end_user
                 ticket = await self.gw.services.limiter.admit(principal, self.reserve(plan), self.adapter.name)
                 budgets = self.gw.services.budgets
                 if budgets is not None and principal.budget_usd:

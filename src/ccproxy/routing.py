@@ -30,6 +30,7 @@ from typing import Any
 
 from ccproxy import errors
 from ccproxy.affinity import SessionPins, rendezvous_score, session_key
+from ccproxy.attribution import attribute
 from ccproxy.config import AliasConfig, Config, Deployment, RuleConfig, resolve_alias
 from ccproxy.core import ChatRequest
 from ccproxy.tokens import estimate_prompt_tokens
@@ -77,14 +78,17 @@ class RequestTraits:
     images: bool
     headers: dict[str, str]
     key: str
+    session: str | None = None  # the client's session and end user (attribution.py): the usage row
+    end_user: str | None = None  # records them, and session affinity routes by the session
 
     @classmethod
     def of(cls, req: ChatRequest, headers: dict[str, str], key: str, prompt_tokens: int | None = None
            ) -> RequestTraits:
+        session, end_user = attribute(headers, req.user)
         return cls(model=req.model, thinking=bool(req.thinking and req.thinking.enabled),
                    prompt_tokens=estimate_prompt_tokens(req) if prompt_tokens is None else prompt_tokens,
                    tools=frozenset(t.name for t in req.tools), images=req.has_images(),
-                   headers=headers, key=key)
+                   headers=headers, key=key, session=session, end_user=end_user)
 
 
 def rule_matches(rule: RuleConfig, t: RequestTraits) -> str | None:
@@ -180,7 +184,7 @@ class Router:
                     traits: RequestTraits) -> list[Deployment]:
         """Deployments in the session's rendezvous order, healthy ones first; a session that had to
         move off a cooling deployment stays where it moved (its prompt cache is there now)."""
-        session, source = session_key(req, traits.headers)
+        session, source = session_key(req, traits.session)
         ranked = sorted(deps, key=lambda d: rendezvous_score(session, _dep_id(d), d.weight), reverse=True)
         ordered = sorted(ranked, key=lambda d: self._state(d).cooling(now))  # stable: keeps the ranking
         pinned = self.pins.get(alias, session)

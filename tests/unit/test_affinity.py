@@ -38,6 +38,10 @@ def first_provider(router: Router, req: ChatRequest, headers: dict[str, str] | N
     return route.targets[0].deployment.provider
 
 
+def key_of(req: ChatRequest, headers: dict[str, str]) -> tuple[str, str]:
+    return session_key(req, RequestTraits.of(req, headers, "k").session)
+
+
 class Clock:
     now = 1000.0
 
@@ -66,19 +70,19 @@ def test_without_a_session_header_the_stable_prefix_identifies_the_session(clock
     router = make_router(POOL)
     home = first_provider(router, request())
     assert all(first_provider(router, request(turn=f"turn {i}")) == home for i in range(5))
-    key1, how = session_key(request(turn="x"), {})
-    assert how.startswith("hash") and key1 == session_key(request(turn="y"), {})[0]
-    assert key1 != session_key(request(first="another task"), {})[0]
+    key1, how = key_of(request(turn="x"), {})
+    assert how.startswith("hash") and key1 == key_of(request(turn="y"), {})[0]
+    assert key1 != key_of(request(first="another task"), {})[0]
 
 
 def test_session_sources_in_order() -> None:
     req = request()
     req.passthrough["prompt_cache_key"] = "pck"
-    assert session_key(req, {"x-claude-code-session-id": "cc", "session-id": "cx"}) == ("cc", "client session")
-    assert session_key(req, {"session-id": "cx"}) == ("cx", "client session")
-    assert session_key(req, {}) == ("pck", "prompt_cache_key")
+    assert key_of(req, {"x-claude-code-session-id": "cc", "session-id": "cx"}) == ("cc", "client session")
+    assert key_of(req, {"session-id": "cx"}) == ("cx", "client session")
+    assert key_of(req, {}) == ("pck", "prompt_cache_key")
     req.user = '{"device_id": "d1", "account_uuid": "", "session_id": "from-metadata"}'  # Claude Code
-    assert session_key(req, {}) == ("from-metadata", "client session")
+    assert key_of(req, {}) == ("from-metadata", "client session")
 
 
 def test_sessions_spread_in_proportion_to_weight(clock: Clock) -> None:

@@ -25,6 +25,8 @@ import pytest
 from helpers.clients import chat_body, cli, send_all
 from helpers.procs import FakeOpenAI
 
+from ccproxy.keys import KEY_PREFIX
+
 pytestmark = pytest.mark.integration
 
 CLIENT = "sk-canary-client-7f3a9c51"
@@ -38,8 +40,12 @@ PROMPT = "prompt-canary-zq81x"  # log_prompts is off: the prompt never reaches t
 
 
 def needles(value: str) -> list[str]:
-    """The value and its distinctive core (a masked or truncated copy still shows that)."""
-    return [value, value.split("-", 2)[-1]]
+    """The value and its distinctive core (a masked or truncated copy still shows that).
+
+    The core is what follows a fixed prefix (`sk-canary-`, or a database key's `ccp_`): never a
+    split on "-", which a database key's random part may contain, leaving a needle of a few
+    characters that matches by chance."""
+    return [value, value.removeprefix("sk-canary-").removeprefix(KEY_PREFIX)]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from typing import Any
 import httpx2 as httpx
 import orjson
 import pytest
+from helpers import stream_segments
+from helpers.stream_segments import events_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -237,37 +239,13 @@ def test_parser_tool_indexes_are_ordinals_and_server_blocks_skipped() -> None:
 
 # --------------------------------------------------------------------------- property: render -> split -> parse
 
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=20)
-_json_value = st.recursive(st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _text,
-                           lambda c: st.lists(c, max_size=3) | st.dictionaries(_text, c, max_size=3), max_leaves=8)
-_segment = st.one_of(
-    st.tuples(st.just("text"), st.lists(_text, min_size=1, max_size=4)),
-    st.tuples(st.just("thinking"), st.lists(_text, min_size=1, max_size=4)),
-    st.tuples(st.just("tool"), st.dictionaries(_text, _json_value, max_size=4), st.integers(1, 5)),
-)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(segments=st.lists(_segment, max_size=8), data=st.data())
+@given(segments=stream_segments.segments, data=st.data())
 def test_render_split_parse_round_trip(segments: list[tuple[Any, ...]], data: st.DataObject) -> None:
-    events: list[StreamEvent] = []
-    want_text = want_thinking = ""
-    want_tools: list[tuple[str, str, Any]] = []
-    for seg in segments:
-        if seg[0] == "text":
-            events += [TextDelta(t) for t in seg[1]]
-            want_text += "".join(seg[1])
-        elif seg[0] == "thinking":
-            events += [ThinkingDelta(t) for t in seg[1]]
-            want_thinking += "".join(seg[1])
-        else:
-            k = len(want_tools)
-            args = orjson.dumps(seg[1]).decode()
-            step = max(1, len(args) // seg[2])
-            events.append(ToolCallStart(k, f"toolu_{k}", f"tool{k}"))
-            events += [ToolCallDelta(k, args[i:i + step]) for i in range(0, len(args), step)]
-            want_tools.append((f"toolu_{k}", f"tool{k}", seg[1]))
-    events.append(Finish("tool_use" if want_tools else "end_turn", Usage(5, 6)))
+    events, want = events_of(segments, "toolu_")
+    want_text, want_thinking, want_tools = want.text, want.thinking, want.tools
     raw = render(events)
 
     msg = validate_stream(raw)

@@ -16,6 +16,8 @@ from typing import Any
 import openai.types.responses as sdk_types
 import orjson
 import pytest
+from helpers import stream_segments
+from helpers.stream_segments import events_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai import NOT_GIVEN
@@ -29,8 +31,6 @@ from ccproxy.core import (
     Finish,
     StreamEvent,
     TextDelta,
-    ThinkingDelta,
-    ToolCallDelta,
     ToolCallStart,
     ToolChoice,
     Usage,
@@ -248,14 +248,6 @@ def test_validator_refuses_a_missing_event_line() -> None:
 
 # --------------------------------------------------------------------------- property: render -> split -> the SDK
 
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=20)
-_json_value = st.recursive(st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _text,
-                           lambda c: st.lists(c, max_size=3) | st.dictionaries(_text, c, max_size=3), max_leaves=8)
-_segment = st.one_of(
-    st.tuples(st.just("text"), st.lists(_text, min_size=1, max_size=4)),
-    st.tuples(st.just("thinking"), st.lists(_text, min_size=1, max_size=4)),
-    st.tuples(st.just("tool"), st.dictionaries(_text, _json_value, max_size=4), st.integers(1, 5)),
-)
 # the SDK's model of each stream event, by its `type`: every event we send must validate strictly
 _EVENTS = {model.model_fields["type"].annotation.__args__[0]: model
            for name in dir(sdk_types) if name.endswith("Event")
@@ -278,26 +270,10 @@ def sdk_accumulate(raw: bytes, cuts: list[int]) -> Any:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(segments=st.lists(_segment, max_size=8), data=st.data())
+@given(segments=stream_segments.segments, data=st.data())
 def test_render_split_accumulate(segments: list[tuple[Any, ...]], data: st.DataObject) -> None:
-    events: list[StreamEvent] = []
-    want_text = want_thinking = ""
-    want_tools: list[tuple[str, str, Any]] = []
-    for seg in segments:
-        if seg[0] == "text":
-            events += [TextDelta(t) for t in seg[1]]
-            want_text += "".join(seg[1])
-        elif seg[0] == "thinking":
-            events += [ThinkingDelta(t) for t in seg[1]]
-            want_thinking += "".join(seg[1])
-        else:
-            k = len(want_tools)
-            args = orjson.dumps(seg[1]).decode()
-            step = max(1, len(args) // seg[2])
-            events.append(ToolCallStart(k, f"call_{k}", f"tool{k}"))
-            events += [ToolCallDelta(k, args[i:i + step]) for i in range(0, len(args), step)]
-            want_tools.append((f"call_{k}", f"tool{k}", seg[1]))
-    events.append(Finish("tool_use" if want_tools else "end_turn", Usage(5, 6)))
+    events, want = events_of(segments, "call_")
+    want_text, want_thinking, want_tools = want.text, want.thinking, want.tools
     raw = render_stream(events)
 
     got = validate_stream(raw)

@@ -25,6 +25,7 @@ import httpx2 as httpx
 import orjson
 import pytest
 from aiohttp import web
+from helpers.inproc_upstream import InProcessUpstream
 
 from ccproxy import pipeline
 from ccproxy.app import Gateway
@@ -46,34 +47,7 @@ PNG_1PX = base64.b64encode(bytes.fromhex(
 # --------------------------------------------------------------------------- fake upstream
 
 
-class FakeUpstream:
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model"}]})
-
+class FakeUpstream(InProcessUpstream):
     # -- what each fake model says, as (reasoning pieces, text pieces, tool call or None, finish reason)
     def script(self, body: dict[str, Any]) -> tuple[list[str], list[str], dict[str, Any] | None, str]:
         model = body["model"]

@@ -18,6 +18,7 @@ import httpx2 as httpx
 import orjson
 import pytest
 from aiohttp import web
+from helpers.inproc_upstream import InProcessUpstream
 
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
@@ -33,35 +34,14 @@ ANSWER = "Hello from the fake upstream."
 # --------------------------------------------------------------------------- fake upstream
 
 
-class FakeUpstream:
+class FakeUpstream(InProcessUpstream):
     def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
+        super().__init__()
         self._closing = asyncio.Event()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
 
     async def close(self) -> None:
         self._closing.set()  # ends the `sleepy` handlers, so cleanup need not wait for them
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model"}]})
+        await super().close()
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

@@ -1,0 +1,42 @@
+"""An OpenAI-compatible fake upstream served by aiohttp inside the test's own event loop.
+
+Unit tests of the gateway app subclass it and write only their `chat` handler; the server's start,
+address, `/v1/models` and the record of what the gateway sent exist here once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+
+class InProcessUpstream:
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []  # request bodies, in order
+        self.headers: list[dict[str, str]] = []   # their headers
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model"}]})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError

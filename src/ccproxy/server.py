@@ -187,11 +187,11 @@ def metrics_app(gateway: Gateway) -> Callable[[Scope, Receive, Send], Awaitable[
     return app
 
 
-def _listen_socket(listen: str, backlog: int = 128) -> socket.socket:
+def _listen_socket(listen: str, backlog: int = 128, reuse_port: bool = False) -> socket.socket:
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, int(port)), family=family, backlog=backlog)
+    return socket.create_server((host, int(port)), family=family, backlog=backlog, reuse_port=reuse_port)
 
 
 def build_gateway(config: Config) -> Gateway:
@@ -199,18 +199,28 @@ def build_gateway(config: Config) -> Gateway:
     return Gateway(config, build_services(config))
 
 
-def listen_sockets(config: Config) -> list[socket.socket] | None:
-    """The sockets a supervisor binds for its workers: `listen`, then `metrics_listen` if set;
-    None (after logging why) when one cannot be bound."""
-    socks: list[socket.socket] = []
-    for name, where in (("listen", config.listen), ("metrics_listen", config.metrics_listen)):
-        if where:
-            try:
-                socks.append(_listen_socket(where, backlog=2048))
-            except OSError as e:
-                log.error("cannot listen on %s %s: %s", name, where, e.strerror or e)
-                return None
-    return socks
+def listen_sockets(config: Config, workers: int, reuse_port: bool = True) -> list[list[socket.socket]] | None:
+    """The sockets a supervisor binds for its workers, one list per worker: `listen`, then
+    `metrics_listen` if set; None (after logging why) when one cannot be bound.
+
+    With `reuse_port` each worker gets a `listen` socket of its own, all bound with SO_REUSEPORT,
+    and the kernel spreads new connections over them evenly; one shared socket instead lets
+    whichever worker wakes first accept a whole burst (measured: bench/README.md). The supervisor
+    keeps every socket open, so connections that arrive while a worker restarts wait in its
+    socket's queue for the replacement instead of being refused. `metrics_listen` is one socket."""
+    try:
+        metrics = [_listen_socket(config.metrics_listen)] if config.metrics_listen else []
+    except OSError as e:
+        log.error("cannot listen on metrics_listen %s: %s", config.metrics_listen, e.strerror or e)
+        return None
+    try:
+        if not reuse_port:
+            shared = _listen_socket(config.listen, backlog=2048)
+            return [[shared, *metrics] for _ in range(workers)]
+        return [[_listen_socket(config.listen, backlog=2048, reuse_port=True), *metrics] for _ in range(workers)]
+    except OSError as e:
+        log.error("cannot listen on %s: %s", config.listen, e.strerror or e)
+        return None
 
 
 def run(config: Config, config_path: str | None, *, sockets: list[socket.socket] | None = None,

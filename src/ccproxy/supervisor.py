@@ -1,8 +1,9 @@
 """`ccproxy serve --workers N`: one supervisor process, N gateway worker processes.
 
-The supervisor binds the listening socket (and `metrics_listen`'s) before it forks, so every
-worker accepts connections from the same socket and a port clash is reported once, before any
-worker starts; it then only watches: it forwards signals and restarts workers. A worker runs the
+The supervisor binds the listening sockets (`listen`, one per worker with SO_REUSEPORT, and
+`metrics_listen`'s, shared) before it forks, so a port clash is reported once, before any worker
+starts, and a restarting worker's connections wait in its socket; then it only watches: it
+forwards signals and restarts workers. A worker runs the
 same gateway as `--workers 1` (`server.run`) on the inherited sockets, in a process group of its
 own (a Ctrl-C in the terminal reaches the supervisor only, which forwards it once).
 
@@ -30,7 +31,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from ccproxy import logs
@@ -74,7 +75,8 @@ def use_multiprocess_metrics() -> str:
 
 
 class Supervisor:
-    def __init__(self, workers: int, sockets: list[socket.socket], target: Target, *, log_level: str = "info",
+    def __init__(self, workers: int, sockets: Sequence[list[socket.socket]], target: Target, *,
+                 log_level: str = "info",
                  metrics_dir: str | None = None, stop_timeout: float = 60.0) -> None:
         self.workers = workers
         self.sockets = sockets
@@ -101,7 +103,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 os.setpgid(0, 0)
                 logs.setup(self.log_level, worker=os.getpid())
-                code = self.target(self.sockets, supervisor)
+                code = self.target(self.sockets[slot] if self.sockets else [], supervisor)
             except BaseException:
                 log.exception("worker %d failed", slot)
             finally:

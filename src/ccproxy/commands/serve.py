@@ -107,7 +107,7 @@ def _supervise(config: Config, watched: str | None, workers: int, log_level: str
         click.echo(f"error: {refusal}", err=True)
         return 2
     from ccproxy.server import SHUTDOWN_GRACE, listen_sockets, run
-    sockets = listen_sockets(config)
+    sockets = listen_sockets(config, workers, reuse_port=hasattr(socket, "SO_REUSEPORT"))
     if sockets is None:
         return 1
     metrics_dir = use_multiprocess_metrics()

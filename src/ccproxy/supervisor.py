@@ -70,7 +70,8 @@ def use_multiprocess_metrics() -> str:
     path = tempfile.mkdtemp(prefix="ccproxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     from prometheus_client import values
-    values.ValueClass = values.get_value_class()  # picked at import; the import may have come first
+    # the value class is picked at import, and the import may have come first
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     return path
 
 
@@ -133,7 +134,7 @@ class Supervisor:
                 continue
             if self.metrics_dir:
                 from prometheus_client import multiprocess
-                multiprocess.mark_process_dead(pid, self.metrics_dir)
+                multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             self._exited(pid, slot, started, status)
 
     def _exited(self, pid: int, slot: int, started: float, status: int) -> None:

@@ -155,7 +155,8 @@ def test_sighup_reloads_every_worker(gateway: Any, upstream: FakeOpenAI) -> None
     statuses = []
     for _ in range(4):
         statuses += burst(gw, 20, model="fresh")
-        fresh = Counter(r["worker"] for r in gw.log_records() if r.get("msg") == "request" and r.get("alias") == "fresh")
+        fresh = Counter(r["worker"] for r in gw.log_records()
+                        if r.get("msg") == "request" and r.get("alias") == "fresh")
         if len(fresh) == 2:
             break
     assert statuses == [200] * len(statuses)

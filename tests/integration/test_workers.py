@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sqlite3
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -237,3 +238,26 @@ def test_a_rate_limit_is_exact_across_workers_with_redis(gateway: Any, upstream:
     assert set(admitted) <= set(pids.values())
     refused = Counter(r["worker"] for r in gw.log_records() if r.get("msg") == "request" and r.get("status") == 429)
     assert set(admitted) | set(refused) == set(pids.values()), (admitted, refused)
+
+
+def test_a_config_edit_reaches_every_worker_and_a_limit_without_redis_is_rejected(gateway: Any,
+                                                                                  upstream: FakeOpenAI) -> None:
+    gw = gateway(make_config(upstream), args=WORKERS)
+    pids = set(wait_workers_ready(gw).values())
+    cfg = make_config(upstream)
+    cfg["models"]["edited"] = {"provider": "up", "model": "m"}
+    gw.write_config(cfg)  # no signal: each worker notices the new mtime
+    wait_until(lambda: {r.get("worker") for r in gw.log_records()
+                        if r.get("msg") == "config reloaded (config file changed): 2 aliases, 1 providers"} == pids,
+               what="both workers reloaded the edited file")
+    assert burst(gw, 10, model="edited") == [200] * 10
+    time.sleep(1.1)  # a new mtime second for file systems with coarse timestamps
+    gw.write_config(make_config(upstream, keys=[{"name": "team", "key": KEY, "rpm": 1}]))
+
+    def rejections() -> list[dict[str, Any]] | None:
+        found = [r for r in gw.log_records() if "config reload rejected" in r.get("msg", "")]
+        return found if {r["worker"] for r in found} == pids else None
+    rejected = wait_until(rejections, what="both workers rejected the limited key")
+    assert all("redis_url" in r["msg"] for r in rejected)
+    assert {r["worker"] for r in rejected} == pids
+    assert burst(gw, 10, model="edited") == [200] * 10  # the old config (no limit, alias kept) serves on

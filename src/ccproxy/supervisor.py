@@ -103,6 +103,7 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 os.setpgid(0, 0)
+                self._close_sockets(keep=self.sockets[slot] if self.sockets else [])
                 logs.setup(self.log_level, worker=os.getpid())
                 code = self.target(self.sockets[slot] if self.sockets else [], supervisor)
             except BaseException:
@@ -113,6 +114,15 @@ class Supervisor:
                 os._exit(code)
         self.children[pid] = (slot, time.monotonic())
         log.info("worker %d started (pid %d)", slot, pid)
+
+    def _close_sockets(self, keep: list[socket.socket]) -> None:
+        """Close this process's copies of the listening sockets, but `keep`. A worker keeps only its
+        own, the supervisor none once it stops: a socket left open anywhere would take connections
+        that nobody answers, where a closed one refuses them (a load balancer then tries elsewhere)."""
+        for socks in self.sockets:
+            for sock in socks:
+                if all(sock is not k for k in keep):
+                    sock.close()
 
     def _signal_all(self, sig: int) -> None:
         for pid in list(self.children):
@@ -174,6 +184,7 @@ class Supervisor:
     def _stop(self) -> None:
         self.stopping = True
         self.due.clear()
+        self._close_sockets(keep=[])
         self.stop_deadline = time.monotonic() + self.stop_timeout
         self._signal_all(signal.SIGTERM)
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import time
 import uuid
@@ -97,6 +98,15 @@ def socket_owner(server_port: int, client_port: int, pids: list[int]) -> int | N
             except OSError:
                 continue
     return None
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def usage_rows(gw: Any) -> list[dict[str, Any]]:
@@ -188,6 +198,15 @@ def test_sigterm_drains_the_streams_of_every_worker(gateway: Any, upstream: Fake
     gw.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: {r.get("worker") for r in gw.log_records() if "draining in-flight" in r.get("msg", "")}
                == set(pids), what="both workers draining")
+
+    def refused() -> bool:  # once the workers stop accepting, nobody holds the sockets: refused, not hung
+        try:
+            socket.create_connection(("127.0.0.1", gw.port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+    wait_until(refused, timeout=10, what="new connections refused while the streams drain")
+    assert any(running(p) for p in pids), "refused while the workers drain, not only once they have exited"
     for conn, resp in streams:
         data = sse_data(resp.read())
         assert data[-1] == "[DONE]"

@@ -280,3 +280,19 @@ def test_a_config_edit_reaches_every_worker_and_a_limit_without_redis_is_rejecte
     assert all("redis_url" in r["msg"] for r in rejected)
     assert {r["worker"] for r in rejected} == pids
     assert burst(gw, 10, model="edited") == [200] * 10  # the old config (no limit, alias kept) serves on
+
+
+def test_a_worker_that_keeps_dying_at_start_stops_the_supervisor(gateway: Any, upstream: FakeOpenAI) -> None:
+    gw = gateway(make_config(upstream), args=WORKERS)
+    killed: list[int] = []
+
+    def next_worker() -> int | bool | None:  # a new worker 0, or True once the supervisor has exited
+        pid = worker_pids(gw).get(0)
+        return True if gw.proc.poll() is not None else pid if pid not in killed else None
+    while (pid := wait_until(next_worker, what="a new worker 0 or the supervisor's exit")) is not True:
+        os.kill(pid, signal.SIGKILL)  # dies seconds after it started, again and again
+        killed.append(pid)
+    assert gw.proc.wait(60) == 1
+    assert len(killed) == 5  # supervisor.CRASH_LOOP
+    gw.wait_for_log("5 workers in a row exited within 10 s of starting; the supervisor gives up")
+    gw.wait_for_log("all workers stopped")  # the healthy worker 1 was stopped, not left behind

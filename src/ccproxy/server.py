@@ -217,6 +217,9 @@ def listen_sockets(config: Config, workers: int, reuse_port: bool = True) -> lis
         if not reuse_port:
             shared = _listen_socket(config.listen, backlog=2048)
             return [[shared, *metrics] for _ in range(workers)]
+        # SO_REUSEPORT would let this bind join another process's listener on the same port (a
+        # second gateway started by mistake) and split its traffic: a plain bind first fails then.
+        _listen_socket(config.listen).close()
         return [[_listen_socket(config.listen, backlog=2048, reuse_port=True), *metrics] for _ in range(workers)]
     except OSError as e:
         log.error("cannot listen on %s: %s", config.listen, e.strerror or e)

@@ -151,3 +151,25 @@ def test_a_forked_worker_draws_request_ids_of_its_own() -> None:
     os.close(write)
     mine = new_request_id()
     assert len(child) == len(mine) == 32 and child[:12] != mine[:12]
+
+
+def _port_config(port: int) -> Config:
+    return config(listen=f"127.0.0.1:{port}")
+
+
+def test_listen_sockets_one_per_worker_and_never_joining_another_listener() -> None:
+    from ccproxy.server import listen_sockets
+    other = socket.create_server(("127.0.0.1", 0), reuse_port=True)  # another process's gateway, say
+    try:
+        port = other.getsockname()[1]
+        assert listen_sockets(_port_config(port), 2) is None  # not silently sharing its port
+    finally:
+        other.close()
+    socks = listen_sockets(_port_config(port), 2)
+    assert socks is not None and len(socks) == 2 and socks[0][0] is not socks[1][0]
+    assert all(s[0].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in socks)
+    for s in socks:
+        s[0].close()
+    shared = listen_sockets(_port_config(port), 2, reuse_port=False)
+    assert shared is not None and shared[0][0] is shared[1][0]
+    shared[0][0].close()

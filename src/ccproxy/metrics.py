@@ -5,16 +5,15 @@ One `Metrics` per app. The app calls `observe(record)` once per finished request
 the request path may use `in_flight` (inc at start, dec at the end).
 `render()` gives the body and content type for the admin-guarded `/metrics` endpoint.
 
-With several worker processes (`serve --workers N`) the supervisor sets `PROMETHEUS_MULTIPROC_DIR`
-to a directory of its own for the run: prometheus_client's multiprocess mode then keeps every
-value in a per-process file there, and `render()` sums them, so whichever worker answers a scrape
+With several worker processes (`serve --workers N`) the supervisor sets `MULTIPROCESS_DIR` (and
+`PROMETHEUS_MULTIPROC_DIR`) to a directory of its own for the run: prometheus_client's multiprocess
+mode then keeps every value in a per-process file there, and `render()` sums them, so whichever worker answers a scrape
 reports the whole server (the convention of gunicorn deployments; a label per worker would show
 one random worker per scrape). Gauges sum over live workers (`livesum`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -26,6 +25,10 @@ from ccproxy.usage.record import UsageRecord
 _Series = tuple[Counter, Histogram, Histogram, Counter, Counter]
 
 __all__ = ["UPSTREAM_ERROR_KINDS", "Metrics"]
+
+# Set by the supervisor of `serve --workers N` before it forks (supervisor.use_multiprocess_metrics);
+# never read from the environment, so one process renders its own registry as it always did.
+MULTIPROCESS_DIR: str | None = None
 
 # error_kind values that mean the backend (not the client, not the gateway) failed
 UPSTREAM_ERROR_KINDS = frozenset({"upstream_error", "timeout", "upstream_status", "upstream_rate_limited"})
@@ -55,7 +58,7 @@ class Metrics:
         self.usage_queue_depth = Gauge("ccproxy_usage_queue_depth", "Usage rows waiting to be written",
                                        registry=r, multiprocess_mode="livesum")
         self._depth: Callable[[], int] | None = None
-        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.multiprocess_dir = MULTIPROCESS_DIR
         self.usage_dropped = Counter("ccproxy_usage_dropped_rows",
                                      "Usage rows dropped because the write buffer was full", registry=r)
         self.usage_write_errors = Counter("ccproxy_usage_write_errors", "Failed usage batch writes",

@@ -70,6 +70,9 @@ def use_multiprocess_metrics() -> str:
     path = tempfile.mkdtemp(prefix="ccproxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     from prometheus_client import values
+
+    from ccproxy import metrics
+    metrics.MULTIPROCESS_DIR = path
     # the value class is picked at import, and the import may have come first
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     return path

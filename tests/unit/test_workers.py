@@ -118,8 +118,11 @@ def test_workers_that_cannot_start_make_the_supervisor_give_up(monkeypatch: pyte
 def test_multiprocess_metrics_sum_over_processes(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two processes' counters in one directory: either one renders the sum."""
     from prometheus_client import values
+
+    from ccproxy import metrics
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setattr(values, "ValueClass", values.get_value_class())
+    monkeypatch.setattr(metrics, "MULTIPROCESS_DIR", str(tmp_path))
     pid = os.fork()
     if pid == 0:
         try:

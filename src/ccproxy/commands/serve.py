@@ -49,8 +49,8 @@ def _config_or_exit(path: str | None) -> Config:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--workers", "workers_opt", metavar="N|auto",
-              help="Gateway processes sharing the listening socket; `auto`: one per core. Default: `workers` "
-                   "in the config, else 1. Several need `redis_url` when a key has limits or a budget.")
+              help="Gateway processes serving one port; `auto`: one per core. Default: `workers` in the "
+                   "config, else 1. Several need `redis_url` when a key has limits or a budget.")
 def serve(config_path: str | None, host: str | None, port: int | None, log_level: str,
           workers_opt: str | None) -> None:
     """Run the gateway."""

@@ -232,7 +232,7 @@ def test_a_killed_worker_is_replaced(gateway: Any, upstream: FakeOpenAI) -> None
     assert new[0] in seen
 
 
-def test_limits_without_redis_refuse_to_start(gateway: Any, upstream: FakeOpenAI) -> None:
+def test_limits_without_redis_the_embedded_engine_and_a_bad_count_refuse_to_start(gateway: Any, upstream: FakeOpenAI) -> None:
     cfg = make_config(upstream, keys=[{"name": "team", "key": KEY, "rpm": 5}])
     gw = gateway(cfg, args=WORKERS, wait=False)
     assert gw.proc.wait(30) == 2
@@ -241,6 +241,15 @@ def test_limits_without_redis_refuse_to_start(gateway: Any, upstream: FakeOpenAI
                       "worker would count on its own; set `redis_url` (the shared limiter) or run --workers 1"]
     one = gateway(cfg)  # the same config with one worker: today's behaviour
     assert burst(one, 1) == [200]
+    embedded = make_config(upstream, providers={"local": {"type": "embedded"}},
+                           models={"fast": {"provider": "local", "model": "smol"}})
+    for config, args, expected in [
+        (embedded, ["--workers", "2"], "provider 'local' is the embedded engine"),
+        (make_config(upstream), ["--workers", "0"], "--workers: workers must be a whole number >= 1 or 'auto'"),
+    ]:
+        bad = gateway(config, args=args, wait=False)
+        assert bad.proc.wait(30) == 2
+        assert expected in bad.log_text()
 
 
 def test_a_rate_limit_is_exact_across_workers_with_redis(gateway: Any, upstream: FakeOpenAI,
@@ -296,3 +305,29 @@ def test_a_worker_that_keeps_dying_at_start_stops_the_supervisor(gateway: Any, u
     assert len(killed) == 5  # supervisor.CRASH_LOOP
     gw.wait_for_log("5 workers in a row exited within 10 s of starting; the supervisor gives up")
     gw.wait_for_log("all workers stopped")  # the healthy worker 1 was stopped, not left behind
+
+
+def test_postgresql_usage_and_a_budget_across_workers(gateway: Any, upstream: FakeOpenAI, redis_server: Any,
+                                                      postgres_server: Any) -> None:
+    """Both workers write to one PostgreSQL database; a key with a limit and a budget on Redis."""
+    import asyncpg
+
+    url = postgres_server.create_database("t_" + uuid.uuid4().hex[:12])
+    name = f"team-{uuid.uuid4().hex[:8]}"
+    cfg = make_config(upstream, database_url=url, redis_url=redis_server.url,
+                      keys=[{"name": name, "key": KEY, "rpm": 25, "budget": {"usd": 100, "period": "day"}}])
+    gw = gateway(cfg, args=WORKERS)
+    pids = wait_workers_ready(gw)
+    statuses = burst(gw, 40)
+    assert Counter(statuses) == {200: 25, 429: 15}
+    assert gw.terminate() == 0
+
+    async def count() -> tuple[int, int]:
+        con = await asyncpg.connect(url)
+        try:
+            row = await con.fetchrow("SELECT count(*), count(DISTINCT request_id) FROM usage WHERE status = 200")
+            return int(row[0]), int(row[1])
+        finally:
+            await con.close()
+    assert asyncio.run(count()) == (25, 25)
+    assert set(served_by(gw.log_records())) == set(pids.values())

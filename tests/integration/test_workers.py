@@ -232,7 +232,8 @@ def test_a_killed_worker_is_replaced(gateway: Any, upstream: FakeOpenAI) -> None
     assert new[0] in seen
 
 
-def test_limits_without_redis_the_embedded_engine_and_a_bad_count_refuse_to_start(gateway: Any, upstream: FakeOpenAI) -> None:
+def test_limits_without_redis_the_embedded_engine_and_a_bad_count_refuse_to_start(gateway: Any,
+                                                                                  upstream: FakeOpenAI) -> None:
     cfg = make_config(upstream, keys=[{"name": "team", "key": KEY, "rpm": 5}])
     gw = gateway(cfg, args=WORKERS, wait=False)
     assert gw.proc.wait(30) == 2

@@ -216,9 +216,10 @@ def test_sigterm_drains_the_streams_of_every_worker(gateway: Any, upstream: Fake
     assert all(not os.path.exists(f"/proc/{p}") for p in pids)
 
 
-def test_a_killed_worker_is_replaced(gateway: Any, upstream: FakeOpenAI) -> None:
+def test_a_killed_worker_is_replaced_and_its_rows_are_kept(gateway: Any, upstream: FakeOpenAI) -> None:
     gw = gateway(make_config(upstream), args=WORKERS)
     pids = wait_workers_ready(gw)
+    answered = burst(gw, 30)  # then kill -9 at once: some rows are only in the killed worker's journal
     os.kill(pids[0], signal.SIGKILL)
     gw.wait_for_log(f"worker 0 (pid {pids[0]}) exited (signal 9)")
     new = wait_workers_ready(gw)
@@ -227,9 +228,14 @@ def test_a_killed_worker_is_replaced(gateway: Any, upstream: FakeOpenAI) -> None
     for _ in range(6):
         assert burst(gw, 20) == [200] * 20
         seen = set(served_by(gw.log_records()))
+        answered += [200] * 20
         if new[0] in seen:
             break
     assert new[0] in seen
+    assert answered == [200] * len(answered)
+    assert gw.terminate() == 0
+    rows = usage_rows(gw)
+    assert len(rows) == len({r["request_id"] for r in rows}) == len(answered)
 
 
 def test_limits_without_redis_the_embedded_engine_and_a_bad_count_refuse_to_start(gateway: Any,

@@ -110,6 +110,6 @@ class Metrics:
         if self.multiprocess_dir:
             from prometheus_client import multiprocess
             merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
             return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

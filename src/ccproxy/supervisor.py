@@ -74,7 +74,7 @@ def use_multiprocess_metrics() -> str:
     from ccproxy import metrics
     metrics.MULTIPROCESS_DIR = path
     # the value class is picked at import, and the import may have come first
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    values.ValueClass = values.get_value_class()
     return path
 
 
@@ -147,7 +147,7 @@ class Supervisor:
                 continue
             if self.metrics_dir:
                 from prometheus_client import multiprocess
-                multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+                multiprocess.mark_process_dead(pid, self.metrics_dir)
             self._exited(pid, slot, started, status)
 
     def _exited(self, pid: int, slot: int, started: float, status: int) -> None:

@@ -338,3 +338,11 @@ def test_postgresql_usage_and_a_budget_across_workers(gateway: Any, upstream: Fa
             await con.close()
     assert asyncio.run(count()) == (25, 25)
     assert set(served_by(gw.log_records())) == set(pids.values())
+
+
+def test_workers_whose_supervisor_was_killed_drain_and_exit(gateway: Any, upstream: FakeOpenAI) -> None:
+    gw = gateway(make_config(upstream), args=WORKERS)
+    pids = list(wait_workers_ready(gw).values())
+    gw.kill()  # SIGKILL to the supervisor: nobody forwards a signal to the workers
+    wait_until(lambda: not any(running(p) for p in pids), timeout=30, what="both workers gone")
+    assert {r.get("worker") for r in gw.log_records() if "the supervisor (pid" in r.get("msg", "")} == set(pids)

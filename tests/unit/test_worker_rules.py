@@ -1,6 +1,7 @@
 """`serve --workers N`: the worker count, the refusal rule, and the supervisor's crash-loop exit.
 
-The gateway processes themselves are tested in tests/integration/test_workers.py.
+The gateway processes themselves are tested in tests/integration/test_workers.py (a module name
+of its own here: pytest imports test modules by basename).
 """
 
 from __future__ import annotations

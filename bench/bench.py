@@ -837,6 +837,9 @@ def main() -> int:
                     help="scenarios for the --services variants (default chat-json,messages-sse)")
     ap.add_argument("--no-key-limits", action="store_true",
                     help="no rpm/tpm on the bench key, so ccproxy skips its limiter (older runs' setup)")
+    ap.add_argument("--ccproxy-workers", default="auto", metavar="N|auto",
+                    help="also run ccproxy with `workers: N` (default auto: one per core; 1 skips it), "
+                         "without key limits (several workers need Redis for them)")
     ap.add_argument("--output", default=str(RESULTS / "latest.json"))
     a = ap.parse_args()
 
@@ -914,6 +917,18 @@ def main() -> int:
                     print(f"  {name}: {err}", flush=True)
             if svc_err:
                 print(f"  services: {svc_err}", flush=True)
+    # ccproxy with several worker processes (`serve --workers`), beside the one-process ccproxy
+    n_workers = len(os.sched_getaffinity(0)) if a.ccproxy_workers == "auto" else int(a.ccproxy_workers)
+    multi = f"ccproxy-w{n_workers}" if n_workers > 1 and not a.no_ccproxy else None
+    if multi:
+        print(f"starting {multi} ({n_workers} worker processes) ...", flush=True)
+        port, p, err = start_ccproxy(tmp, nginx_port, multi, {"workers": n_workers}, key_limits=False)
+        gw[multi] = port
+        if p:
+            procs[multi] = p
+        if err:
+            gw_na[multi] = err.splitlines()[0]
+            print(f"  {multi}: {err}", flush=True)
     if not a.no_litellm:
         print(f"starting LiteLLM ({a.litellm_workers} worker) ...", flush=True)
         port, p, err = start_litellm(tmp, nginx_port, a.litellm_workers)
@@ -998,7 +1013,18 @@ def main() -> int:
                        "d_p50_ms": _delta(t.result, base.result, "p50_ms"),
                        "d_p99_ms": _delta(t.result, base.result, "p99_ms")})
         meta["services"]["vs_default"] = vs
+    if multi and multi in made and multi in procs:
+        meta["usage_check"][multi] = check_usage(multi, tmp, svc, made[multi])
+        by = {(t.name, t.scenario): t for t in targets}
+        meta["workers"] = {"n": n_workers, "vs_one": [
+            {"scenario": t.scenario,
+             "rps_ratio": ratio(t.result.get("rps"), by[("ccproxy", t.scenario)].result.get("rps"))}
+            for t in targets if t.name == multi and ("ccproxy", t.scenario) in by]}
     print_table(targets, ratios, rss, meta)
+    if "workers" in meta:
+        print(f"\nccproxy with {n_workers} workers / 1 worker, rps @16 (wrk and nginx share the cores: "
+              f"see bench/README.md): " + ", ".join(f"{r['scenario']} x{fmt(r['rps_ratio'], nd=2)}"
+                                                    for r in meta["workers"]["vs_one"]))
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows, "ratios": ratios, "rss": rss}, indent=2))

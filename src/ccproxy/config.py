@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -274,6 +274,8 @@ class Config(_Strict):
     limits: Limits = Limits()
     retry: RetryConfig = RetryConfig()
     drain_seconds: float = Field(30.0, ge=0)
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="gateway processes (`auto`: one per core); `ccproxy serve --workers` overrides it")
     log_prompts: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -16,9 +16,13 @@ from ccproxy.redact import redact
 
 
 class JsonFormatter(logging.Formatter):
+    worker: int | None = None  # with `serve --workers N`: the worker's process id, on every line
+
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                 "msg": record.getMessage()}
+        if self.worker is not None:
+            line["worker"] = self.worker
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             line.update(extra)
@@ -27,9 +31,11 @@ class JsonFormatter(logging.Formatter):
         return redact(orjson.dumps(line, default=str).decode())
 
 
-def setup(level: str = "info") -> None:
+def setup(level: str = "info", worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    formatter = JsonFormatter()
+    formatter.worker = worker
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -18,6 +18,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -131,6 +132,16 @@ _id_counter = itertools.count()
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):020x}"  # 32 hex digits, like a uuid4 hex
+
+
+def _fork_prefix() -> None:
+    """A worker of `serve --workers N` is a fork: it draws a prefix of its own (a shared one would
+    give two requests one id, and the usage store keeps only the first row of an id)."""
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX, _id_counter = secrets.token_hex(6), itertools.count()
+
+
+os.register_at_fork(after_in_child=_fork_prefix)
 
 
 class ChatFlow:

@@ -6,6 +6,10 @@ and refuses new chat requests, waits `shutdown_grace` seconds so load balancers 
 accepting connections and lets in-flight requests finish for up to `drain_seconds`; the usage
 buffer is flushed in the lifespan shutdown. SIGHUP (and a change of the config file's mtime)
 reloads the config: validated first, swapped atomically, the old one kept on any error.
+
+As a worker of `serve --workers N` (`supervisor.py`) the gateway serves the sockets the supervisor
+bound, refuses a reload that several workers cannot serve (`workers.multi_worker_refusal`), writes
+its metrics for the shared scrape every second, and drains by itself if the supervisor is gone.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ RELOAD_POLL_SECONDS = 1.0
 
 
 class GatewayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, config_path: str | None):
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, config_path: str | None,
+                 workers: int = 1, supervisor: int | None = None):
         super().__init__(config)
         self.gateway = gateway
         self.config_path = config_path
+        self.workers = workers
+        self.supervisor = supervisor  # the supervisor's pid, for a worker of `serve --workers N`
         self._mtime = self._stat()
         self._reloading = False
         self._reload_lock = asyncio.Lock()
@@ -79,12 +86,22 @@ class GatewayServer(uvicorn.Server):
         loop.call_soon_threadsafe(loop.call_later, SHUTDOWN_GRACE, setattr, self, "should_exit", True)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.supervisor is not None and counter % 10 == 0:
+            self._worker_tick()
         if counter % int(RELOAD_POLL_SECONDS * 10) == 0 and self.config_path and not self._reloading:
             m = self._stat()
             if m is not None and m != self._mtime:
                 self._mtime = m
                 self._schedule_reload("config file changed")
         return await super().on_tick(counter)
+
+    def _worker_tick(self) -> None:
+        metrics = self.gateway.services.metrics
+        if metrics is not None:
+            metrics.refresh()
+        if os.getppid() != self.supervisor and not self.gateway.draining:
+            log.warning("the supervisor (pid %s) is gone; this worker drains and exits", self.supervisor)
+            self.handle_exit(signal.SIGTERM, None)
 
     def _schedule_reload(self, why: str) -> None:
         asyncio.get_event_loop().create_task(self.reload(why))
@@ -107,6 +124,13 @@ class GatewayServer(uvicorn.Server):
             if new.listen != old.listen:
                 log.warning("reload: `listen` changed; that takes a restart (kept %s)", old.listen)
                 new = new.model_copy(update={"listen": old.listen})
+            if new.workers != old.workers:
+                log.warning("reload: `workers` changed; that takes a restart (kept %s)", old.workers)
+                new = new.model_copy(update={"workers": old.workers})
+            from ccproxy.workers import multi_worker_refusal
+            refusal = multi_worker_refusal(new, self.workers)
+            if refusal:
+                raise ConfigError(refusal)
             await self.gateway.reload(new)
             log.info("config reloaded (%s): %d aliases, %d providers", why, len(new.models), len(new.providers))
             return True
@@ -163,11 +187,11 @@ def metrics_app(gateway: Gateway) -> Callable[[Scope, Receive, Send], Awaitable[
     return app
 
 
-def _listen_socket(listen: str) -> socket.socket:
+def _listen_socket(listen: str, backlog: int = 128, reuse_port: bool = False) -> socket.socket:
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, int(port)), family=family, backlog=128)
+    return socket.create_server((host, int(port)), family=family, backlog=backlog, reuse_port=reuse_port)
 
 
 def build_gateway(config: Config) -> Gateway:
@@ -175,14 +199,44 @@ def build_gateway(config: Config) -> Gateway:
     return Gateway(config, build_services(config))
 
 
-def run(config: Config, config_path: str | None) -> int:
+def listen_sockets(config: Config, workers: int, reuse_port: bool = True) -> list[list[socket.socket]] | None:
+    """The sockets a supervisor binds for its workers, one list per worker: `listen`, then
+    `metrics_listen` if set; None (after logging why) when one cannot be bound.
+
+    With `reuse_port` each worker gets a `listen` socket of its own, all bound with SO_REUSEPORT,
+    and the kernel spreads new connections over them evenly; one shared socket instead lets
+    whichever worker wakes first accept a whole burst (measured: bench/README.md). The supervisor
+    keeps every socket open, so connections that arrive while a worker restarts wait in its
+    socket's queue for the replacement instead of being refused. `metrics_listen` is one socket."""
+    try:
+        metrics = [_listen_socket(config.metrics_listen)] if config.metrics_listen else []
+    except OSError as e:
+        log.error("cannot listen on metrics_listen %s: %s", config.metrics_listen, e.strerror or e)
+        return None
+    try:
+        if not reuse_port:
+            shared = _listen_socket(config.listen, backlog=2048)
+            return [[shared, *metrics] for _ in range(workers)]
+        # SO_REUSEPORT would let this bind join another process's listener on the same port (a
+        # second gateway started by mistake) and split its traffic: a plain bind first fails then.
+        _listen_socket(config.listen).close()
+        return [[_listen_socket(config.listen, backlog=2048, reuse_port=True), *metrics] for _ in range(workers)]
+    except OSError as e:
+        log.error("cannot listen on %s: %s", config.listen, e.strerror or e)
+        return None
+
+
+def run(config: Config, config_path: str | None, *, sockets: list[socket.socket] | None = None,
+        workers: int = 1, supervisor: int | None = None) -> int:
+    """Serve until stopped. `sockets` (from `listen_sockets`) are the bound sockets of a worker of
+    `serve --workers N`; without them the gateway binds its own."""
     metrics_server: MetricsServer | None = None
     metrics_sock: socket.socket | None = None
     metrics_task: asyncio.Task[None] | None = None
     gateway = build_gateway(config)
     if config.metrics_listen:
         try:
-            metrics_sock = _listen_socket(config.metrics_listen)
+            metrics_sock = sockets[1] if sockets else _listen_socket(config.metrics_listen)
         except OSError as e:
             log.error("cannot listen on metrics_listen %s: %s", config.metrics_listen, e.strerror or e)
             return 1
@@ -227,6 +281,6 @@ def run(config: Config, config_path: str | None) -> int:
         h11_max_incomplete_event_size=limits.max_header_bytes, backlog=2048,
         ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
     )
-    server = GatewayServer(uv_config, gateway, config_path)
-    server.run()
+    server = GatewayServer(uv_config, gateway, config_path, workers, supervisor)
+    server.run(sockets=sockets[:1] if sockets else None)
     return 0 if server.started else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sqlite3
 import sys
 from pathlib import Path
@@ -47,13 +48,23 @@ def _config_or_exit(path: str | None) -> Config:
 @click.option("--port", type=int, help="Listen port (overrides `listen` in the config).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(config_path: str | None, host: str | None, port: int | None, log_level: str) -> None:
+@click.option("--workers", "workers_opt", metavar="N|auto",
+              help="Gateway processes serving one port; `auto`: one per core. Default: `workers` in the "
+                   "config, else 1. Several need `redis_url` when a key has limits or a budget.")
+def serve(config_path: str | None, host: str | None, port: int | None, log_level: str,
+          workers_opt: str | None) -> None:
     """Run the gateway."""
     logs.setup(log_level)
     config = _config_or_exit(config_path)
     if host or port:
         listen = f"{host or config.host}:{port or config.port}"
         config = config.model_copy(update={"listen": listen})
+    from ccproxy.workers import parse_workers
+    try:
+        workers = parse_workers(workers_opt if workers_opt is not None else config.workers)
+    except ValueError as e:
+        click.echo(f"error: --workers: {e}", err=True)
+        sys.exit(2)
     if not config.keys and not config.admin_key:
         from ccproxy.build_services import has_db_keys
         try:
@@ -73,10 +84,38 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
         except TracingUnavailable as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-    from ccproxy.server import run
     # Hot reload watches the file the config came from (--config, $CCPROXY_CONFIG or ./ccproxy.yaml).
     watched = config.source if config.source and Path(config.source).is_file() else None
+    if workers > 1:
+        sys.exit(_supervise(config, watched, workers, log_level))
+    from ccproxy.server import run
     sys.exit(run(config, watched))
+
+
+def _supervise(config: Config, watched: str | None, workers: int, log_level: str) -> int:
+    """`--workers N` with N > 1: refuse what several processes cannot serve, bind, fork (supervisor.py)."""
+    from ccproxy.supervisor import Supervisor, database_keys, use_multiprocess_metrics
+    from ccproxy.workers import multi_worker_refusal
+    refusal = multi_worker_refusal(config, workers)  # before the database is opened
+    if refusal is None:
+        try:
+            refusal = multi_worker_refusal(config, workers, database_keys(config))
+        except (OSError, sqlite3.Error, asyncpg.PostgresError) as e:
+            click.echo(f"error: the usage database cannot be opened: {e}", err=True)
+            return 2
+    if refusal:
+        click.echo(f"error: {refusal}", err=True)
+        return 2
+    from ccproxy.server import SHUTDOWN_GRACE, listen_sockets, run
+    sockets = listen_sockets(config, workers, reuse_port=hasattr(socket, "SO_REUSEPORT"))
+    if sockets is None:
+        return 1
+    metrics_dir = use_multiprocess_metrics()
+
+    def worker(socks: list[socket.socket], supervisor: int) -> int:
+        return run(config, watched, sockets=socks, workers=workers, supervisor=supervisor)
+    return Supervisor(workers, sockets, worker, log_level=log_level, metrics_dir=metrics_dir,
+                      stop_timeout=config.drain_seconds + SHUTDOWN_GRACE + 30).run()
 
 
 @click.command()

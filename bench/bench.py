@@ -461,6 +461,8 @@ def start_nginx(tmp: Path) -> tuple[int, str | None]:
 # really runs (ccproxy skips it for keys without limits).  --no-key-limits drops them (as before).
 KEY_LIMITS = "rpm: 100000000, tpm: 10000000000"
 
+QUIET_LOGS = False  # --quiet-logs: ccproxy at --log-level warning (no per-request line)
+
 # ccproxy variants of --services: name -> which of the started services its config uses.
 VARIANTS = {"ccproxy+redis": ("redis",), "ccproxy+redis+pg": ("redis", "pg")}
 
@@ -499,8 +501,9 @@ def start_ccproxy(tmp: Path, nginx_port: int, name: str = "ccproxy", extra: dict
     port = free_port()
     cfg = ccproxy_config(tmp, port, nginx_port, name, extra, key_limits)
     argv = [str(exe), "serve", "--config", str(cfg)]
-    serve_help = subprocess.run([*argv[:2], "--help"], capture_output=True, text=True, timeout=60).stdout
-    if "--log-level" in serve_help:  # no per-request logging, like LiteLLM at LITELLM_LOG=ERROR
+    # The default log level (info): the per-request log line is one of the default features whose
+    # cost issue 15 measures (runs before it used `--log-level warning`; `--quiet-logs` still does)
+    if QUIET_LOGS:
         argv += ["--log-level", "warning"]
     p = start(name, argv, env={"PYTHONUNBUFFERED": "1"})
     # Any HTTP answer means it is listening; the per-target preflight checks the real routes.
@@ -509,6 +512,43 @@ def start_ccproxy(tmp: Path, nginx_port: int, name: str = "ccproxy", extra: dict
     if err:
         return port, p, f"n/a ({err})\n{log_tail(name)}"
     return port, p, None
+
+
+def start_floor(nginx_port: int) -> tuple[int, subprocess.Popen | None, str | None]:
+    """bench/floor.py: a raw ASGI app on ccproxy's server stack that forwards the body untouched."""
+    port = free_port()
+    argv = [str(ROOT / ".venv" / "bin" / "python"), str(BENCH / "floor.py"), "--port", str(port),
+            "--upstream", f"http://{HOST}:{nginx_port}"]
+    p = start("floor", argv, env={"PYTHONUNBUFFERED": "1"})
+    err = wait_http("floor", p, f"http://{HOST}:{port}/json/v1/models", 60)
+    return port, p, (f"n/a ({err})" if err else None)
+
+
+def with_floor(targets: list[Target], port: int, na: str | None) -> list[Target]:
+    """A `floor` target after each `direct` one (chat only: the floor forwards, it does not translate)."""
+    out: list[Target] = []
+    for t in targets:
+        out.append(t)
+        if t.name == "direct":
+            kind = t.scenario.rsplit("-", 1)[1]
+            out.append(Target("floor", t.scenario, f"http://{HOST}:{port}/{kind}/v1/chat/completions",
+                              t.body, t.headers, t.expect, t.stream, na=na))
+    return out
+
+
+def floor_ratios(targets: list[Target]) -> list[dict]:
+    """ccproxy's req/s @16 over the floor's (chat of the same kind), and their added p50 side by side."""
+    by = {(t.name, t.scenario): t for t in targets}
+    out = []
+    for t in targets:
+        f = by.get(("floor", reference(t.scenario)))
+        if t.name != "ccproxy" or f is None:
+            continue
+        r = ratio(t.result.get("rps"), f.result.get("rps"))
+        out.append({"scenario": t.scenario, "rps_ratio": r, "target_met": None if r is None else r >= 0.5,
+                    "added_p50_ms": t.result.get("added_p50_ms"), "floor_added_p50_ms": f.result.get("added_p50_ms"),
+                    "p99_ms": t.result.get("p99_ms"), "floor_p99_ms": f.result.get("p99_ms")})
+    return out
 
 
 # ----------------------------------------------------------------------------- Redis + PostgreSQL (--services)
@@ -769,6 +809,14 @@ def print_table(targets: list[Target], ratios: list[dict], rss: dict, meta: dict
             print(f"  {r['scenario']:<14} rps x{fmt(r['rps_ratio'], nd=1)}{mark(r['rps_target_met'])}"
                   f"    added-latency ratio {fmt(r['added_latency_ratio'], nd=3)}"
                   f"{mark(r['latency_target_met'])}")
+    fl = meta.get("floor_ratios")
+    if fl:
+        print("\nccproxy / floor proxy (same server stack, body forwarded untouched; target rps ratio >= 0.50)")
+        for r in fl:
+            ok = "" if r["target_met"] is None else (" ok" if r["target_met"] else " MISSED")
+            print(f"  {r['scenario']:<14} rps x{fmt(r['rps_ratio'], nd=2)}{ok}    added p50 "
+                  f"{fmt(r['added_p50_ms'], nd=3)} ms (floor {fmt(r['floor_added_p50_ms'], nd=3)}), "
+                  f"p99 @1 {fmt(r['p99_ms'], nd=3)} ms (floor {fmt(r['floor_p99_ms'], nd=3)})")
     costs = meta.get("translation_costs")
     if costs:
         print("\nccproxy per-request cost vs chat of the same kind (chat rps / scenario rps; responses target <= 1.5)")
@@ -822,6 +870,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs for a smoke check (~2 min)")
     ap.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
     ap.add_argument("--no-ccproxy", action="store_true", help="skip ccproxy")
+    ap.add_argument("--no-floor", action="store_true", help="skip the floor proxy (bench/floor.py)")
     ap.add_argument("--duration", type=float, help="seconds per wrk run (default 10, quick 3)")
     ap.add_argument("--wrk-threads", type=int, default=1,
                     help="wrk threads for the 16-connection runs (default 1; see README)")
@@ -840,8 +889,12 @@ def main() -> int:
     ap.add_argument("--ccproxy-workers", default="auto", metavar="N|auto",
                     help="also run ccproxy with `workers: N` (default auto: one per core; 1 skips it), "
                          "without key limits (several workers need Redis for them)")
+    ap.add_argument("--quiet-logs", action="store_true",
+                    help="run ccproxy at --log-level warning (no per-request log line; older runs' setup)")
     ap.add_argument("--output", default=str(RESULTS / "latest.json"))
     a = ap.parse_args()
+    global QUIET_LOGS
+    QUIET_LOGS = a.quiet_logs
 
     dur = a.duration or (3.0 if a.quick else 10.0)
     lat_dur = dur
@@ -865,7 +918,8 @@ def main() -> int:
             "latency_duration_s": lat_dur, "warmup_s": warm, "wrk_threads": a.wrk_threads,
             "ttfb_requests": n_ttfb, "litellm_workers": a.litellm_workers, "cpus": os.cpu_count(),
             "python": platform.python_version(), "host": platform.node(),
-            "key_limits": None if a.no_key_limits else KEY_LIMITS}
+            "key_limits": None if a.no_key_limits else KEY_LIMITS,
+            "ccproxy_log_level": "warning" if a.quiet_logs else "info"}
     try:
         meta["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                             capture_output=True, text=True).stdout.strip()
@@ -884,6 +938,16 @@ def main() -> int:
     gw: dict[str, int] = {}
     gw_na: dict[str, str] = {}
     procs: dict[str, subprocess.Popen] = {}
+    floor: tuple[int, str | None] | None = None
+    if not a.no_floor:
+        print("starting the floor proxy ...", flush=True)
+        port, p, err = start_floor(nginx_port)
+        if p:
+            procs["floor"] = p
+        if err:
+            gw_na["floor"] = err
+            print(f"  floor: {err}\n{log_tail('floor')}", flush=True)
+        floor = (port, err)
     svc: dict = {}
     if a.services and a.no_ccproxy:
         print("--services needs ccproxy; ignored with --no-ccproxy", file=sys.stderr)
@@ -948,11 +1012,13 @@ def main() -> int:
                 pass
 
     targets = make_targets(nginx_port, gw)
+    if floor is not None:
+        targets = with_floor(targets, *floor)
     if a.only:
         keep = set(a.only.split(","))
         keep |= {reference(s) for s in keep}  # the direct reference for added latency
         targets = [t for t in targets
-                   if t.scenario in keep and (t.name == "direct" or t.scenario in a.only.split(","))]
+                   if t.scenario in keep and (t.name in ("direct", "floor") or t.scenario in a.only.split(","))]
     if a.services:
         targets = [t for t in targets
                    if t.name not in VARIANTS or t.scenario in a.services_scenarios.split(",")]
@@ -997,6 +1063,7 @@ def main() -> int:
     rss = {name: rss_mib(p.pid) for name, p in procs.items() if p.poll() is None}
     rows, ratios = summarize(targets)
     meta["translation_costs"] = translation_costs(targets)
+    meta["floor_ratios"] = floor_ratios(targets)
     meta["usage_check"] = {name: check_usage(name, tmp, svc, made[name])
                            for name in ("ccproxy", *VARIANTS) if name in made and name in procs}
     if a.services and "services" in meta:

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from ccproxy.errors import BudgetExceeded, Overloaded
 from ccproxy.metrics import Metrics
 from ccproxy.services import Hold, Principal
@@ -286,7 +284,7 @@ class RedisBudgets:
                 except _SpendUnknown:
                     return NO_HOLD
                 res = await self._admit(keys=keys, args=args)
-        except (TimeoutError, RedisError, OSError) as e:
+        except self._limiter.errors as e:  # Redis's errors, OSError, TimeoutError
             self._limiter.redis_failed(e)  # raises Overloaded when the policy is closed
             return NO_HOLD
         ok, spent, reserved = res

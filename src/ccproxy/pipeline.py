@@ -391,15 +391,19 @@ class ChatFlow:
                 hold = max(PING_INTERVAL, min(provider.config.timeouts.first_byte + 0.5, FALLBACK_HOLD))
             try:
                 while True:
-                    try:
-                        async with asyncio.timeout(PING_INTERVAL if self.started else hold):
-                            item = await queue.get()
-                    except TimeoutError:
-                        await writer.ping()
-                        continue
+                    if queue.empty():
+                        try:
+                            async with asyncio.timeout(PING_INTERVAL if self.started else hold):
+                                item = await queue.get()
+                        except TimeoutError:
+                            await writer.ping()
+                            continue
+                    else:  # the rest of one backend read: no timer, and one send for all (writer.flush)
+                        item = queue.get_nowait()
                     if item is _END:
                         ok = True
                         await writer.commit()
+                        await writer.flush()
                         break
                     if isinstance(item, BaseException):
                         raise item
@@ -411,6 +415,8 @@ class ChatFlow:
                     elif isinstance(item, UsageUpdate):
                         usage = item.usage
                     await writer.event(item)
+                    if queue.empty():
+                        await writer.flush()
             except errors.GatewayError as e:
                 retryable = isinstance(e, errors.UpstreamError) and e.retryable
                 ok = not retryable

@@ -30,6 +30,11 @@ MIN_LENGTH = 6  # shorter values would mangle ordinary words; no real secret is 
 
 _secrets: tuple[str, ...] = ()
 _pattern: re.Pattern[str] | None = None
+# The check that runs first on ASCII text (nearly every line): the lower-cased secrets, matched
+# case-sensitively against the lower-cased text. Both ASCII, that is the same as the case-blind
+# match, and several times cheaper than `_pattern` (figures: bench/README.md, "Where the time goes");
+# `_pattern` then only runs on the text that holds a secret. None when a secret is not ASCII.
+_ascii_probe: re.Pattern[str] | None = None
 _lock = threading.Lock()
 
 
@@ -53,13 +58,15 @@ def secrets_of(config: Config) -> list[str]:
 
 
 def add_secrets(values: list[str]) -> None:
-    global _secrets, _pattern
+    global _secrets, _pattern, _ascii_probe
     with _lock:
         new = {v for v in values if v and len(v) >= MIN_LENGTH} | set(_secrets)
         if len(new) == len(_secrets):
             return
         _secrets = tuple(sorted(new, key=len, reverse=True))  # longest first: no partial leftovers
         _pattern = re.compile("|".join(re.escape(s) for s in _secrets), re.IGNORECASE)
+        _ascii_probe = (re.compile("|".join(re.escape(s.lower()) for s in _secrets))
+                        if all(s.isascii() for s in _secrets) else None)
 
 
 def use_config(config: Config) -> None:
@@ -67,5 +74,9 @@ def use_config(config: Config) -> None:
 
 
 def redact(text: str) -> str:
-    pattern = _pattern
-    return text if pattern is None else pattern.sub(MASK, text)
+    pattern, probe = _pattern, _ascii_probe
+    if pattern is None:
+        return text
+    if probe is not None and text.isascii() and probe.search(text.lower()) is None:
+        return text
+    return pattern.sub(MASK, text)

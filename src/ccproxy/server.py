@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -194,6 +195,15 @@ def _listen_socket(listen: str, backlog: int = 128, reuse_port: bool = False) ->
     return socket.create_server((host, int(port)), family=family, backlog=backlog, reuse_port=reuse_port)
 
 
+def freeze_heap() -> None:
+    """Move what imports and start-up allocated (modules, config, pools: ~50,000 objects that live
+    as long as the process) out of the cyclic collector's sight. A full collection then scans only
+    what requests allocate: it took 8-26 ms per run before, a pause in some request's latency
+    (p99; bench/README.md, "Where the time goes")."""
+    gc.collect()
+    gc.freeze()
+
+
 def build_gateway(config: Config) -> Gateway:
     """The gateway with the full services layer (database, limiter, budgets, metrics)."""
     return Gateway(config, build_services(config))
@@ -267,6 +277,7 @@ def run(config: Config, config_path: str | None, *, sockets: list[socket.socket]
         log.info("ccproxy %s listening on %s (%d aliases, %d providers)", __version__, config.listen,
                  len(config.models), len(config.providers))
         asyncio.get_running_loop().create_task(startup_report(gateway))
+        freeze_heap()
 
     gateway.on_startup.append(startup)
     gateway.on_shutdown.append(shutdown)

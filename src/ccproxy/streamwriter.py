@@ -2,7 +2,13 @@
 no other deployment may be tried), then the dialect renderer's frames, keep-alive pings while the
 backend is silent, and an in-band error event when the backend fails after the first byte. The last
 empty body message is not sent here: `end_message` is what the flow sends once the row and the log
-line are written."""
+line are written.
+
+`event` only renders: the frames wait in `_pending` until `flush`, which the flow calls whenever no
+further event is ready, so the events of one backend read leave in one body message (one `send`,
+one socket write) instead of one each; nothing waits for events that have not arrived yet. A
+per-event send was the largest cost of a streamed request (figures: bench/README.md, "Where the
+time goes")."""
 
 from __future__ import annotations
 
@@ -19,13 +25,14 @@ if TYPE_CHECKING:
     from ccproxy.pipeline import ChatFlow, StreamRenderer
 
 class StreamWriter:
-    __slots__ = ("_flow", "_renderer", "_req", "_send")
+    __slots__ = ("_flow", "_pending", "_renderer", "_req", "_send")
 
     def __init__(self, flow: ChatFlow, send: Send, req: ChatRequest):
         self._flow = flow
         self._send = send
         self._req = req
         self._renderer: StreamRenderer | None = None
+        self._pending: list[bytes] = []
 
     def _body(self, data: bytes) -> dict[str, Any]:
         """The body message for `data`; the first one sets the row's time to first byte."""
@@ -35,8 +42,16 @@ class StreamWriter:
         return {"type": "http.response.body", "body": data, "more_body": True}
 
     async def out(self, data: bytes) -> None:
+        """Send the pending frames and `data` now."""
+        if self._pending:
+            self._pending.append(data)
+            data = b"".join(self._pending)
+            self._pending.clear()
         if data:
             await self._send(self._body(data))
+
+    async def flush(self) -> None:
+        await self.out(b"")
 
     async def commit(self) -> None:
         """Start the response (status 200, the dialect's stream content type) if not yet started."""
@@ -48,7 +63,7 @@ class StreamWriter:
         adapter = flow.adapter
         await start_stream(self._send, adapter.stream_content_type, flow.resp_headers)
         self._renderer = adapter.make_renderer(self._req, self._req.model, flow.request_id, flow.prompt_estimate)
-        await self.out(self._renderer.start())
+        self._pending.append(self._renderer.start())
 
     async def ping(self) -> None:
         if not self._flow.started:
@@ -57,15 +72,16 @@ class StreamWriter:
         await self.out(self._renderer.ping())
 
     async def event(self, ev: StreamEvent) -> None:
+        """Render `ev` (its frames go out with the next `flush`)."""
         if not self._flow.started:
             await self.commit()
         assert self._renderer is not None
         data = self._renderer.feed(ev)
-        if data:  # not through out(): one coroutine less per event
-            await self._send(self._body(data))
+        if data:
+            self._pending.append(data)
 
     async def error(self, exc: errors.GatewayError) -> None:
-        """The backend failed after the first byte: the dialect's in-band error."""
+        """The backend failed after the first byte: the frames so far, then the dialect's in-band error."""
         assert self._renderer is not None
         await self.out(self._renderer.error(exc))
 

@@ -440,6 +440,32 @@ async def test_sql_metacharacters_are_stored_verbatim(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- redaction
 
 
+@pytest.mark.parametrize("text", [
+    "no secret here",
+    "a sk-Probe-Mixed-9x1 b",  # as configured
+    "a SK-PROBE-MIXED-9X1 b sk-probe-mixed-9x1",  # other letter cases, twice
+    '{"msg":"upstream said sk-probe-MIXED-9x1"}',
+    "İstanbul sk-probe-mixed-9X1 after a character whose lower case is two",  # not ASCII: the full pattern
+    "ſk-probe-mixed-9x1",  # the long s folds to s under IGNORECASE: the full pattern decides, as before
+    "the \u212aelvin sign sk-probe-mixed-9x1",
+])
+def test_redaction_ascii_probe_agrees_with_the_case_blind_pattern(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cheap check that runs first (lower-cased text, lower-cased secrets) never lets through
+    what the case-blind pattern would have masked; with a non-ASCII secret it is not used at all."""
+    from ccproxy import redact as r
+
+    for k in ("_secrets", "_pattern", "_ascii_probe"):
+        monkeypatch.setattr(r, k, getattr(r, k))
+    r.add_secrets(["sk-Probe-Mixed-9x1"])
+    assert r._ascii_probe is not None
+    full = re.compile("|".join(re.escape(s) for s in r._secrets), re.IGNORECASE)
+    assert r.redact(text) == full.sub(r.MASK, text)
+    r.add_secrets(["\u212aey-not-ascii-123"])  # the Kelvin sign: its lower case is ASCII k
+    assert r._ascii_probe is None
+    assert r.redact("KEY-NOT-ASCII-123 and " + text) == r._pattern.sub(r.MASK, "KEY-NOT-ASCII-123 and " + text)
+    assert "KEY-NOT" not in r.redact("KEY-NOT-ASCII-123")
+
+
 def test_redaction_ignores_letter_case_and_comes_before_the_cut() -> None:
     from ccproxy.providers._http import error_message
     from ccproxy.redact import MASK, add_secrets, redact

@@ -61,12 +61,12 @@ class BenchLlama(LlamaServer):
     """The tests' llama.cpp server, plus the settings a shared server needs: requests queue instead of
     interrupting each other, and (unless turned off) the RAM prompt cache."""
 
-    def __init__(self, workdir: Path, prompt_cache: bool, n_ctx: int) -> None:
+    def __init__(self, workdir: Path, prompt_cache: bool, n_ctx: int, n_batch: int) -> None:
         super().__init__(workdir, n_ctx=n_ctx, n_threads=1)
-        self.prompt_cache = prompt_cache
+        self.prompt_cache, self.n_batch = prompt_cache, n_batch
 
     def command(self) -> list[str]:
-        return [*super().command(), "--interrupt_requests", "False",
+        return [*super().command(), "--interrupt_requests", "False", "--n_batch", str(self.n_batch),
                 *(["--cache", "true"] if self.prompt_cache else [])]
 
     def prefill_log(self) -> list[tuple[int, int]]:
@@ -167,7 +167,7 @@ def warm(server: BenchLlama) -> None:
 
 async def run_mode(mode: str, work: list[dict[str, Any]], args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     import aiohttp
-    servers = [BenchLlama(logs / f"{mode}-llama{i + 1}", args.prompt_cache, args.n_ctx) for i in range(2)]
+    servers = [BenchLlama(logs / f"{mode}-llama{i + 1}", args.prompt_cache, args.n_ctx, args.n_batch) for i in range(2)]
     gw = None
     try:
         for s in servers:
@@ -255,6 +255,9 @@ def main() -> int:
                     help="words of reference notes per system prompt (3,400 is about 4,000 SmolLM2 tokens)")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--n-ctx", type=int, default=8192)
+    ap.add_argument("--n-batch", type=int, default=512,
+                    help="llama.cpp n_batch (512, its default); the prompt cache copies n_batch x vocabulary "
+                         "logits with every saved and loaded state")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-session-header", action="store_true",
                     help="send no x-claude-code-session-id: the gateway hashes system prompt + first user message")
@@ -284,7 +287,8 @@ def main() -> int:
     results = {"meta": {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                         "sessions": args.sessions, "turns": args.turns, "prefix_words": args.prefix_words,
                         "prefix_tokens": next(iter(runs.values()))["prefix_tokens"] if runs else None,
-                        "max_tokens": args.max_tokens, "seed": args.seed, "prompt_cache": args.prompt_cache,
+                        "max_tokens": args.max_tokens, "seed": args.seed, "n_batch": args.n_batch,
+                        "prompt_cache": args.prompt_cache,
                         "session_source": "hash of system prompt + first user message" if args.no_session_header
                         else "x-claude-code-session-id", "cpus": os.cpu_count()},
                "summary": summary, "runs": runs}

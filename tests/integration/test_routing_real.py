@@ -1,10 +1,12 @@
 """Routing with real processes: two llama.cpp servers behind one alias (balancing, a crash, cooldown,
-recovery after a restart), a backend that accepts connections and never answers (first-byte timeout,
+recovery after a restart; session affinity keeping a conversation on one server, and moving it for
+good when that server fails), a backend that accepts connections and never answers (first-byte timeout,
 then the fallback), and rules naming themselves in `x-ccproxy-route` on both endpoints."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import socket
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 import requests
 from helpers.procs import LlamaServer, MissingDependency, Service, StartupError
 
+from ccproxy.affinity import rendezvous_score
 from ccproxy.testing.anthropic_sse import check_response
 
 pytestmark = pytest.mark.integration
@@ -155,6 +158,73 @@ def test_two_llama_backends_crash_cooldown_recovery(gateway, llama_server, secon
     state = deployments(gw)
     assert state["l2"]["cooling"] is False and state["l2"]["consecutive_failures"] == 0
     # no client ever saw an error: every request in the log is a 200
+    statuses = [rec["status"] for rec in gw.log_records() if rec.get("msg") == "request"]
+    assert statuses and set(statuses) == {200}
+
+
+def session_homing_on(provider: str, tag: str = "a", others: tuple[str, ...] = ("l1", "l2")) -> str:
+    """A Claude Code session id whose rendezvous choice (equal weights) is `provider`."""
+    for i in itertools.count():
+        sid = f"5e551011-{tag}-{i:04d}"
+        if max(others, key=lambda p: rendezvous_score(sid, f"{p}/smollm2", 1.0)) == provider:
+            return sid
+    raise AssertionError("unreachable")
+
+
+class Conversation:
+    """An agent's conversation: each turn resends the history plus one new user message."""
+
+    def __init__(self, gw: Any, session: str | None = None, system: str = "You are terse.") -> None:
+        self.gw, self.session = gw, session
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
+
+    def turn(self, text: str) -> str:
+        """Send one turn; the provider that served it."""
+        self.messages.append({"role": "user", "content": text})
+        headers = {"x-claude-code-session-id": self.session} if self.session else {}
+        r = post(self.gw, {"model": "pool", "messages": self.messages, "max_tokens": 3}, headers)
+        assert r.status_code == 200, r.text
+        self.messages.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"] or "ok"})
+        return r.headers["x-ccproxy-provider"]
+
+    def turns(self, n: int) -> list[str]:
+        return [self.turn(f"Step {i}: say ok.") for i in range(n)]
+
+
+def test_session_affinity_keeps_turns_on_one_llama_and_moves_for_good(gateway, llama_server, second_llama) -> None:
+    provider = {"type": "openai", "max_failures": 1, "cooldown_seconds": COOLDOWN, "timeouts": {"connect": 2}}
+    gw = gateway({  # no `affinity`: with several deployments it is `session`
+        "keys": [{"name": "alice", "key": KEY}],
+        "providers": {"l1": {**provider, "base_url": llama_server.base_url},
+                      "l2": {**provider, "base_url": second_llama.base_url}},
+        "models": {"pool": {"deployments": [{"provider": "l1", "model": "smollm2"},
+                                            {"provider": "l2", "model": "smollm2"}]}},
+    })
+    # Claude Code's session header: every turn of a session on its own deployment, one session per server
+    stay, mover = Conversation(gw, session_homing_on("l1")), Conversation(gw, session_homing_on("l2"))
+    assert stay.turns(5) == ["l1"] * 5
+    assert mover.turns(5) == ["l2"] * 5
+    # no header: the system prompt and first user message identify the session, 5 turns on one server
+    homes = []
+    for system in ("You are terse.", "You are brief."):
+        served = Conversation(gw, system=system).turns(5)
+        assert len(set(served)) == 1, served
+        homes.append(served[0])
+    assert set(homes) == {"l1", "l2"}, homes  # the hash spreads these two (fixed prompts: deterministic)
+
+    second_llama.kill()  # l2 crashes: its session moves to l1 within the turn, no error for the client
+    assert mover.turns(2) == ["l1", "l1"]
+    assert deployments(gw)["l2"]["cooling"] is True
+    second_llama.start()  # back on the same port; wait out its cooldown
+    deadline = time.monotonic() + 30
+    while deployments(gw)["l2"]["cooling"]:
+        assert time.monotonic() < deadline, "l2 never left its cooldown"
+        time.sleep(0.5)
+    # l2 serves again (a new session homing there lands there), but the moved session stays on l1,
+    # where its prompt cache now is; the other session never moved
+    assert Conversation(gw, session_homing_on("l2", tag="new")).turns(2) == ["l2", "l2"]
+    assert mover.turns(3) == ["l1"] * 3
+    assert stay.turns(1) == ["l1"]
     statuses = [rec["status"] for rec in gw.log_records() if rec.get("msg") == "request"]
     assert statuses and set(statuses) == {200}
 

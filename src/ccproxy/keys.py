@@ -12,7 +12,6 @@ seconds and on close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import secrets
@@ -26,6 +25,7 @@ from ccproxy.config import check_tags
 from ccproxy.durations import parse_duration
 from ccproxy.errors import Overloaded
 from ccproxy.services import Principal
+from ccproxy.tasks import stop_task
 from ccproxy.usage.store import KeyRow, Store
 
 log = logging.getLogger("ccproxy.keys")
@@ -245,10 +245,7 @@ class DbKeyStore:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         await self.flush_touches()
 
     async def _run(self) -> None:

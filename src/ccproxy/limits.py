@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from ccproxy.errors import Overloaded, RateLimited
 from ccproxy.metrics import Metrics
 from ccproxy.services import Principal, Ticket
+from ccproxy.tasks import stop_task
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -499,10 +500,7 @@ class RedisLimiter:
 
     async def close(self) -> None:
         task, self._renewer = self._renewer, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         with contextlib.suppress(*self.errors):
             await self.client.aclose()
 

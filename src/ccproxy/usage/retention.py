@@ -10,10 +10,10 @@ writer and the reports keep their turn.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
+from ccproxy.tasks import stop_task
 from ccproxy.usage.store import Store
 
 log = logging.getLogger("ccproxy.usage")
@@ -64,7 +64,4 @@ class Retention:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)

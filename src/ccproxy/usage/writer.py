@@ -22,6 +22,7 @@ import time
 from collections import deque
 
 from ccproxy.metrics import Metrics
+from ccproxy.tasks import stop_task
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.spool import Journal, Spool
 from ccproxy.usage.store import Store
@@ -83,10 +84,7 @@ class UsageWriter:
     async def close(self) -> None:
         """Stop the background task, then write everything left (until `close_deadline`)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         deadline = time.monotonic() + self.close_deadline
         backoff = 0.05
         while self._buffer and time.monotonic() < deadline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,7 @@ def main() -> int:
     for (sc, name), v in results.items():
         print(f"{sc:15} {name:40} " + " / ".join(f"{x:.0f}" for x in v))
     b._kill_all()
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -80,7 +81,14 @@ def _go_duration(seconds: float) -> str:
 
 
 def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(math.ceil(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _rfc3339_second(math.ceil(ts))
+
+
+@functools.lru_cache(maxsize=8)
+def _rfc3339_second(second: int) -> str:
+    """Cached: the resets of all requests in one second are the same few seconds, and formatting
+    a datetime costs more than the rest of the headers (two per Anthropic request)."""
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def rate_headers(p: Principal, dialect: str, st: _Status, now: float) -> dict[str, str]:

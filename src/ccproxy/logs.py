@@ -7,8 +7,11 @@ The per-request line (`request_line`) is logged at `info` by the `ccproxy.reques
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
+from typing import TextIO
 
 import orjson
 
@@ -31,8 +34,12 @@ class JsonFormatter(logging.Formatter):
         return redact(orjson.dumps(line, default=str).decode())
 
 
+_HANDLER: logging.StreamHandler[TextIO] | None = None  # the one handler `setup()` installed
+
+
 def setup(level: str = "info", worker: int | None = None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    global _HANDLER
+    handler = _HANDLER = logging.StreamHandler(sys.stderr)
     formatter = JsonFormatter()
     formatter.worker = worker
     handler.setFormatter(formatter)
@@ -49,13 +56,49 @@ def setup(level: str = "info", worker: int | None = None) -> None:
 REQUEST_LOGGER = logging.getLogger("ccproxy.request")
 
 
+def _plain_handler() -> logging.StreamHandler[TextIO] | None:
+    """`setup()`'s handler when it is the only place the request line can go (no other handler
+    or filter on the way from `ccproxy.request` to the root, none on the handler itself, its own
+    formatter), else None: then the line takes the `logging` path (tests' capture handlers, a
+    host application's own logging)."""
+    h = _HANDLER
+    if h is None or h.filters or h.level > logging.INFO or type(h.formatter) is not JsonFormatter:
+        return None
+    lg = REQUEST_LOGGER
+    while lg.parent is not None:
+        if lg.filters or lg.handlers or not lg.propagate:
+            return None
+        lg = lg.parent
+    return h if not lg.filters and lg.handlers == [h] else None
+
+
 def request_line(fields: dict[str, object]) -> None:
     """The one log line of a finished request (`"msg": "request"`), at `info`. Runs once per
-    request: when `info` is off the level check is the whole cost."""
-    if REQUEST_LOGGER.isEnabledFor(logging.INFO):
+    request: when `info` is off the level check is the whole cost. With `setup()`'s handler the
+    only destination, the line (same format, same redaction) is written straight to its stream:
+    a `LogRecord` and the handler chain cost more than the line itself."""
+    if not REQUEST_LOGGER.isEnabledFor(logging.INFO):
+        return
+    h = _plain_handler()
+    if h is None:
         # makeRecord + handle is what `.info()` does, minus the stack walk for a caller nobody logs
         REQUEST_LOGGER.handle(REQUEST_LOGGER.makeRecord(REQUEST_LOGGER.name, logging.INFO, __file__, 0,
                                                         "request", (), None, extra={"fields": fields}))
+        return
+    formatter = h.formatter
+    assert isinstance(formatter, JsonFormatter)
+    line: dict[str, object] = {"ts": round(time.time(), 3), "level": "info", "logger": REQUEST_LOGGER.name,
+                               "msg": "request"}
+    if formatter.worker is not None:
+        line["worker"] = formatter.worker
+    line.update(fields)
+    text = redact(orjson.dumps(line, default=str).decode()) + h.terminator
+    with h.lock or contextlib.nullcontext():
+        try:
+            h.stream.write(text)
+            h.stream.flush()
+        except Exception:  # as StreamHandler.emit: a broken stderr must not fail the request
+            h.handleError(logging.makeLogRecord({"name": REQUEST_LOGGER.name, "msg": "request"}))
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:

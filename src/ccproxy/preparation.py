@@ -85,6 +85,8 @@ def fit_request(req: ChatRequest, alias: str, cfg: AliasConfig, provider: Provid
         budget = min(req.thinking.budget_tokens, max(1024, max_tokens - 1))
         changes["thinking"] = dataclasses.replace(req.thinking, budget_tokens=budget)
     provider.fit(req, cfg, prompt_tokens, changes)
+    if all(getattr(req, k) is v or getattr(req, k) == v for k, v in changes.items()):
+        return req  # already fits (the usual case): no copy; requests are not mutated after parsing
     return dataclasses.replace(req, **changes)
 
 

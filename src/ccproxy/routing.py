@@ -135,6 +135,8 @@ def _dep_id(d: Deployment) -> str:
 class Router:
     def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None):
         self.config = config
+        # each alias's deployments, built once per config (an alias's provider+model is a Deployment)
+        self._deployments = {name: tuple(a.all_deployments()) for name, a in config.models.items()}
         # Health survives hot reloads: the new router takes the old router's dict.
         self.health: dict[tuple[str, str], DeploymentHealth] = health if health is not None else {}
         self.pins = SessionPins()
@@ -168,7 +170,8 @@ class Router:
 
     def _ordered(self, alias: str, cfg: AliasConfig, now: float, route: Route, req: ChatRequest,
                  traits: RequestTraits) -> list[Target]:
-        deps = cfg.all_deployments()
+        known = self._deployments.get(alias)
+        deps = list(known) if known is not None and cfg is self.config.models.get(alias) else cfg.all_deployments()
         if len(deps) > 1:
             if cfg.affinity != "none":
                 deps = self._by_session(alias, deps, now, route, req, traits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ccproxy.errors import RateLimited
-from ccproxy.limits import MemoryLimiter, _go_duration
+from ccproxy.limits import MemoryLimiter, _go_duration, _rfc3339, _rfc3339_second
 from ccproxy.metrics import Metrics
 from ccproxy.services import Principal
 
@@ -155,6 +155,12 @@ async def test_anthropic_headers(limiter: MemoryLimiter, clock: Clock) -> None:
         await limiter.admit(Principal("k", rpm=5, tpm=1000), 950, "anthropic")
     assert e.value.headers["anthropic-ratelimit-tokens-remaining"] == "900"
     assert e.value.headers["retry-after"] == "60"
+
+
+def test_rfc3339_reset_is_formatted_once_per_second() -> None:
+    _rfc3339_second.cache_clear()
+    assert _rfc3339(999_999.2) == _rfc3339(999_999.7) == "1970-01-12T13:46:40Z"  # rounded up
+    assert _rfc3339_second.cache_info().hits == 1  # the second request in that second: no formatting
 
 
 def test_go_duration() -> None:

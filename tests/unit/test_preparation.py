@@ -108,6 +108,13 @@ def test_each_provider_fits_the_request_itself() -> None:
     assert req.num_ctx is None  # fitting copies
 
 
+def test_a_request_that_fits_is_not_copied() -> None:
+    req = ChatRequest(model="x", messages=[Message("user", [TextBlock("hi")])], max_tokens=100)
+    assert fit_request(req, "a", AliasConfig(provider="p", model="m"), provider("openai"), 3) is req
+    clamped = fit_request(req, "a", AliasConfig(provider="p", model="m", max_output_tokens=50), provider("openai"), 3)
+    assert clamped is not req and clamped.max_tokens == 50 and req.max_tokens == 100
+
+
 def test_stop_sequences_are_applied_by_the_gateway_unless_the_backend_reports_them() -> None:
     req = ChatRequest(model="x", messages=[], stop=["END"])
     for kind, gateway_stops in (("openai", True), ("ollama", True), ("embedded", True), ("anthropic", False)):

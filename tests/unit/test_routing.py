@@ -130,6 +130,18 @@ def test_exact_alias_and_glob_alias() -> None:
     assert [t.deployment for t in r.targets] == [Deployment(provider="b", model="sonnet")]
 
 
+def test_deployments_are_built_once_per_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    router = Router(make_config())
+    first = route(router, request("big")).targets[0].deployment
+
+    def built_per_request(self: object) -> list[Deployment]:
+        raise AssertionError("AliasConfig.all_deployments called per request")
+
+    monkeypatch.setattr("ccproxy.config.AliasConfig.all_deployments", built_per_request)
+    again = route(router, request("big")).targets[0].deployment
+    assert again is first  # the one Deployment the router built with the config
+
+
 def test_unknown_model_lists_the_aliases() -> None:
     router = Router(make_config())
     with pytest.raises(errors.UnknownModel) as info:

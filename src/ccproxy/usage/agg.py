@@ -11,6 +11,13 @@ LO * R**(k - 1/2), which is within sqrt(R) - 1 = 3.9 % of every value in it; per
 between closest ranks like PostgreSQL's `percentile_cont`, so an estimate is within 3.9 % of the
 exact percentile for values from LO = 0.1 ms to 12 days.
 
+A histogram is one non-negative integer: bin k's count in bits [LANE_BITS * k, LANE_BITS * (k + 1)).
+Merging two histograms is then one integer addition, with no carry between bins while a merged
+histogram holds fewer than 2**LANE_BITS (1.1e12) values: a report adds a few thousand of them with
+`SUM` (PostgreSQL `numeric`) or `ccproxy_hist_sum` (SQLite, usage/sqlite.py, over `hist_to_bytes`),
+instead of unpacking every bin of every row (the JSON objects of m004; bench/README.md "Usage at
+scale").
+
 `cover(since, now)` splits the time range [since, ...) into pieces read at the coarsest level that
 fits exactly: raw rows for the part before the first whole minute, minute rows up to the first
 whole hour, hour rows up to the first whole day, day rows, then hours and minutes again up to now.
@@ -18,14 +25,16 @@ whole hour, hour rows up to the first whole day, day rows, then hours and minute
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["BIN_LO", "BIN_RATIO", "LEVELS", "MAX_BIN", "Agg", "Segment", "bin_of", "bin_value", "cover",
-           "day_label", "percentile_from_bins", "rollup", "summary"]
+__all__ = ["BIN_LO", "BIN_RATIO", "LANE_BITS", "LEVELS", "MAX_BIN", "Agg", "Segment", "bin_of", "bin_value",
+           "cover", "day_label", "hist_bins", "hist_from_bytes", "hist_from_json", "hist_to_bytes",
+           "percentile_from_bins", "rollup", "summary"]
 
 BIN_LO = 0.1  # ms
 BIN_RATIO = 1.08
@@ -35,6 +44,9 @@ LEVELS = (86400, 3600, 60)  # day, hour, minute: coarsest first
 RAW = 0  # the level of a segment read from the raw rows
 MINUTE_KEEP = 2 * 86400  # minute rows are kept this long (hours and days: `aggregate_retention`)
 SETTLE = 3600.0  # a row older than this when written may change a segment a cache holds (usage/cache.py)
+LANE_BITS = 40  # bits per bin in a histogram integer
+_LANE_BYTES = LANE_BITS // 8
+_LANE_MAX = (1 << LANE_BITS) - 1
 
 
 def bin_of(ms: float) -> int:
@@ -47,6 +59,38 @@ def bin_of(ms: float) -> int:
 def bin_value(b: int) -> float:
     """The value a bin stands for: its geometric middle (0 for bin 0)."""
     return 0.0 if b <= 0 else BIN_LO * BIN_RATIO ** (b - 0.5)
+
+
+def hist_bins(h: int) -> dict[int, int]:
+    """{bin: count} of a histogram integer (non-empty bins only)."""
+    data = h.to_bytes((h.bit_length() + LANE_BITS - 1) // LANE_BITS * _LANE_BYTES, "little")
+    out: dict[int, int] = {}
+    for k in range(len(data) // _LANE_BYTES):
+        n = int.from_bytes(data[k * _LANE_BYTES:(k + 1) * _LANE_BYTES], "little")
+        if n:
+            out[k] = n
+    return out
+
+
+def hist_to_bytes(h: int) -> bytes:
+    """A histogram integer as SQLite stores it: the first non-empty bin (2 bytes), then the integer
+    from that bin on (little-endian), so the empty bins below and above cost nothing."""
+    if h <= 0:
+        return b""
+    lo = ((h & -h).bit_length() - 1) // LANE_BITS
+    rest = h >> (LANE_BITS * lo)
+    return lo.to_bytes(2, "little") + rest.to_bytes((rest.bit_length() + 7) // 8, "little")
+
+
+def hist_from_bytes(b: bytes | None) -> int:
+    if not b:
+        return 0
+    return int.from_bytes(b[2:], "little") << (LANE_BITS * int.from_bytes(b[:2], "little"))
+
+
+def hist_from_json(text: str | None) -> int:
+    """A histogram as m004 stored it (JSON `{"bin": count}`) as an integer: the migration m005."""
+    return sum(int(n) << (LANE_BITS * int(b)) for b, n in json.loads(text or "{}").items())
 
 
 def percentile_from_bins(hist: Mapping[int, int], q: float) -> float | None:
@@ -87,8 +131,8 @@ class Agg:
     ttfb_count: int = 0
     stream_output_tokens: int = 0  # streaming, successful rows with output: for tokens/s
     stream_gen_ms: float = 0.0
-    lat_hist: dict[int, int] = field(default_factory=dict)
-    ttfb_hist: dict[int, int] = field(default_factory=dict)
+    lat_hist: int = 0  # histogram integers (above)
+    ttfb_hist: int = 0
 
     def add_row(self, r: Mapping[str, Any]) -> None:
         """Add one raw row (a dict of usage columns)."""
@@ -106,14 +150,12 @@ class Agg:
             self.priced += 1
         lat = float(r["latency_ms"])
         self.latency_ms += lat
-        b = bin_of(lat)
-        self.lat_hist[b] = self.lat_hist.get(b, 0) + 1
+        self.lat_hist += 1 << (LANE_BITS * bin_of(lat))
         ttfb = r.get("ttfb_ms")
         if ttfb is not None:
             self.ttfb_ms += float(ttfb)
             self.ttfb_count += 1
-            b = bin_of(float(ttfb))
-            self.ttfb_hist[b] = self.ttfb_hist.get(b, 0) + 1
+            self.ttfb_hist += 1 << (LANE_BITS * bin_of(float(ttfb)))
         if r.get("stream") and not failed and tout > 0:
             gen = lat - float(ttfb or 0.0)
             if gen > 0:
@@ -134,9 +176,8 @@ class Agg:
         self.ttfb_count += other.ttfb_count
         self.stream_output_tokens += other.stream_output_tokens
         self.stream_gen_ms += other.stream_gen_ms
-        for mine, theirs in ((self.lat_hist, other.lat_hist), (self.ttfb_hist, other.ttfb_hist)):
-            for b, n in theirs.items():
-                mine[b] = mine.get(b, 0) + n
+        self.lat_hist += other.lat_hist
+        self.ttfb_hist += other.ttfb_hist
         return self
 
     def sums(self) -> tuple[Any, ...]:
@@ -187,8 +228,11 @@ def rollup(rows: Iterable[Mapping[str, Any]], *, minutes_since: float | None = N
 
 def summary(a: Agg) -> dict[str, Any]:
     """The report fields of one group."""
-    p50, p95 = percentile_from_bins(a.lat_hist, 0.5), percentile_from_bins(a.lat_hist, 0.95)
-    ttfb = percentile_from_bins(a.ttfb_hist, 0.5)
+    if a.requests > _LANE_MAX:
+        raise OverflowError(f"{a.requests} requests in one group: more than a latency histogram holds")
+    lat = hist_bins(a.lat_hist)
+    p50, p95 = percentile_from_bins(lat, 0.5), percentile_from_bins(lat, 0.95)
+    ttfb = percentile_from_bins(hist_bins(a.ttfb_hist), 0.5)
     return {
         "requests": a.requests,
         "errors": a.errors,

@@ -14,10 +14,12 @@ from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.store import (
     BACKFILL_BATCH,
+    CONVERT_BATCH,
     KEY_COLUMNS,
     UPDATABLE_KEY_COLUMNS,
     USAGE_COLUMNS,
     BackfillProgress,
+    ConvertProgress,
     KeyExists,
     KeyRow,
     key_update_values,
@@ -67,6 +69,11 @@ class PostgresStore:
                         await conn.execute(stmt)
                     await conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES ($1, $2)",
                                        m.__name__, time.time())
+            converting = ConvertProgress()
+            after: tuple[Any, ...] | None = aggsql.CONVERT_START
+            while after is not None:
+                after = await _convert_batch(pool, after, converting)
+            converting.finish()
             progress = BackfillProgress()
             while not await _backfill_batch(pool, progress):
                 pass
@@ -98,7 +105,7 @@ class PostgresStore:
             inserted = await conn.fetch(sql, *[list(c) for c in columns])
             # Only the rows really inserted count in the aggregates (a replayed or retried batch).
             fresh = [dict(zip(USAGE_COLUMNS, usage_values(by_id[r[0]]), strict=True)) for r in inserted]
-            values = aggsql.upsert_values(rollup(fresh))
+            values = aggsql.upsert_values("postgres", rollup(fresh))
             if values:
                 await conn.executemany(_UPSERT_AGG, values)
         if rows and min(float(r.ts) for r in rows) < time.time() - SETTLE:
@@ -211,6 +218,20 @@ class PostgresStore:
             await conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 = $1", token_sha256)
 
 
+async def _convert_batch(pool: asyncpg.Pool, after: tuple[Any, ...], progress: ConvertProgress
+                         ) -> tuple[Any, ...] | None:
+    """Convert the next batch of m004's JSON histograms (migration m005); the last key, None when done."""
+    select, update = aggsql.convert_sql("postgres")
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(select, *after, CONVERT_BATCH)
+        if rows:
+            await conn.executemany(update, aggsql.convert_values("postgres", rows))
+    if not rows:
+        return None
+    progress.advance(len(rows))
+    return tuple(rows[-1])[:len(after)]
+
+
 async def _backfill_batch(pool: asyncpg.Pool, progress: BackfillProgress) -> bool:
     """Aggregate the next batch of rows stored before the aggregates existed; True when done."""
     async with pool.acquire() as conn, conn.transaction():
@@ -223,7 +244,7 @@ async def _backfill_batch(pool: asyncpg.Pool, progress: BackfillProgress) -> boo
                                 "ORDER BY id LIMIT $3", done, upto, BACKFILL_BATCH)
         last = rows[-1]["id"] if rows else upto
         rolled = rollup((dict(r) for r in rows), minutes_since=time.time() - MINUTE_KEEP)
-        values = aggsql.upsert_values(rolled)
+        values = aggsql.upsert_values("postgres", rolled)
         if values:
             await conn.executemany(_UPSERT_AGG, values)
         await conn.execute("UPDATE usage_backfill SET done_id = $1 WHERE name = 'usage_agg'", last)

@@ -11,16 +11,17 @@ Every value from a caller (a bucket size, a tag name, a time) is a bound paramet
   aggregate rows (one statement), or sums and histogram bins of the raw rows.
 - `convert_sql(flavor)`: migration m005's conversion of m004's JSON histograms, in batches.
 
-Histograms in the database: PostgreSQL `numeric` (the integer itself: `+` and `SUM` add it);
-SQLite a BLOB (`agg.hist_to_bytes`) added by the functions `ccproxy_hist_add` and
-`ccproxy_hist_sum` that usage/sqlite.py registers on its connections.
+Histograms in the database: SQLite a BLOB (`agg.hist_to_bytes`) added by the functions
+`ccproxy_hist_add` and `ccproxy_hist_sum` that usage/sqlite.py registers on its connections;
+PostgreSQL `numeric`, added by `+` and `SUM` in C, with the bins in *decimal* lanes of PG_LANE_DIGITS
+digits (1e12 values per bin): numeric drops leading and trailing zero digits, so the empty bins
+below and above cost nothing (binary lanes would be dense in decimal: 3-4 times the size).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from ccproxy.usage.agg import (
@@ -32,6 +33,7 @@ from ccproxy.usage.agg import (
     SUM_FIELDS,
     Agg,
     Segment,
+    hist_bins,
     hist_from_bytes,
     hist_from_json,
     hist_to_bytes,
@@ -66,17 +68,34 @@ def _ph(flavor: str, sql: str) -> str:
 HIST_COLUMNS = ("lat_bins", "ttfb_bins")  # m005; m004's JSON `lat_hist`, `ttfb_hist` are left empty
 
 
+PG_LANE_DIGITS = 12
+
+
 def hist_to_db(flavor: str, h: int) -> Any:
-    return Decimal(h) if flavor == "postgres" else hist_to_bytes(h)
+    """A histogram integer as a parameter: bytes (SQLite) or numeric text (PostgreSQL, `?::text::numeric`)."""
+    if flavor != "postgres":
+        return hist_to_bytes(h)
+    bins = hist_bins(h)
+    if not bins:
+        return "0"
+    lo, hi = min(bins), max(bins)
+    return str(bins[hi]) + "".join(f"{bins.get(b, 0):0{PG_LANE_DIGITS}d}" for b in range(hi - 1, lo - 1, -1)) + (
+        f"e{PG_LANE_DIGITS * lo}")
 
 
 def hist_from_db(v: Any) -> int:
-    """A histogram column's value (BLOB, numeric or NULL) as the integer."""
+    """A histogram column's value as the integer: a BLOB (SQLite), numeric as text (PostgreSQL) or NULL."""
     if v is None:
         return 0
     if isinstance(v, bytes | bytearray | memoryview):
         return hist_from_bytes(bytes(v))
-    return int(v)
+    digits = str(v).partition(".")[0]
+    h = 0
+    for b, end in enumerate(range(len(digits), 0, -PG_LANE_DIGITS)):
+        n = int(digits[max(0, end - PG_LANE_DIGITS):end])
+        if n:
+            h += n << (LANE_BITS * b)
+    return h
 
 
 def _hist_add(flavor: str, a: str, b: str) -> str:
@@ -86,14 +105,14 @@ def _hist_add(flavor: str, a: str, b: str) -> str:
 
 
 def _hist_sum(flavor: str, col: str) -> str:
-    return f"COALESCE(SUM({col}), 0)" if flavor == "postgres" else f"ccproxy_hist_sum({col})"
+    return f"COALESCE(SUM({col}), 0)::text" if flavor == "postgres" else f"ccproxy_hist_sum({col})"
 
 
 def upsert_sql(flavor: str) -> str:
     cols = [*AGG_KEY, *SUM_FIELDS, *HIST_COLUMNS]
     values = ", ".join("?" for _ in cols)
     if flavor == "postgres":
-        values = ", ".join(["?"] * (len(cols) - 2) + ["?::numeric", "?::numeric"])
+        values = ", ".join(["?"] * (len(cols) - 2) + ["?::text::numeric", "?::text::numeric"])
     sets = [f"{f} = usage_agg.{f} + excluded.{f}" for f in SUM_FIELDS]
     sets += [f"{c} = {_hist_add(flavor, f'usage_agg.{c}', f'excluded.{c}')}" for c in HIST_COLUMNS]
     return _ph(flavor, f"INSERT INTO usage_agg ({', '.join(cols)}) VALUES ({values}) "
@@ -115,7 +134,7 @@ def convert_sql(flavor: str) -> tuple[str, str]:
     select = (f"SELECT {key}, lat_hist{text}, ttfb_hist{text} FROM usage_agg WHERE ({key}) > "
               f"({', '.join('?' for _ in AGG_KEY)}) AND lat_bins IS NULL ORDER BY {key} LIMIT ?")
     empty = "'{}'::jsonb" if flavor == "postgres" else "'{}'"
-    cast = "::numeric" if flavor == "postgres" else ""
+    cast = "::text::numeric" if flavor == "postgres" else ""
     update = (f"UPDATE usage_agg SET lat_bins = ?{cast}, ttfb_bins = ?{cast}, lat_hist = {empty}, "
               f"ttfb_hist = {empty} WHERE {' AND '.join(f'{c} = ?' for c in AGG_KEY)} AND lat_bins IS NULL")
     return _ph(flavor, select), _ph(flavor, update)

@@ -13,7 +13,7 @@ exact percentile for values from LO = 0.1 ms to 12 days.
 
 A histogram is one non-negative integer: bin k's count in bits [LANE_BITS * k, LANE_BITS * (k + 1)).
 Merging two histograms is then one integer addition, with no carry between bins while a merged
-histogram holds fewer than 2**LANE_BITS (1.1e12) values: a report adds a few thousand of them with
+histogram holds at most HIST_MAX (1e12 - 1; PostgreSQL's decimal lanes, usage/aggsql.py) values: a report adds a few thousand of them with
 `SUM` (PostgreSQL `numeric`) or `ccproxy_hist_sum` (SQLite, usage/sqlite.py, over `hist_to_bytes`),
 instead of unpacking every bin of every row (the JSON objects of m004; bench/README.md "Usage at
 scale").
@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["BIN_LO", "BIN_RATIO", "LANE_BITS", "LEVELS", "MAX_BIN", "Agg", "Segment", "bin_of", "bin_value",
+__all__ = ["BIN_LO", "BIN_RATIO", "HIST_MAX", "LANE_BITS", "LEVELS", "MAX_BIN", "Agg", "Segment", "bin_of", "bin_value",
            "cover", "day_label", "hist_bins", "hist_of", "hist_from_bytes", "hist_from_json", "hist_to_bytes",
            "percentile_from_bins", "rollup", "summary"]
 
@@ -46,7 +46,7 @@ MINUTE_KEEP = 2 * 86400  # minute rows are kept this long (hours and days: `aggr
 SETTLE = 3600.0  # a row older than this when written may change a segment a cache holds (usage/cache.py)
 LANE_BITS = 40  # bits per bin in a histogram integer
 _LANE_BYTES = LANE_BITS // 8
-_LANE_MAX = (1 << LANE_BITS) - 1
+HIST_MAX = 10**12 - 1  # values in one histogram (a report's group): what every lane can hold
 
 
 def bin_of(ms: float) -> int:
@@ -246,7 +246,7 @@ def rollup(rows: Iterable[Mapping[str, Any]], *, minutes_since: float | None = N
 
 def summary(a: Agg) -> dict[str, Any]:
     """The report fields of one group."""
-    if a.requests > _LANE_MAX:
+    if a.requests > HIST_MAX:
         raise OverflowError(f"{a.requests} requests in one group: more than a latency histogram holds")
     lat = hist_bins(a.lat_hist)
     p50, p95 = percentile_from_bins(lat, 0.5), percentile_from_bins(lat, 0.95)

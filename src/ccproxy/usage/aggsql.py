@@ -27,6 +27,7 @@ from typing import Any
 from ccproxy.usage.agg import (
     BIN_LO,
     BIN_RATIO,
+    HIST_MAX,
     LANE_BITS,
     MAX_BIN,
     RAW,
@@ -69,6 +70,7 @@ HIST_COLUMNS = ("lat_bins", "ttfb_bins")  # m005; m004's JSON `lat_hist`, `ttfb_
 
 
 PG_LANE_DIGITS = 12
+assert 10**PG_LANE_DIGITS - 1 == HIST_MAX <= 2**LANE_BITS - 1
 
 
 def hist_to_db(flavor: str, h: int) -> Any:
@@ -79,6 +81,8 @@ def hist_to_db(flavor: str, h: int) -> Any:
     if not bins:
         return "0"
     lo, hi = min(bins), max(bins)
+    if max(bins.values()) > HIST_MAX:
+        raise OverflowError(f"a latency histogram bin holds more than {HIST_MAX} values")
     return str(bins[hi]) + "".join(f"{bins.get(b, 0):0{PG_LANE_DIGITS}d}" for b in range(hi - 1, lo - 1, -1)) + (
         f"e{PG_LANE_DIGITS * lo}")
 

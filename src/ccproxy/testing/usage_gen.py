@@ -4,7 +4,8 @@
 release before the usage aggregates wrote it (migrations m001-m003 and raw usage rows only), fast
 (executemany in one transaction / COPY), so that opening it with the current store migrates it
 and backfills the aggregates. `write_previous_sqlite` / `write_previous_postgres` write given rows as
-the release with m004's JSON histograms did (raw rows and aggregates, backfill done). `raw_totals_*` computes the totals straight from the raw rows in SQL,
+the release with m004's JSON histograms did (raw rows and aggregates, backfill done).
+`raw_totals_*` computes the totals straight from the raw rows in SQL,
 independently of the aggregate code.
 
 The rows look like a team using Claude Code: 50 keys in 5 teams, 4 aliases, 2 providers, 3 % errors,

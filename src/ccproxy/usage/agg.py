@@ -13,10 +13,10 @@ exact percentile for values from LO = 0.1 ms to 12 days.
 
 A histogram is one non-negative integer: bin k's count in bits [LANE_BITS * k, LANE_BITS * (k + 1)).
 Merging two histograms is then one integer addition, with no carry between bins while a merged
-histogram holds at most HIST_MAX (1e12 - 1; PostgreSQL's decimal lanes, usage/aggsql.py) values: a report adds a few thousand of them with
-`SUM` (PostgreSQL `numeric`) or `ccproxy_hist_sum` (SQLite, usage/sqlite.py, over `hist_to_bytes`),
-instead of unpacking every bin of every row (the JSON objects of m004; bench/README.md "Usage at
-scale").
+histogram holds at most HIST_MAX (1e12 - 1, what PostgreSQL's decimal lanes hold: usage/aggsql.py)
+values. A report adds a few thousand of them with `SUM` (PostgreSQL `numeric`) or
+`ccproxy_hist_sum` (SQLite, usage/sqlite.py, over `hist_to_bytes`) instead of unpacking every bin
+of every row (m004's JSON objects; bench/README.md "Usage at scale").
 
 `cover(since, now)` splits the time range [since, ...) into pieces read at the coarsest level that
 fits exactly: raw rows for the part before the first whole minute, minute rows up to the first

@@ -85,6 +85,9 @@ async def test_a_database_of_the_release_with_json_histograms_migrates(
     assert not any("backfill" in m for m in messages)  # the aggregates are converted, not rebuilt
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT COUNT(*) FROM usage_agg WHERE lat_bins IS NULL OR lat_hist <> '{}'").fetchone() == (0,)
+    # done, once: a later start (every `ccproxy usage`) reads one row, not the whole table
+    state = "SELECT done_id >= upto_id FROM usage_backfill WHERE name = 'usage_agg_hist'"
+    assert conn.execute(state).fetchone() == (1,)
     conn.close()
     for since in (3600.0, 86400.0, 4.5 * 86400):
         rep = await report(store, "key", since, now=NOW)

@@ -40,9 +40,9 @@ from ccproxy.usage.agg import (
     hist_to_bytes,
 )
 
-__all__ = ["CONVERT_START", "HIST_COLUMNS", "RAW_GROUPS", "Group", "collect", "convert_sql", "convert_values",
-           "hist_from_db", "hist_to_db", "numbered", "prune_statements", "report_queries", "upsert_sql",
-           "upsert_values"]
+__all__ = ["CONVERT_START", "CONVERT_STATE", "HIST_COLUMNS", "RAW_GROUPS", "Group", "collect", "convert_sql",
+           "convert_values", "hist_from_db", "hist_to_db", "numbered", "prune_statements", "report_queries",
+           "upsert_sql", "upsert_values"]
 
 AGG_KEY = ("level", "bucket", "key_name", "alias", "provider", "status")
 RAW_GROUPS = ("session", "user", "tag")  # only in the raw rows (within `usage.retention`)
@@ -129,19 +129,25 @@ def upsert_values(flavor: str, rolled: dict[tuple[int, int, str, str, str, int],
             for k, a in sorted(rolled.items())]
 
 
-def convert_sql(flavor: str) -> tuple[str, str]:
-    """(select, update) of m005's conversion: the next rows (by key, after a key) whose histograms are
-    still m004's JSON, and the statement that stores them as integers (and empties the JSON); a row
-    another process converted meanwhile is left alone."""
+CONVERT_STATE = "usage_agg_hist"  # m005's row in usage_backfill: done_id < upto_id until converted
+
+
+def convert_sql(flavor: str) -> tuple[str, str, str, str]:
+    """(pending, select, update, done) of m005's conversion: whether it is still to do (one row, so a
+    converted database costs a start nothing), the next rows (by key, after a key) whose histograms
+    are still m004's JSON, the statement that stores them as integers (and empties the JSON; a row
+    another process converted meanwhile is left alone), and the statement that marks it done."""
     key = ", ".join(AGG_KEY)
     text = "::text" if flavor == "postgres" else ""
+    pending = f"SELECT 1 FROM usage_backfill WHERE name = '{CONVERT_STATE}' AND done_id < upto_id"
     select = (f"SELECT {key}, lat_hist{text}, ttfb_hist{text} FROM usage_agg WHERE ({key}) > "
               f"({', '.join('?' for _ in AGG_KEY)}) AND lat_bins IS NULL ORDER BY {key} LIMIT ?")
     empty = "'{}'::jsonb" if flavor == "postgres" else "'{}'"
     cast = "::text::numeric" if flavor == "postgres" else ""
     update = (f"UPDATE usage_agg SET lat_bins = ?{cast}, ttfb_bins = ?{cast}, lat_hist = {empty}, "
               f"ttfb_hist = {empty} WHERE {' AND '.join(f'{c} = ?' for c in AGG_KEY)} AND lat_bins IS NULL")
-    return _ph(flavor, select), _ph(flavor, update)
+    done = f"UPDATE usage_backfill SET done_id = upto_id WHERE name = '{CONVERT_STATE}'"
+    return pending, _ph(flavor, select), _ph(flavor, update), done
 
 
 CONVERT_START = (-1, 0, "", "", "", 0)  # a key before every aggregate row's

@@ -221,11 +221,15 @@ class PostgresStore:
 async def _convert_batch(pool: asyncpg.Pool, after: tuple[Any, ...], progress: ConvertProgress
                          ) -> tuple[Any, ...] | None:
     """Convert the next batch of m004's JSON histograms (migration m005); the last key, None when done."""
-    select, update = aggsql.convert_sql("postgres")
+    pending, select, update, done = aggsql.convert_sql("postgres")
     async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval(pending) is None:
+            return None
         rows = await conn.fetch(select, *after, CONVERT_BATCH)
         if rows:
             await conn.executemany(update, aggsql.convert_values("postgres", rows))
+        else:
+            await conn.execute(done)
     if not rows:
         return None
     progress.advance(len(rows))

@@ -358,10 +358,14 @@ def _register(conn: sqlite3.Connection) -> None:
 def _convert_batch(conn: sqlite3.Connection, after: tuple[Any, ...], progress: ConvertProgress
                    ) -> tuple[Any, ...] | None:
     """Convert the next batch of m004's JSON histograms (migration m005); the last key, None when done."""
-    select, update = aggsql.convert_sql("sqlite")
+    pending, select, update, done = aggsql.convert_sql("sqlite")
     with _transaction(conn):
+        if conn.execute(pending).fetchone() is None:
+            return None
         rows = conn.execute(select, (*after, CONVERT_BATCH)).fetchall()
         conn.executemany(update, aggsql.convert_values("sqlite", rows))
+        if not rows:
+            conn.execute(done)
     if not rows:
         return None
     progress.advance(len(rows))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -46,6 +47,7 @@ MINUTE_KEEP = 2 * 86400  # minute rows are kept this long (hours and days: `aggr
 SETTLE = 3600.0  # a row older than this when written may change a segment a cache holds (usage/cache.py)
 LANE_BITS = 40  # bits per bin in a histogram integer
 _LANE_BYTES = LANE_BITS // 8
+_NONZERO = re.compile(rb"[^\x00]+")
 HIST_MAX = 10**12 - 1  # values in one histogram (a report's group): what every lane can hold
 
 
@@ -67,16 +69,16 @@ def hist_of(counts: Mapping[int, int]) -> int:
 
 
 def hist_bins(h: int) -> dict[int, int]:
-    """{bin: count} of a histogram integer (non-empty bins only)."""
+    """{bin: count} of a histogram integer (non-empty bins only; only the lanes with a non-zero byte
+    are read: a report or a write has mostly empty bins)."""
     if h <= 0:
         return {}
-    lo = ((h & -h).bit_length() - 1) // LANE_BITS
-    data = (h >> (LANE_BITS * lo)).to_bytes((h.bit_length() + LANE_BITS - 1) // LANE_BITS * _LANE_BYTES, "little")
+    data = h.to_bytes((h.bit_length() + 7) // 8, "little")
     out: dict[int, int] = {}
-    for k in range(len(data) // _LANE_BYTES):
-        n = int.from_bytes(data[k * _LANE_BYTES:(k + 1) * _LANE_BYTES], "little")
-        if n:
-            out[lo + k] = n
+    for m in _NONZERO.finditer(data):
+        for k in range(m.start() // _LANE_BYTES, (m.end() - 1) // _LANE_BYTES + 1):
+            if k not in out:
+                out[k] = int.from_bytes(data[k * _LANE_BYTES:(k + 1) * _LANE_BYTES], "little")
     return out
 
 

@@ -70,6 +70,7 @@ HIST_COLUMNS = ("lat_bins", "ttfb_bins")  # m005; m004's JSON `lat_hist`, `ttfb_
 
 
 PG_LANE_DIGITS = 12
+_ZERO_LANE = "0" * PG_LANE_DIGITS
 assert 10**PG_LANE_DIGITS - 1 == HIST_MAX <= 2**LANE_BITS - 1
 
 
@@ -80,11 +81,18 @@ def hist_to_db(flavor: str, h: int) -> Any:
     bins = hist_bins(h)
     if not bins:
         return "0"
-    lo, hi = min(bins), max(bins)
     if max(bins.values()) > HIST_MAX:
         raise OverflowError(f"a latency histogram bin holds more than {HIST_MAX} values")
-    return str(bins[hi]) + "".join(f"{bins.get(b, 0):0{PG_LANE_DIGITS}d}" for b in range(hi - 1, lo - 1, -1)) + (
-        f"e{PG_LANE_DIGITS * lo}")
+    parts: list[str] = []
+    prev = -1
+    for b in sorted(bins, reverse=True):  # the highest bin first, without leading zeros
+        if prev >= 0:
+            parts.append(_ZERO_LANE * (prev - b - 1))
+            parts.append(f"{bins[b]:0{PG_LANE_DIGITS}d}")
+        else:
+            parts.append(str(bins[b]))
+        prev = b
+    return "".join(parts) + f"e{PG_LANE_DIGITS * prev}"
 
 
 def hist_from_db(v: Any) -> int:

@@ -104,9 +104,9 @@ def hist_from_db(v: Any) -> int:
     digits = str(v).partition(".")[0]
     h = 0
     for b, end in enumerate(range(len(digits), 0, -PG_LANE_DIGITS)):
-        n = int(digits[max(0, end - PG_LANE_DIGITS):end])
-        if n:
-            h += n << (LANE_BITS * b)
+        lane = digits[max(0, end - PG_LANE_DIGITS):end]
+        if lane != _ZERO_LANE:
+            h |= int(lane) << (LANE_BITS * b)  # lanes do not overlap: | is +
     return h
 
 

@@ -269,3 +269,46 @@ async def test_postgres_reports_retention_and_spool_match_sqlite(postgres_server
     finally:
         await pg.close()
         await lite.close()
+
+
+async def test_previous_release_json_histograms_migrate_alike_in_both_stores(postgres_server, tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A database the release with m004 (JSON histograms) wrote is converted by m005 at start, in
+    PostgreSQL as in SQLite: both report the same, and the raw rows' exact totals."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))
+    from test_usage_agg import NOW, _record, _row
+
+    from ccproxy.testing.usage_gen import write_previous_postgres, write_previous_sqlite
+    from ccproxy.usage.store import usage_values
+
+    rnd = random.Random(41)
+    values = [usage_values(_record(_row(rnd, i))) for i in range(3000)]
+    dsn = postgres_server.create_database("previous_" + uuid.uuid4().hex[:8])
+    await write_previous_postgres(dsn, values)
+    write_previous_sqlite(tmp_path / "previous.db", values)
+    caplog.set_level(logging.INFO, "ccproxy.usage")
+    pg, lite = PostgresStore(dsn), SQLiteStore(tmp_path / "previous.db")
+    for s in (pg, lite):
+        await s.start()
+    try:
+        assert sum("histogram conversion done" in r.getMessage() for r in caplog.records) == 2
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT COUNT(*) FROM usage_agg WHERE lat_bins IS NULL") == 0
+        finally:
+            await conn.close()
+        for by in ("key", "alias", "status", "day"):
+            for since in (3600.0, 86400.0, 4 * 86400.0):
+                a, b = await report(pg, by, since, now=NOW), await report(lite, by, since, now=NOW)
+                assert a["totals"] == pytest.approx(b["totals"]) and len(a["rows"]) == len(b["rows"]), (by, since)
+                for x, y in zip(a["rows"], b["rows"], strict=True):
+                    assert x == pytest.approx(y), (by, since)
+        totals = (await report(pg, "key", 400 * 86400, now=NOW))["totals"]
+        assert totals["requests"] == 3000
+        assert totals["input_tokens"] == sum(v[11] for v in values)
+    finally:
+        await pg.close()
+        await lite.close()

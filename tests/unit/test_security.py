@@ -378,6 +378,8 @@ SAFE_SQL_PARTS = {
     "', '.join(('?' for _ in chunk))", "', '.join(AGG_KEY)", "', '.join(sets)", "bin_sql(flavor, 'latency_ms')",
     "bin_sql(flavor, 'ttfb_ms')", "_raw_sums(flavor)", "col", "each", "g", "key", "suffix", "sums", "val", "values",
     "where", "marks", "' OR '.join(conds)", "table",
+    # m005 and its conversion (aggsql.convert_sql): column types, casts and key lists from constants
+    "kind", "text", "cast", "empty", "', '.join(('?' for _ in AGG_KEY))", "' AND '.join((f'{c} = ?' for c in AGG_KEY))",
 }
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WHERE|VALUES|FROM|INTO)\b")
 EXEC_METHODS = {"execute", "executemany", "executescript", "fetch", "fetchrow", "fetchval"}

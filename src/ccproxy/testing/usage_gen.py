@@ -3,7 +3,9 @@
 `write_release_sqlite(path, n)` / `await write_release_postgres(dsn, n)` create a database as the
 release before the usage aggregates wrote it (migrations m001-m003 and raw usage rows only), fast
 (executemany in one transaction / COPY), so that opening it with the current store migrates it
-and backfills the aggregates. `raw_totals_*` computes the totals straight from the raw rows in SQL,
+and backfills the aggregates. `write_previous_sqlite` / `write_previous_postgres` write given rows as
+the release with m004's JSON histograms did (raw rows and aggregates, backfill done).
+`raw_totals_*` computes the totals straight from the raw rows in SQL,
 independently of the aggregate code.
 
 The rows look like a team using Claude Code: 50 keys in 5 teams, 4 aliases, 2 providers, 3 % errors,
@@ -24,10 +26,12 @@ from typing import Any
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.store import USAGE_COLUMNS
 
-__all__ = ["RELEASE_MIGRATIONS", "raw_totals_postgres", "raw_totals_sqlite", "rows", "write_release_postgres",
-           "write_release_sqlite"]
+__all__ = ["PREVIOUS_MIGRATIONS", "RELEASE_MIGRATIONS", "raw_totals_postgres", "raw_totals_sqlite", "rows",
+           "write_previous_postgres", "write_previous_sqlite", "write_release_postgres", "write_release_sqlite"]
 
 RELEASE_MIGRATIONS = MIGRATIONS[:3]  # m001_usage, m002_api_keys, m003_attribution
+# ... m010_dashboard_sessions, m004_usage_aggregates (JSON histograms)
+PREVIOUS_MIGRATIONS = MIGRATIONS[:[m.__name__ for m in MIGRATIONS].index("m004_usage_aggregates") + 1]
 _KEYS = [f"user{i:02d}" for i in range(50)]
 _TEAMS = ["infra", "search", "web", "data", "mobile"]
 _ALIASES = ["coding", "fast", "reasoning", "embed"]
@@ -154,3 +158,63 @@ def same_totals(report_totals: dict[str, Any], raw: dict[str, Any]) -> bool:
     cost = (report_totals["cost_usd"] is None) == (raw["cost_usd"] is None) and (
         raw["cost_usd"] is None or math.isclose(report_totals["cost_usd"], raw["cost_usd"], rel_tol=1e-9, abs_tol=1e-5))
     return exact and cost
+
+
+def _previous(flavor: str, values: list[tuple[Any, ...]]) -> tuple[list[str], list[tuple[str, list[tuple[Any, ...]]]]]:
+    """The schema statements, then (insert, rows) of the raw rows and of m004's JSON aggregates."""
+    from ccproxy.usage.agg import SUM_FIELDS, hist_bins, rollup
+    from ccproxy.usage.aggsql import AGG_KEY, numbered
+
+    def js(h: int) -> str:
+        return "{" + ",".join(f'"{b}":{n}' for b, n in sorted(hist_bins(h).items())) + "}"
+
+    rolled = rollup(dict(zip(USAGE_COLUMNS, v, strict=True)) for v in values)
+    aggs = [(*k, *a.sums(), js(a.lat_hist), js(a.ttfb_hist)) for k, a in sorted(rolled.items())]
+    cols = [*AGG_KEY, *SUM_FIELDS, "lat_hist", "ttfb_hist"]
+    marks = ["?"] * (len(cols) - 2) + (["?::jsonb"] * 2 if flavor == "postgres" else ["?"] * 2)
+    inserts = [(f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES ({', '.join('?' for _ in USAGE_COLUMNS)})",
+                values),
+               (f"INSERT INTO usage_agg ({', '.join(cols)}) VALUES ({', '.join(marks)})", aggs)]
+    if flavor == "postgres":
+        inserts = [(numbered(sql), v) for sql, v in inserts]
+    schema = [create_table_sql(flavor), *(stmt for m in PREVIOUS_MIGRATIONS for stmt in m(flavor))]
+    return schema, inserts
+
+
+_BACKFILL_DONE = "UPDATE usage_backfill SET upto_id = 0, done_id = 0"
+
+
+def write_previous_sqlite(path: str | Path, values: list[tuple[Any, ...]]) -> None:
+    """`values` (USAGE_COLUMNS order) as the release with m004 (JSON histograms) wrote them."""
+    schema, inserts = _previous("sqlite", values)
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        for stmt in schema:
+            conn.execute(stmt)
+        conn.executemany(f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, ?)",
+                         [(m.__name__, time.time()) for m in PREVIOUS_MIGRATIONS])
+        conn.execute("BEGIN")
+        for sql, vs in inserts:
+            conn.executemany(sql, vs)
+        conn.execute(_BACKFILL_DONE)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def write_previous_postgres(dsn: str, values: list[tuple[Any, ...]]) -> None:
+    import asyncpg
+
+    schema, inserts = _previous("postgres", values)
+    conn = await asyncpg.connect(dsn)
+    try:
+        for stmt in schema:
+            await conn.execute(stmt)
+        await conn.executemany(f"INSERT INTO {MIGRATIONS_TABLE} VALUES ($1, $2)",
+                               [(m.__name__, time.time()) for m in PREVIOUS_MIGRATIONS])
+        async with conn.transaction():
+            for sql, vs in inserts:
+                await conn.executemany(sql, vs)
+            await conn.execute(_BACKFILL_DONE)
+    finally:
+        await conn.close()

@@ -11,6 +11,13 @@ LO * R**(k - 1/2), which is within sqrt(R) - 1 = 3.9 % of every value in it; per
 between closest ranks like PostgreSQL's `percentile_cont`, so an estimate is within 3.9 % of the
 exact percentile for values from LO = 0.1 ms to 12 days.
 
+A histogram is one non-negative integer: bin k's count in bits [LANE_BITS * k, LANE_BITS * (k + 1)).
+Merging two histograms is then one integer addition, with no carry between bins while a merged
+histogram holds at most HIST_MAX (1e12 - 1, what PostgreSQL's decimal lanes hold: usage/aggsql.py)
+values. A report adds a few thousand of them with `SUM` (PostgreSQL `numeric`) or
+`ccproxy_hist_sum` (SQLite, usage/sqlite.py, over `hist_to_bytes`) instead of unpacking every bin
+of every row (m004's JSON objects; bench/README.md "Usage at scale").
+
 `cover(since, now)` splits the time range [since, ...) into pieces read at the coarsest level that
 fits exactly: raw rows for the part before the first whole minute, minute rows up to the first
 whole hour, hour rows up to the first whole day, day rows, then hours and minutes again up to now.
@@ -18,14 +25,17 @@ whole hour, hour rows up to the first whole day, day rows, then hours and minute
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["BIN_LO", "BIN_RATIO", "LEVELS", "MAX_BIN", "Agg", "Segment", "bin_of", "bin_value", "cover",
-           "day_label", "percentile_from_bins", "rollup", "summary"]
+__all__ = ["BIN_LO", "BIN_RATIO", "HIST_MAX", "LANE_BITS", "LEVELS", "MAX_BIN", "Agg", "Segment", "bin_of", "bin_value",
+           "cover", "day_label", "hist_bins", "hist_of", "hist_from_bytes", "hist_from_json", "hist_to_bytes",
+           "percentile_from_bins", "rollup", "summary"]
 
 BIN_LO = 0.1  # ms
 BIN_RATIO = 1.08
@@ -35,6 +45,10 @@ LEVELS = (86400, 3600, 60)  # day, hour, minute: coarsest first
 RAW = 0  # the level of a segment read from the raw rows
 MINUTE_KEEP = 2 * 86400  # minute rows are kept this long (hours and days: `aggregate_retention`)
 SETTLE = 3600.0  # a row older than this when written may change a segment a cache holds (usage/cache.py)
+LANE_BITS = 40  # bits per bin in a histogram integer
+_LANE_BYTES = LANE_BITS // 8
+_NONZERO = re.compile(rb"[^\x00]+")
+HIST_MAX = 10**12 - 1  # values in one histogram (a report's group): what every lane can hold
 
 
 def bin_of(ms: float) -> int:
@@ -47,6 +61,46 @@ def bin_of(ms: float) -> int:
 def bin_value(b: int) -> float:
     """The value a bin stands for: its geometric middle (0 for bin 0)."""
     return 0.0 if b <= 0 else BIN_LO * BIN_RATIO ** (b - 0.5)
+
+
+def hist_of(counts: Mapping[int, int]) -> int:
+    """The histogram integer of {bin: count}."""
+    return sum(n << (LANE_BITS * b) for b, n in counts.items())
+
+
+def hist_bins(h: int) -> dict[int, int]:
+    """{bin: count} of a histogram integer (non-empty bins only; only the lanes with a non-zero byte
+    are read: a report or a write has mostly empty bins)."""
+    if h <= 0:
+        return {}
+    data = h.to_bytes((h.bit_length() + 7) // 8, "little")
+    out: dict[int, int] = {}
+    for m in _NONZERO.finditer(data):
+        for k in range(m.start() // _LANE_BYTES, (m.end() - 1) // _LANE_BYTES + 1):
+            if k not in out:
+                out[k] = int.from_bytes(data[k * _LANE_BYTES:(k + 1) * _LANE_BYTES], "little")
+    return out
+
+
+def hist_to_bytes(h: int) -> bytes:
+    """A histogram integer as SQLite stores it: the first non-empty bin (2 bytes), then the integer
+    from that bin on (little-endian), so the empty bins below and above cost nothing."""
+    if h <= 0:
+        return b""
+    lo = ((h & -h).bit_length() - 1) // LANE_BITS
+    rest = h >> (LANE_BITS * lo)
+    return lo.to_bytes(2, "little") + rest.to_bytes((rest.bit_length() + 7) // 8, "little")
+
+
+def hist_from_bytes(b: bytes | None) -> int:
+    if not b:
+        return 0
+    return int.from_bytes(b[2:], "little") << (LANE_BITS * int.from_bytes(b[:2], "little"))
+
+
+def hist_from_json(text: str | None) -> int:
+    """A histogram as m004 stored it (JSON `{"bin": count}`) as an integer: the migration m005."""
+    return sum(int(n) << (LANE_BITS * int(b)) for b, n in json.loads(text or "{}").items())
 
 
 def percentile_from_bins(hist: Mapping[int, int], q: float) -> float | None:
@@ -87,11 +141,12 @@ class Agg:
     ttfb_count: int = 0
     stream_output_tokens: int = 0  # streaming, successful rows with output: for tokens/s
     stream_gen_ms: float = 0.0
-    lat_hist: dict[int, int] = field(default_factory=dict)
-    ttfb_hist: dict[int, int] = field(default_factory=dict)
+    lat_hist: int = 0  # histogram integers (above)
+    ttfb_hist: int = 0
 
-    def add_row(self, r: Mapping[str, Any]) -> None:
-        """Add one raw row (a dict of usage columns)."""
+    def add_row(self, r: Mapping[str, Any], bins: tuple[dict[int, int], dict[int, int]] | None = None) -> None:
+        """Add one raw row (a dict of usage columns). `bins`: count its latency and ttfb bins there
+        instead (`rollup`: adding to a dict is cheaper than to a large integer, fold with `hist_of`)."""
         self.requests += 1
         status, kind = int(r["status"]), r.get("error_kind")
         failed = status >= 400 or bool(kind)
@@ -106,14 +161,20 @@ class Agg:
             self.priced += 1
         lat = float(r["latency_ms"])
         self.latency_ms += lat
-        b = bin_of(lat)
-        self.lat_hist[b] = self.lat_hist.get(b, 0) + 1
         ttfb = r.get("ttfb_ms")
+        if bins is None:
+            self.lat_hist += 1 << (LANE_BITS * bin_of(lat))
+        else:
+            b = bin_of(lat)
+            bins[0][b] = bins[0].get(b, 0) + 1
         if ttfb is not None:
             self.ttfb_ms += float(ttfb)
             self.ttfb_count += 1
-            b = bin_of(float(ttfb))
-            self.ttfb_hist[b] = self.ttfb_hist.get(b, 0) + 1
+            if bins is None:
+                self.ttfb_hist += 1 << (LANE_BITS * bin_of(float(ttfb)))
+            else:
+                b = bin_of(float(ttfb))
+                bins[1][b] = bins[1].get(b, 0) + 1
         if r.get("stream") and not failed and tout > 0:
             gen = lat - float(ttfb or 0.0)
             if gen > 0:
@@ -134,9 +195,8 @@ class Agg:
         self.ttfb_count += other.ttfb_count
         self.stream_output_tokens += other.stream_output_tokens
         self.stream_gen_ms += other.stream_gen_ms
-        for mine, theirs in ((self.lat_hist, other.lat_hist), (self.ttfb_hist, other.ttfb_hist)):
-            for b, n in theirs.items():
-                mine[b] = mine.get(b, 0) + n
+        self.lat_hist += other.lat_hist
+        self.ttfb_hist += other.ttfb_hist
         return self
 
     def sums(self) -> tuple[Any, ...]:
@@ -164,16 +224,17 @@ def rollup(rows: Iterable[Mapping[str, Any]], *, minutes_since: float | None = N
     NULL alias and provider are stored as '' so the key is a real unique key in both databases.
     Rows older than `minutes_since` get no minute rows (they would be pruned at once)."""
     out: dict[tuple[int, int, str, str, str, int], Agg] = {}
-    finest: dict[tuple[int, int, str, str, str, int], Agg] = {}
+    finest: dict[tuple[int, int, str, str, str, int], tuple[Agg, tuple[dict[int, int], dict[int, int]]]] = {}
     for r in rows:  # each row is added once, at the finest level it gets ...
         ts = float(r["ts"])
         lv = 3600 if minutes_since is not None and ts < minutes_since else 60
         k = (lv, int(ts // lv) * lv, str(r["key_name"]), r["alias"] or "", r["provider"] or "", int(r["status"]))
-        a = finest.get(k)
-        if a is None:
-            a = finest[k] = Agg()
-        a.add_row(r)
-    for k, a in finest.items():  # ... and the coarser levels are sums of those
+        f = finest.get(k)
+        if f is None:
+            f = finest[k] = (Agg(), ({}, {}))
+        f[0].add_row(r, f[1])
+    for k, (a, (lat, ttfb)) in finest.items():  # ... and the coarser levels are sums of those
+        a.lat_hist, a.ttfb_hist = hist_of(lat), hist_of(ttfb)
         out[k] = a
         for lv in LEVELS:
             if lv > k[0]:
@@ -187,8 +248,11 @@ def rollup(rows: Iterable[Mapping[str, Any]], *, minutes_since: float | None = N
 
 def summary(a: Agg) -> dict[str, Any]:
     """The report fields of one group."""
-    p50, p95 = percentile_from_bins(a.lat_hist, 0.5), percentile_from_bins(a.lat_hist, 0.95)
-    ttfb = percentile_from_bins(a.ttfb_hist, 0.5)
+    if a.requests > HIST_MAX:
+        raise OverflowError(f"{a.requests} requests in one group: more than a latency histogram holds")
+    lat = hist_bins(a.lat_hist)
+    p50, p95 = percentile_from_bins(lat, 0.5), percentile_from_bins(lat, 0.95)
+    ttfb = percentile_from_bins(hist_bins(a.ttfb_hist), 0.5)
     return {
         "requests": a.requests,
         "errors": a.errors,

@@ -3,11 +3,19 @@
 Statements are written with `?` placeholders; `numbered()` turns them into PostgreSQL's `$1, $2...`.
 Every value from a caller (a bucket size, a tag name, a time) is a bound parameter.
 
-- `upsert_sql(flavor)`: add pre-aggregated rows (`agg.rollup`) to `usage_agg`; histograms are
-  merged bin by bin inside the database, so concurrent writers (replicas) never lose counts.
+- `upsert_sql(flavor)`: add pre-aggregated rows (`agg.rollup`) to `usage_agg`; histograms (the
+  integers of usage/agg.py, columns `lat_bins`/`ttfb_bins`) are added inside the database, so
+  concurrent writers (replicas) never lose counts.
 - `report_queries(flavor, group, segments, percentiles)`: the statements whose results
-  `collect()` turns into {group value: Agg}: sums and histogram bins per group, read from the
-  aggregate rows for aggregate segments and from the raw rows for raw segments.
+  `collect()` turns into {group value: Agg}: per group, the sums and the summed histograms of the
+  aggregate rows (one statement), or sums and histogram bins of the raw rows.
+- `convert_sql(flavor)`: migration m005's conversion of m004's JSON histograms, in batches.
+
+Histograms in the database: SQLite a BLOB (`agg.hist_to_bytes`) added by the functions
+`ccproxy_hist_add` and `ccproxy_hist_sum` that usage/sqlite.py registers on its connections;
+PostgreSQL `numeric`, added by `+` and `SUM` in C, with the bins in *decimal* lanes of PG_LANE_DIGITS
+digits (1e12 values per bin): numeric drops leading and trailing zero digits, so the empty bins
+below and above cost nothing (binary lanes would be dense in decimal: 3-4 times the size).
 """
 
 from __future__ import annotations
@@ -16,9 +24,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ccproxy.usage.agg import BIN_LO, BIN_RATIO, MAX_BIN, RAW, SUM_FIELDS, Agg, Segment
+from ccproxy.usage.agg import (
+    BIN_LO,
+    BIN_RATIO,
+    HIST_MAX,
+    LANE_BITS,
+    MAX_BIN,
+    RAW,
+    SUM_FIELDS,
+    Agg,
+    Segment,
+    hist_bins,
+    hist_from_bytes,
+    hist_from_json,
+    hist_to_bytes,
+)
 
-__all__ = ["RAW_GROUPS", "Group", "collect", "hist_json", "numbered", "prune_statements", "report_queries",
+__all__ = ["CONVERT_START", "CONVERT_STATE", "HIST_COLUMNS", "RAW_GROUPS", "Group", "collect", "convert_sql",
+           "convert_values", "hist_from_db", "hist_to_db", "numbered", "prune_statements", "report_queries",
            "upsert_sql", "upsert_values"]
 
 AGG_KEY = ("level", "bucket", "key_name", "alias", "provider", "status")
@@ -43,34 +66,106 @@ def _ph(flavor: str, sql: str) -> str:
     return numbered(sql) if flavor == "postgres" else sql
 
 
-def hist_json(hist: dict[int, int]) -> str:
-    return "{" + ",".join([f'"{k}":{v}' for k, v in sorted(hist.items())]) + "}"
+HIST_COLUMNS = ("lat_bins", "ttfb_bins")  # m005; m004's JSON `lat_hist`, `ttfb_hist` are left empty
 
 
-def _merge(flavor: str, col: str) -> str:
+PG_LANE_DIGITS = 12
+_ZERO_LANE = "0" * PG_LANE_DIGITS
+assert 10**PG_LANE_DIGITS - 1 == HIST_MAX <= 2**LANE_BITS - 1
+
+
+def hist_to_db(flavor: str, h: int) -> Any:
+    """A histogram integer as a parameter: bytes (SQLite) or numeric text (PostgreSQL, `?::text::numeric`)."""
+    if flavor != "postgres":
+        return hist_to_bytes(h)
+    bins = hist_bins(h)
+    if not bins:
+        return "0"
+    if max(bins.values()) > HIST_MAX:
+        raise OverflowError(f"a latency histogram bin holds more than {HIST_MAX} values")
+    parts: list[str] = []
+    prev = -1
+    for b in sorted(bins, reverse=True):  # the highest bin first, without leading zeros
+        if prev >= 0:
+            parts.append(_ZERO_LANE * (prev - b - 1))
+            parts.append(f"{bins[b]:0{PG_LANE_DIGITS}d}")
+        else:
+            parts.append(str(bins[b]))
+        prev = b
+    return "".join(parts) + f"e{PG_LANE_DIGITS * prev}"
+
+
+def hist_from_db(v: Any) -> int:
+    """A histogram column's value as the integer: a BLOB (SQLite), numeric as text (PostgreSQL) or NULL."""
+    if v is None:
+        return 0
+    if isinstance(v, bytes | bytearray | memoryview):
+        return hist_from_bytes(bytes(v))
+    digits = str(v).partition(".")[0]
+    h = 0
+    for b, end in enumerate(range(len(digits), 0, -PG_LANE_DIGITS)):
+        lane = digits[max(0, end - PG_LANE_DIGITS):end]
+        if lane != _ZERO_LANE:
+            h |= int(lane) << (LANE_BITS * b)  # lanes do not overlap: | is +
+    return h
+
+
+def _hist_add(flavor: str, a: str, b: str) -> str:
     if flavor == "postgres":
-        return (f"(SELECT COALESCE(jsonb_object_agg(k, s), '{{}}'::jsonb) FROM (SELECT k, SUM(v::bigint) AS s FROM "
-                f"(SELECT key AS k, value AS v FROM jsonb_each_text(usage_agg.{col}) UNION ALL "
-                f"SELECT key, value FROM jsonb_each_text(excluded.{col})) x GROUP BY k) y)")
-    return (f"(SELECT json_group_object(key, s) FROM (SELECT key, SUM(value) AS s FROM "
-            f"(SELECT key, value FROM json_each(usage_agg.{col}) UNION ALL "
-            f"SELECT key, value FROM json_each(excluded.{col})) GROUP BY key))")
+        return f"COALESCE({a}, 0) + COALESCE({b}, 0)"
+    return f"ccproxy_hist_add({a}, {b})"
+
+
+def _hist_sum(flavor: str, col: str) -> str:
+    return f"COALESCE(SUM({col}), 0)::text" if flavor == "postgres" else f"ccproxy_hist_sum({col})"
 
 
 def upsert_sql(flavor: str) -> str:
-    cols = [*AGG_KEY, *SUM_FIELDS, "lat_hist", "ttfb_hist"]
+    cols = [*AGG_KEY, *SUM_FIELDS, *HIST_COLUMNS]
     values = ", ".join("?" for _ in cols)
     if flavor == "postgres":
-        values = ", ".join(["?"] * (len(cols) - 2) + ["?::jsonb", "?::jsonb"])
+        values = ", ".join(["?"] * (len(cols) - 2) + ["?::text::numeric", "?::text::numeric"])
     sets = [f"{f} = usage_agg.{f} + excluded.{f}" for f in SUM_FIELDS]
-    sets += [f"{c} = {_merge(flavor, c)}" for c in ("lat_hist", "ttfb_hist")]
+    sets += [f"{c} = {_hist_add(flavor, f'usage_agg.{c}', f'excluded.{c}')}" for c in HIST_COLUMNS]
     return _ph(flavor, f"INSERT INTO usage_agg ({', '.join(cols)}) VALUES ({values}) "
                        f"ON CONFLICT ({', '.join(AGG_KEY)}) DO UPDATE SET {', '.join(sets)}")
 
 
-def upsert_values(rolled: dict[tuple[int, int, str, str, str, int], Agg]) -> list[tuple[Any, ...]]:
+def upsert_values(flavor: str, rolled: dict[tuple[int, int, str, str, str, int], Agg]) -> list[tuple[Any, ...]]:
     """Parameters for `upsert_sql`, in key order (so concurrent writers lock rows in one order)."""
-    return [(*k, *a.sums(), hist_json(a.lat_hist), hist_json(a.ttfb_hist)) for k, a in sorted(rolled.items())]
+    return [(*k, *a.sums(), hist_to_db(flavor, a.lat_hist), hist_to_db(flavor, a.ttfb_hist))
+            for k, a in sorted(rolled.items())]
+
+
+CONVERT_STATE = "usage_agg_hist"  # m005's row in usage_backfill: done_id < upto_id until converted
+
+
+def convert_sql(flavor: str) -> tuple[str, str, str, str]:
+    """(pending, select, update, done) of m005's conversion: whether it is still to do (one row, so a
+    converted database costs a start nothing), the next rows (by key, after a key) whose histograms
+    are still m004's JSON, the statement that stores them as integers (and empties the JSON; a row
+    another process converted meanwhile is left alone), and the statement that marks it done."""
+    key = ", ".join(AGG_KEY)
+    text = "::text" if flavor == "postgres" else ""
+    pending = f"SELECT 1 FROM usage_backfill WHERE name = '{CONVERT_STATE}' AND done_id < upto_id"
+    select = (f"SELECT {key}, lat_hist{text}, ttfb_hist{text} FROM usage_agg WHERE ({key}) > "
+              f"({', '.join('?' for _ in AGG_KEY)}) AND lat_bins IS NULL ORDER BY {key} LIMIT ?")
+    empty = "'{}'::jsonb" if flavor == "postgres" else "'{}'"
+    cast = "::text::numeric" if flavor == "postgres" else ""
+    update = (f"UPDATE usage_agg SET lat_bins = ?{cast}, ttfb_bins = ?{cast}, lat_hist = {empty}, "
+              f"ttfb_hist = {empty} WHERE {' AND '.join(f'{c} = ?' for c in AGG_KEY)} AND lat_bins IS NULL")
+    done = f"UPDATE usage_backfill SET done_id = upto_id WHERE name = '{CONVERT_STATE}'"
+    return pending, _ph(flavor, select), _ph(flavor, update), done
+
+
+CONVERT_START = (-1, 0, "", "", "", 0)  # a key before every aggregate row's
+
+
+def convert_values(flavor: str, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """`convert_sql`'s update parameters for the rows its select returned."""
+    n = len(AGG_KEY)
+    return [(hist_to_db(flavor, hist_from_json(r[n])), hist_to_db(flavor, hist_from_json(r[n + 1])), *r[:n])
+            for r in rows]
 
 
 # ---------------------------------------------------------------------------------------- reports
@@ -147,7 +242,8 @@ def _where(segments: Iterable[Segment], column: str, integer: bool) -> tuple[str
 
 def report_queries(flavor: str, group: Group, segments: Sequence[Segment], percentiles: bool = True,
                    only: Sequence[Any] | None = None) -> list[tuple[str, str, list[Any]]]:
-    """[(what, sql, params)]: what is "sums", "lat" or "ttfb"; each row is (group, ...).
+    """[(what, sql, params)]: what is "sums", "agg" (sums, then the two histograms), "lat" or "ttfb"
+    (bin, count); each row is (group, ...).
 
     `only`: the histograms (no sums) of the raw rows of these group values (None among them: the
     rows without one)."""
@@ -182,14 +278,11 @@ def report_queries(flavor: str, group: Group, segments: Sequence[Segment], perce
     if aggs:
         g, gp = _group_expr(flavor, group, False)
         where, wp = _where(aggs, "bucket", True)
-        sums = ", ".join(f"SUM({f})" for f in SUM_FIELDS)
-        out.append(("sums", f"SELECT {g}, {sums} FROM usage_agg WHERE {where} GROUP BY 1", gp + wp))
+        cols = [f"SUM({f})" for f in SUM_FIELDS]
         if percentiles:
-            for what, col in (("lat", "lat_hist"), ("ttfb", "ttfb_hist")):
-                each = (f"jsonb_each_text(usage_agg.{col}) AS j" if pg else f"json_each(usage_agg.{col}) AS j")
-                val = "SUM(j.value::bigint)" if pg else "SUM(j.value)"
-                out.append((what, f"SELECT {g}, CAST(j.key AS INTEGER), {val} FROM usage_agg, {each} "
-                                  f"WHERE {where} GROUP BY 1, 2", gp + wp))
+            cols += [_hist_sum(flavor, c) for c in HIST_COLUMNS]
+        out.append(("agg" if percentiles else "sums",
+                    f"SELECT {g}, {', '.join(cols)} FROM usage_agg WHERE {where} GROUP BY 1", gp + wp))
     return [(what, _ph(flavor, sql), params) for what, sql, params in out]
 
 
@@ -204,10 +297,14 @@ def collect(results: Iterable[tuple[str, Iterable[Sequence[Any]]]]) -> dict[Any,
                 a = groups[g] = Agg()
             if what == "sums":
                 a += Agg.from_sums(row[1:])
+            elif what == "agg":
+                a += Agg.from_sums(row[1:-2])
+                a.lat_hist += hist_from_db(row[-2])
+                a.ttfb_hist += hist_from_db(row[-1])
+            elif what == "lat":
+                a.lat_hist += int(row[2]) << (LANE_BITS * int(row[1]))
             else:
-                hist = a.lat_hist if what == "lat" else a.ttfb_hist
-                b = int(row[1])
-                hist[b] = hist.get(b, 0) + int(row[2])
+                a.ttfb_hist += int(row[2]) << (LANE_BITS * int(row[1]))
     return groups
 
 

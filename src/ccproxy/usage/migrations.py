@@ -144,3 +144,15 @@ def m004_usage_aggregates(flavor: str) -> list[str]:
         "CREATE INDEX usage_session_ts ON usage (session_id, ts)",
         "CREATE INDEX usage_end_user_ts ON usage (end_user, ts)",
     ]
+
+
+@migration
+def m005_histogram_integers(flavor: str) -> list[str]:
+    """Latency histograms as integers (usage/agg.py: one integer per histogram, bins in fixed-width
+    bit lanes), added with one `+`/`SUM` instead of unpacking m004's JSON per bin. The stores convert
+    the rows m004 wrote (`lat_bins` NULL) at start, in batches (`aggsql.convert_sql`), until the row
+    `usage_agg_hist` of usage_backfill says done."""
+    kind = "NUMERIC" if flavor == "postgres" else "BLOB"
+    return [f"ALTER TABLE usage_agg ADD COLUMN lat_bins {kind}",
+            f"ALTER TABLE usage_agg ADD COLUMN ttfb_bins {kind}",
+            "INSERT INTO usage_backfill (name, upto_id, done_id) VALUES ('usage_agg_hist', 1, 0)"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,10 +15,12 @@ from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.store import (
     BACKFILL_BATCH,
+    CONVERT_BATCH,
     KEY_COLUMNS,
     UPDATABLE_KEY_COLUMNS,
     USAGE_COLUMNS,
     BackfillProgress,
+    ConvertProgress,
     KeyExists,
     KeyRow,
     key_update_values,
@@ -67,6 +70,11 @@ class PostgresStore:
                         await conn.execute(stmt)
                     await conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES ($1, $2)",
                                        m.__name__, time.time())
+            converting = ConvertProgress()
+            after: tuple[Any, ...] | None = aggsql.CONVERT_START
+            while after is not None:
+                after = await _convert_batch(pool, after, converting)
+            converting.finish()
             progress = BackfillProgress()
             while not await _backfill_batch(pool, progress):
                 pass
@@ -98,7 +106,7 @@ class PostgresStore:
             inserted = await conn.fetch(sql, *[list(c) for c in columns])
             # Only the rows really inserted count in the aggregates (a replayed or retried batch).
             fresh = [dict(zip(USAGE_COLUMNS, usage_values(by_id[r[0]]), strict=True)) for r in inserted]
-            values = aggsql.upsert_values(rollup(fresh))
+            values = aggsql.upsert_values("postgres", rollup(fresh))
             if values:
                 await conn.executemany(_UPSERT_AGG, values)
         if rows and min(float(r.ts) for r in rows) < time.time() - SETTLE:
@@ -111,7 +119,9 @@ class PostgresStore:
         async with self.pool.acquire() as conn:
             for what, sql, params in aggsql.report_queries("postgres", group, segments, percentiles, only):
                 results.append((what, await conn.fetch(sql, *params)))
-        return aggsql.collect(results)
+        # Decoding the summed histograms (numeric text, about 80 us each) is the one CPU-heavy part of
+        # a report: in a thread, so a dashboard refreshing over many groups does not hold the event loop.
+        return await asyncio.to_thread(aggsql.collect, results)
 
     async def prune(self, raw_before: float, minute_before: float, agg_before: float, limit: int) -> int:
         deleted = 0
@@ -211,6 +221,24 @@ class PostgresStore:
             await conn.execute("DELETE FROM dashboard_tokens WHERE token_sha256 = $1", token_sha256)
 
 
+async def _convert_batch(pool: asyncpg.Pool, after: tuple[Any, ...], progress: ConvertProgress
+                         ) -> tuple[Any, ...] | None:
+    """Convert the next batch of m004's JSON histograms (migration m005); the last key, None when done."""
+    pending, select, update, done = aggsql.convert_sql("postgres")
+    async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval(pending) is None:
+            return None
+        rows = await conn.fetch(select, *after, CONVERT_BATCH)
+        if rows:
+            await conn.executemany(update, aggsql.convert_values("postgres", rows))
+        else:
+            await conn.execute(done)
+    if not rows:
+        return None
+    progress.advance(len(rows))
+    return tuple(rows[-1])[:len(after)]
+
+
 async def _backfill_batch(pool: asyncpg.Pool, progress: BackfillProgress) -> bool:
     """Aggregate the next batch of rows stored before the aggregates existed; True when done."""
     async with pool.acquire() as conn, conn.transaction():
@@ -223,7 +251,7 @@ async def _backfill_batch(pool: asyncpg.Pool, progress: BackfillProgress) -> boo
                                 "ORDER BY id LIMIT $3", done, upto, BACKFILL_BATCH)
         last = rows[-1]["id"] if rows else upto
         rolled = rollup((dict(r) for r in rows), minutes_since=time.time() - MINUTE_KEEP)
-        values = aggsql.upsert_values(rolled)
+        values = aggsql.upsert_values("postgres", rolled)
         if values:
             await conn.executemany(_UPSERT_AGG, values)
         await conn.execute("UPDATE usage_backfill SET done_id = $1 WHERE name = 'usage_agg'", last)

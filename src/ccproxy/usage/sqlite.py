@@ -12,6 +12,7 @@ a fifth faster. Several processes may share the file (the gateway and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import threading
@@ -22,15 +23,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ccproxy.usage import aggsql
-from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, rollup
+from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, hist_from_bytes, hist_to_bytes, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.store import (
     BACKFILL_BATCH,
+    CONVERT_BATCH,
     KEY_COLUMNS,
     UPDATABLE_KEY_COLUMNS,
     USAGE_COLUMNS,
     BackfillProgress,
+    ConvertProgress,
     KeyExists,
     KeyRow,
     key_update_values,
@@ -81,6 +84,7 @@ class SQLiteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=10000")
+        _register(conn)
         return conn
 
     async def start(self) -> None:
@@ -91,6 +95,11 @@ class SQLiteStore:
         try:
             self._conn = await loop.run_in_executor(self._executor, self._connect)
             await self._run(_migrate)
+            converting = ConvertProgress()
+            after: tuple[Any, ...] | None = aggsql.CONVERT_START
+            while after is not None:
+                after = await self._run(functools.partial(_convert_batch, after=after, progress=converting))
+            converting.finish()
             progress = BackfillProgress()
             while not await self._run(lambda c: _backfill_batch(c, progress)):
                 pass
@@ -105,6 +114,7 @@ class SQLiteStore:
             uri = Path(self.path).absolute().as_uri() + "?mode=ro"
             conn = self._local.conn = sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=10000")
+            _register(conn)
             self._reader_conns.append(conn)
         return aggsql.collect([(what, conn.execute(sql, params).fetchall())])
 
@@ -143,7 +153,7 @@ class SQLiteStore:
                         del fresh[rid]
                 conn.executemany(_INSERT_USAGE, fresh.values())
                 rolled = rollup(dict(zip(USAGE_COLUMNS, v, strict=True)) for v in fresh.values())
-                conn.executemany(_UPSERT_AGG, aggsql.upsert_values(rolled))
+                conn.executemany(_UPSERT_AGG, aggsql.upsert_values("sqlite", rolled))
             return len(fresh)
 
         if values and min(v[1] for v in values) < time.time() - SETTLE:
@@ -321,6 +331,47 @@ def _migrate(conn: sqlite3.Connection) -> None:
                          (m.__name__, time.time()))
 
 
+class _HistSum:
+    """The SQLite aggregate `ccproxy_hist_sum(blob)`: the sum of histograms (usage/agg.py)."""
+
+    def __init__(self) -> None:
+        self.h = 0
+
+    def step(self, value: bytes | None) -> None:
+        if value:
+            self.h += hist_from_bytes(value)
+
+    def finalize(self) -> bytes:
+        return hist_to_bytes(self.h)
+
+
+def _hist_add(a: bytes | None, b: bytes | None) -> bytes:
+    return hist_to_bytes(hist_from_bytes(a) + hist_from_bytes(b))
+
+
+def _register(conn: sqlite3.Connection) -> None:
+    """The histogram functions of usage/aggsql.py's SQL, on every connection this store opens."""
+    conn.create_function("ccproxy_hist_add", 2, _hist_add, deterministic=True)
+    conn.create_aggregate("ccproxy_hist_sum", 1, _HistSum)  # type: ignore[arg-type]  # typeshed: int only
+
+
+def _convert_batch(conn: sqlite3.Connection, after: tuple[Any, ...], progress: ConvertProgress
+                   ) -> tuple[Any, ...] | None:
+    """Convert the next batch of m004's JSON histograms (migration m005); the last key, None when done."""
+    pending, select, update, done = aggsql.convert_sql("sqlite")
+    with _transaction(conn):
+        if conn.execute(pending).fetchone() is None:
+            return None
+        rows = conn.execute(select, (*after, CONVERT_BATCH)).fetchall()
+        conn.executemany(update, aggsql.convert_values("sqlite", rows))
+        if not rows:
+            conn.execute(done)
+    if not rows:
+        return None
+    progress.advance(len(rows))
+    return tuple(rows[-1][:len(after)])
+
+
 def _backfill_batch(conn: sqlite3.Connection, progress: BackfillProgress) -> bool:
     """Aggregate the next batch of rows stored before the aggregates existed; True when done."""
     with _transaction(conn):
@@ -334,7 +385,7 @@ def _backfill_batch(conn: sqlite3.Connection, progress: BackfillProgress) -> boo
         last = rows[-1][0] if rows else upto
         rolled = rollup((dict(zip(USAGE_COLUMNS, r[1:], strict=True)) for r in rows),
                         minutes_since=time.time() - MINUTE_KEEP)
-        conn.executemany(_UPSERT_AGG, aggsql.upsert_values(rolled))
+        conn.executemany(_UPSERT_AGG, aggsql.upsert_values("sqlite", rolled))
         conn.execute("UPDATE usage_backfill SET done_id = ? WHERE name = 'usage_agg'", (last,))
     progress.advance(len(rows), done, last, upto)
     return False

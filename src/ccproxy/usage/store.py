@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ccproxy.usage")
 BACKFILL_BATCH = 20_000
+CONVERT_BATCH = 5_000  # aggregate rows per transaction of m005's histogram conversion
 
 __all__ = ["UPDATABLE_KEY_COLUMNS", "USAGE_COLUMNS", "KeyExists", "KeyRow", "Store", "key_update_values",
            "usage_values"]
@@ -134,6 +135,28 @@ class BackfillProgress:
         if self.rows:
             log.warning("usage: backfill done: %d rows in %.1fs", self.rows, time.monotonic() - self.started)
             self.rows = 0
+
+
+class ConvertProgress:
+    """Logs m005's conversion of the aggregate rows an older release wrote (JSON histograms)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.started = self.last_log = time.monotonic()
+
+    def advance(self, rows: int) -> None:
+        if not self.rows:
+            log.warning("usage: converting the aggregate rows' latency histograms to this version's format (once)")
+        self.rows += rows
+        now = time.monotonic()
+        if now - self.last_log >= 2.0:
+            self.last_log = now
+            log.warning("usage: histogram conversion: %d aggregate rows so far", self.rows)
+
+    def finish(self) -> None:
+        if self.rows:
+            log.warning("usage: histogram conversion done: %d aggregate rows in %.1fs", self.rows,
+                        time.monotonic() - self.started)
 
 
 class Store(Protocol):

@@ -35,14 +35,6 @@ ANSWER = "Hello from the fake upstream."
 
 
 class FakeUpstream(InProcessUpstream):
-    def __init__(self) -> None:
-        super().__init__()
-        self._closing = asyncio.Event()
-
-    async def close(self) -> None:
-        self._closing.set()  # ends the `sleepy` handlers, so cleanup need not wait for them
-        await super().close()
-
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append(body)
@@ -50,7 +42,7 @@ class FakeUpstream(InProcessUpstream):
         model = body["model"]
         if model == "sleepy":
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), 10)
+                await asyncio.wait_for(self.closing.wait(), 10)
         if model == "reject":
             return web.json_response({"error": {"message": "prompt is too long for this model",
                                                 "type": "invalid_request_error", "code": "context_length_exceeded"}},

@@ -28,6 +28,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 from aiohttp import web
+from helpers.inproc_upstream import InProcessUpstream
 
 from ccproxy import pipeline, runtime
 from ccproxy.app import Gateway
@@ -38,39 +39,18 @@ KEY = "sk-fallback-test"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
-class Upstream:
+class Upstream(InProcessUpstream):
+    model_ids = ("ok-a",)
+
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[str] = []
         self.retry_after = "1"
         self.broken = True
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-        self._closing = asyncio.Event()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
-
-    async def close(self) -> None:
-        self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "ok-a", "object": "model"}]})
 
     async def _wait_closing(self, seconds: float = 10) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
+            await asyncio.wait_for(self.closing.wait(), seconds)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

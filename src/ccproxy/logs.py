@@ -22,15 +22,22 @@ class JsonFormatter(logging.Formatter):
     worker: int | None = None  # with `serve --workers N`: the worker's process id, on every line
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                "msg": record.getMessage()}
+        extra = getattr(record, "fields", None)
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(record.created, record.levelname.lower(), record.name, record.getMessage(),
+                         extra if isinstance(extra, dict) else None, exc)
+
+    def line(self, created: float, level: str, logger: str, msg: str, fields: dict[str, object] | None = None,
+             exc: str | None = None) -> str:
+        """One JSON log line, redacted: what `format` makes of a record, and what `request_line`
+        writes without one."""
+        line: dict[str, object] = {"ts": round(created, 3), "level": level, "logger": logger, "msg": msg}
         if self.worker is not None:
             line["worker"] = self.worker
-        extra = getattr(record, "fields", None)
-        if isinstance(extra, dict):
-            line.update(extra)
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+        if fields:
+            line.update(fields)
+        if exc is not None:
+            line["exc"] = exc
         return redact(orjson.dumps(line, default=str).decode())
 
 
@@ -87,12 +94,7 @@ def request_line(fields: dict[str, object]) -> None:
         return
     formatter = h.formatter
     assert isinstance(formatter, JsonFormatter)
-    line: dict[str, object] = {"ts": round(time.time(), 3), "level": "info", "logger": REQUEST_LOGGER.name,
-                               "msg": "request"}
-    if formatter.worker is not None:
-        line["worker"] = formatter.worker
-    line.update(fields)
-    text = redact(orjson.dumps(line, default=str).decode()) + h.terminator
+    text = formatter.line(time.time(), "info", REQUEST_LOGGER.name, "request", fields) + h.terminator
     with h.lock or contextlib.nullcontext():
         try:
             h.stream.write(text)

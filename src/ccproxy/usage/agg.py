@@ -162,19 +162,17 @@ class Agg:
         lat = float(r["latency_ms"])
         self.latency_ms += lat
         ttfb = r.get("ttfb_ms")
-        if bins is None:
-            self.lat_hist += 1 << (LANE_BITS * bin_of(lat))
-        else:
-            b = bin_of(lat)
-            bins[0][b] = bins[0].get(b, 0) + 1
+        lat_bins, ttfb_bins = bins if bins is not None else ({}, {})
+        b = bin_of(lat)
+        lat_bins[b] = lat_bins.get(b, 0) + 1
         if ttfb is not None:
             self.ttfb_ms += float(ttfb)
             self.ttfb_count += 1
-            if bins is None:
-                self.ttfb_hist += 1 << (LANE_BITS * bin_of(float(ttfb)))
-            else:
-                b = bin_of(float(ttfb))
-                bins[1][b] = bins[1].get(b, 0) + 1
+            b = bin_of(float(ttfb))
+            ttfb_bins[b] = ttfb_bins.get(b, 0) + 1
+        if bins is None:  # counted here for this row alone: fold it in now
+            self.lat_hist += hist_of(lat_bins)
+            self.ttfb_hist += hist_of(ttfb_bins)
         if r.get("stream") and not failed and tout > 0:
             gen = lat - float(ttfb or 0.0)
             if gen > 0:

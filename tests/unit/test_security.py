@@ -372,6 +372,7 @@ SAFE_SQL_PARTS = {
     "', '.join((f'${i + 1}::{t}[]' for i, t in enumerate(types)))", "i + 1", "t",
     "t['id']", "t['float']", "t['int']", "t['bool']", "t['text']", "t['json']",
     "'FALSE' if flavor == 'postgres' else '0'",
+    "_ROW_FIELDS",  # SQLite's batch insert: json_extract(value, '$[i]') for each usage column index
     "_SET_CHANGED",  # update_key's `col = CASE WHEN $n THEN $m ELSE col END`, from UPDATABLE_KEY_COLUMNS
     # usage/aggsql.py and the stores: fragments built only from constants (column names, the bin
     # formula, placeholder lists); group values, times and tag names are bound parameters.

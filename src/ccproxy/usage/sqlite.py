@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from ccproxy.usage import aggsql
 from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, hist_from_bytes, hist_to_bytes, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
@@ -46,6 +48,28 @@ T = TypeVar("T")
 
 _INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
                  f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)}) ON CONFLICT (request_id) DO NOTHING")
+# A whole batch in one statement, its rows one JSON array each (https://sqlite.org/json1.html#jeach;
+# `WHERE true` keeps ON CONFLICT from parsing as a join constraint, https://sqlite.org/lang_upsert.html).
+# `executemany` steps once per row, and the sqlite3 module lets go of the GIL around every step:
+# while the event loop keeps the GIL busy, each retake waits for the loop to yield it (up to the
+# switch interval), so a batch took seconds and twice the CPU, and the loop lost time to every
+# handover (measured in bench/README.md, "Where the time goes"). One statement, one handover.
+_ROW_FIELDS = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(USAGE_COLUMNS)))
+_INSERT_USAGE_BATCH = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) SELECT {_ROW_FIELDS} "
+                       f"FROM json_each(?) WHERE true ON CONFLICT (request_id) DO NOTHING")
+
+
+def _json_batch(values: list[tuple[Any, ...]]) -> bytes | None:
+    """The rows as one JSON array for `_INSERT_USAGE_BATCH`, or None when a value would not come
+    back intact: a string with a NUL (SQLite's JSON functions end a string there) or a value JSON
+    cannot carry. Those batches go row by row."""
+    try:
+        batch = orjson.dumps(values)
+    except orjson.JSONEncodeError:
+        return None
+    return None if b"\\u0000" in batch else batch
+
+
 _INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
                f"VALUES ({', '.join('?' for _ in KEY_COLUMNS)})")
 _SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
@@ -151,7 +175,11 @@ class SQLiteStore:
                                          f"({', '.join('?' for _ in chunk)})", chunk).fetchall()
                     for (rid,) in found:
                         del fresh[rid]
-                conn.executemany(_INSERT_USAGE, fresh.values())
+                batch = _json_batch(list(fresh.values()))
+                if batch is not None:
+                    conn.execute(_INSERT_USAGE_BATCH, (batch,))
+                else:
+                    conn.executemany(_INSERT_USAGE, fresh.values())
                 rolled = rollup(dict(zip(USAGE_COLUMNS, v, strict=True)) for v in fresh.values())
                 conn.executemany(_UPSERT_AGG, aggsql.upsert_values("sqlite", rolled))
             return len(fresh)

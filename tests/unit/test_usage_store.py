@@ -141,3 +141,32 @@ def test_percentile_matches_percentile_cont() -> None:
     assert percentile([7.0], 0.95) == 7.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
     assert percentile([100.0, 200.0, 300.0, 400.0, 500.0], 0.95) == pytest.approx(480.0)
+
+
+async def test_a_batch_of_several_slices_stores_and_counts_each_row_once(tmp_path: Path) -> None:
+    """A batch longer than one slice (`SLICE_ROWS`), with rows stored before and a NUL-bearing
+    value (that slice goes row by row), stores what a row-at-a-time insert stores: the same rows
+    and the same aggregates."""
+    from ccproxy.usage.sqlite import SLICE_ROWS
+
+    seeds = seed_rows()
+    filler = [UsageRecord(f"fill-{i}", NOW - 600 + i, f"k{i % 3}", "/v1/chat/completions", alias="a",
+                          status=200 if i % 5 else 500, latency_ms=float(i), input_tokens=i)
+              for i in range(3 * SLICE_ROWS)]
+    filler[SLICE_ROWS + 1].end_user = "nul\x00inside"
+    batch = filler[:SLICE_ROWS] + seeds + filler[SLICE_ROWS:]
+    one, sliced = SQLiteStore(tmp_path / "one.db"), SQLiteStore(tmp_path / "sliced.db")
+    await one.start()
+    await sliced.start()
+    try:
+        for r in batch:
+            assert await one.insert_usage([r]) == 1
+        assert await sliced.insert_usage(seeds[:4]) == 4  # stored before: not counted twice
+        assert await sliced.insert_usage(batch) == len(batch) - 4
+        for group in ("key", "alias", "status", "day"):
+            assert await aggregate(sliced, group, SINCE, now=NOW) == await aggregate(one, group, SINCE, now=NOW)
+        assert await recent(sliced, 1000) == await recent(one, 1000)
+        assert any(r["end_user"] == "nul\x00inside" for r in await recent(sliced, 1000))
+    finally:
+        await one.close()
+        await sliced.close()

@@ -70,6 +70,36 @@ def _json_batch(values: list[tuple[Any, ...]]) -> bytes | None:
     return None if b"\\u0000" in batch else batch
 
 
+# The writer works in slices of SLICE_ROWS rows (about a quarter of a millisecond of CPU each) with
+# SLICE_PAUSE seconds between them. A batch written in one go kept the second core busy for
+# milliseconds, and requests running meanwhile on the event loop were slowed enough to multiply the
+# gateway's 1-connection p99; in short slices they were not (measured in bench/README.md, "Where the
+# time goes"). The pause costs no CPU, and the writer still keeps up with far more rows per second
+# than one process serves.
+SLICE_ROWS = 32
+SLICE_PAUSE = 0.0005
+
+
+def _insert_paced(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> dict[Any, Agg]:
+    """Insert `rows` (fresh ones: not stored yet) slice by slice; their aggregates, summed."""
+    rolled: dict[Any, Agg] = {}
+    for i in range(0, len(rows), SLICE_ROWS):
+        if i:
+            time.sleep(SLICE_PAUSE)
+        part = rows[i:i + SLICE_ROWS]
+        batch = _json_batch(part)
+        if batch is not None:
+            conn.execute(_INSERT_USAGE_BATCH, (batch,))
+        else:
+            conn.executemany(_INSERT_USAGE, part)
+        for k, a in rollup(dict(zip(USAGE_COLUMNS, v, strict=True)) for v in part).items():
+            if k in rolled:
+                rolled[k] += a
+            else:
+                rolled[k] = a
+    return rolled
+
+
 _INSERT_KEY = (f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) "
                f"VALUES ({', '.join('?' for _ in KEY_COLUMNS)})")
 _SELECT_KEY = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
@@ -175,12 +205,7 @@ class SQLiteStore:
                                          f"({', '.join('?' for _ in chunk)})", chunk).fetchall()
                     for (rid,) in found:
                         del fresh[rid]
-                batch = _json_batch(list(fresh.values()))
-                if batch is not None:
-                    conn.execute(_INSERT_USAGE_BATCH, (batch,))
-                else:
-                    conn.executemany(_INSERT_USAGE, fresh.values())
-                rolled = rollup(dict(zip(USAGE_COLUMNS, v, strict=True)) for v in fresh.values())
+                rolled = _insert_paced(conn, list(fresh.values()))
                 conn.executemany(_UPSERT_AGG, aggsql.upsert_values("sqlite", rolled))
             return len(fresh)
 

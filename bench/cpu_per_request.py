@@ -1,11 +1,12 @@
-"""CPU time per request of one or more ccproxy source trees, A/B, on one nginx upstream.
+"""CPU time per request (and latency) of one or more ccproxy source trees, A/B, on one nginx upstream.
 
 On a shared machine req/s moves by 2x between runs, CPU time per request much less: this runs
 short wrk runs against each gateway in turn (alternating, `--rounds` times) and reports the
 gateway process's utime + stime (from `/proc/<pid>/stat`) over each run divided by its requests.
 Each `--src DIR` is a `src` directory put first on `PYTHONPATH` (e.g. an old commit unpacked with
 `git archive COMMIT src | tar -x -C /tmp/base`); without `--src`, this worktree's `src` alone.
-The floor proxy (`floor.py`) runs alongside as a reference.  See bench/README.md.
+The floor proxy (`floor.py`) runs alongside as a reference. Each run also prints wrk's p50 and p99:
+with `--conns 1`, an A/B of the 1-connection tail latency. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main() -> int:
         targets = b.with_floor(targets, fport, None)
     print(f"load average {os.getloadavg()}", flush=True)
     results: dict[tuple[str, str], list[float]] = {}
+    tails: dict[tuple[str, str], list[float]] = {}  # wrk's p99, ms
     pids = {lbl: pid for lbl, (_, pid) in gws.items()} | ({"floor": floor_pid} if floor_pid else {})
     hz = os.sysconf("SC_CLK_TCK")
     for _ in range(a.rounds):
@@ -92,10 +94,15 @@ def main() -> int:
                     continue
                 us = (c1 - c0) / hz * 1e6 / r["requests"]
                 results.setdefault((sc, t.name), []).append(us)
-                print(f"{sc:15} {t.name:40} {us:6.0f} µs/req  {r['rps']:8.0f} req/s", flush=True)
+                tails.setdefault((sc, t.name), []).append(r["p99"] / 1000)
+                print(f"{sc:15} {t.name:40} {us:6.0f} µs/req  {r['rps']:8.0f} req/s  "
+                      f"p50 {r['p50'] / 1000:.3f} ms  p99 {r['p99'] / 1000:.3f} ms", flush=True)
     print(f"\nload average {os.getloadavg()}\nCPU µs per request (each round):")
     for (sc, name), v in results.items():
         print(f"{sc:15} {name:40} " + " / ".join(f"{x:.0f}" for x in v))
+    print(f"p99 ms at {a.conns} connection(s) (each round):")
+    for (sc, name), v in tails.items():
+        print(f"{sc:15} {name:40} " + " / ".join(f"{x:.2f}" for x in v))
     b._kill_all()
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 _INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
                  f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)}) ON CONFLICT (request_id) DO NOTHING")
-# A whole batch in one statement, its rows one JSON array each (https://sqlite.org/json1.html#jeach;
+# Many rows in one statement, each row one JSON array (https://sqlite.org/json1.html#jeach;
 # `WHERE true` keeps ON CONFLICT from parsing as a join constraint, https://sqlite.org/lang_upsert.html).
 # `executemany` steps once per row, and the sqlite3 module lets go of the GIL around every step:
 # while the event loop keeps the GIL busy, each retake waits for the loop to yield it (up to the
@@ -62,7 +62,7 @@ _INSERT_USAGE_BATCH = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) SELECT {
 def _json_batch(values: list[tuple[Any, ...]]) -> bytes | None:
     """The rows as one JSON array for `_INSERT_USAGE_BATCH`, or None when a value would not come
     back intact: a string with a NUL (SQLite's JSON functions end a string there) or a value JSON
-    cannot carry. Those batches go row by row."""
+    cannot carry. Those rows go one statement each."""
     try:
         batch = orjson.dumps(values)
     except orjson.JSONEncodeError:

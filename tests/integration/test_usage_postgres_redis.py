@@ -30,7 +30,7 @@ from ccproxy.usage.store import KeyExists, KeyRow
 from ccproxy.usage.writer import UsageWriter
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))
-from test_usage_store import EXPECTED_BY_KEY, NOW, SINCE, seed_rows  # noqa: E402
+from test_usage_store import EXPECTED_BY_KEY, NOW, SINCE, seed_rows, several_slices_batch  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -77,6 +77,24 @@ async def test_pg_aggregates_equal_sqlite(pg: PostgresStore, tmp_path: Path) -> 
             assert await aggregate(pg, by, since, now=NOW) == await aggregate(lite, by, since, now=NOW), by
     assert await recent(pg, 5) == await recent(lite, 5)
     await lite.close()
+
+
+async def test_pg_batch_of_several_slices_counts_each_row_once(pg: PostgresStore, tmp_path: Path) -> None:
+    """PostgreSQL writes a batch slice by slice too: with rows stored before and a request id twice
+    in the batch, its rows and aggregates are those of SQLite fed one row at a time."""
+    batch = several_slices_batch()
+    lite = SQLiteStore(tmp_path / "u.db")
+    await lite.start()
+    try:
+        for r in batch:
+            await lite.insert_usage([r])
+        assert await pg.insert_usage(seed_rows()[:4]) == 4
+        assert await pg.insert_usage(batch) == len(batch) - 2 - 4
+        for by in ("key", "alias", "status", "day"):
+            assert await aggregate(pg, by, SINCE, now=NOW) == await aggregate(lite, by, SINCE, now=NOW), by
+        assert await recent(pg, 1000) == await recent(lite, 1000)
+    finally:
+        await lite.close()
 
 
 async def test_pg_keys_and_revocation_across_replicas(pg: PostgresStore) -> None:

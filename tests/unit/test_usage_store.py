@@ -143,26 +143,36 @@ def test_percentile_matches_percentile_cont() -> None:
     assert percentile([100.0, 200.0, 300.0, 400.0, 500.0], 0.95) == pytest.approx(480.0)
 
 
-async def test_a_batch_of_several_slices_stores_and_counts_each_row_once(tmp_path: Path) -> None:
-    """A batch longer than one slice (`SLICE_ROWS`), with rows stored before and a NUL-bearing
-    value (that slice goes row by row), stores what a row-at-a-time insert stores: the same rows
-    and the same aggregates."""
-    from ccproxy.usage.sqlite import SLICE_ROWS
+def several_slices_batch() -> list[UsageRecord]:
+    """A batch longer than three slices (`SLICE_ROWS`): the seed rows amid filler rows, and request
+    ids that come twice, in one slice and across two."""
+    from ccproxy.usage.store import SLICE_ROWS
 
-    seeds = seed_rows()
     filler = [UsageRecord(f"fill-{i}", NOW - 600 + i, f"k{i % 3}", "/v1/chat/completions", alias="a",
                           status=200 if i % 5 else 500, latency_ms=float(i), input_tokens=i)
               for i in range(3 * SLICE_ROWS)]
-    filler[SLICE_ROWS + 1].end_user = "nul\x00inside"
-    batch = filler[:SLICE_ROWS] + seeds + filler[SLICE_ROWS:]
+    batch = filler[:SLICE_ROWS] + seed_rows() + filler[SLICE_ROWS:]
+    within = batch[len(batch) // SLICE_ROWS * SLICE_ROWS].request_id  # its first row is in the last slice
+    again = [UsageRecord("fill-2", NOW, "dup", "/api/chat", latency_ms=9.0),  # first row in slice 1
+             UsageRecord(within, NOW, "dup", "/api/chat", latency_ms=9.0)]
+    assert len(batch) % SLICE_ROWS + len(again) <= SLICE_ROWS
+    return batch + again
+
+
+async def test_a_batch_of_several_slices_stores_and_counts_each_row_once(tmp_path: Path) -> None:
+    """Stored slice by slice, with rows stored before, a batch ends as a row-at-a-time insert of
+    its first row per request id does: the same rows and the same aggregates. A value with a NUL
+    (SQLite's JSON functions would cut it) sends its slice row by row."""
+    batch = several_slices_batch()
+    batch[-5].end_user = "nul\x00inside"
     one, sliced = SQLiteStore(tmp_path / "one.db"), SQLiteStore(tmp_path / "sliced.db")
     await one.start()
     await sliced.start()
     try:
         for r in batch:
-            assert await one.insert_usage([r]) == 1
-        assert await sliced.insert_usage(seeds[:4]) == 4  # stored before: not counted twice
-        assert await sliced.insert_usage(batch) == len(batch) - 4
+            await one.insert_usage([r])
+        assert await sliced.insert_usage(seed_rows()[:4]) == 4  # stored before: not counted twice
+        assert await sliced.insert_usage(batch) == len(batch) - 2 - 4
         for group in ("key", "alias", "status", "day"):
             assert await aggregate(sliced, group, SINCE, now=NOW) == await aggregate(one, group, SINCE, now=NOW)
         assert await recent(sliced, 1000) == await recent(one, 1000)

@@ -215,13 +215,15 @@ SUM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Agg) if not f.name.en
 GROUP_KEY = ("key_name", "alias", "provider", "status")
 
 
-def rollup(rows: Iterable[Mapping[str, Any]], *, minutes_since: float | None = None
+def rollup(rows: Iterable[Mapping[str, Any]], *, minutes_since: float | None = None,
+           into: dict[tuple[int, int, str, str, str, int], Agg] | None = None
            ) -> dict[tuple[int, int, str, str, str, int], Agg]:
     """Aggregate raw rows: {(level, bucket start, key, alias or '', provider or '', status): Agg}.
 
     NULL alias and provider are stored as '' so the key is a real unique key in both databases.
-    Rows older than `minutes_since` get no minute rows (they would be pruned at once)."""
-    out: dict[tuple[int, int, str, str, str, int], Agg] = {}
+    Rows older than `minutes_since` get no minute rows (they would be pruned at once). With `into`,
+    the rows are added to those aggregates (a batch rolled up slice by slice) and `into` returned."""
+    out: dict[tuple[int, int, str, str, str, int], Agg] = {} if into is None else into
     finest: dict[tuple[int, int, str, str, str, int], tuple[Agg, tuple[dict[int, int], dict[int, int]]]] = {}
     for r in rows:  # each row is added once, at the finest level it gets ...
         ts = float(r["ts"])
@@ -233,7 +235,10 @@ def rollup(rows: Iterable[Mapping[str, Any]], *, minutes_since: float | None = N
         f[0].add_row(r, f[1])
     for k, (a, (lat, ttfb)) in finest.items():  # ... and the coarser levels are sums of those
         a.lat_hist, a.ttfb_hist = hist_of(lat), hist_of(ttfb)
-        out[k] = a
+        if k in out:
+            out[k] += a
+        else:
+            out[k] = a
         for lv in LEVELS:
             if lv > k[0]:
                 up = (lv, k[1] // lv * lv, *k[2:])

@@ -17,6 +17,8 @@ from ccproxy.usage.store import (
     BACKFILL_BATCH,
     CONVERT_BATCH,
     KEY_COLUMNS,
+    SLICE_PAUSE,
+    SLICE_ROWS,
     UPDATABLE_KEY_COLUMNS,
     USAGE_COLUMNS,
     BackfillProgress,
@@ -36,6 +38,16 @@ _SET_CHANGED = ", ".join(f"{c} = CASE WHEN ${2 * i + 2}::bool THEN ${2 * i + 3} 
 _UPDATE_KEY = (f"UPDATE api_keys SET {_SET_CHANGED} WHERE name = $1 AND revoked_at IS NULL "
                f"RETURNING {', '.join(KEY_COLUMNS)}")
 _MIGRATION_LOCK = 0x63637078  # "ccpx": replicas starting together migrate one at a time
+_PG_TYPES = {
+    "request_id": "text", "ts": "float8", "key_name": "text", "endpoint": "text", "alias": "text",
+    "rule": "text", "provider": "text", "upstream_model": "text", "stream": "bool", "status": "int8",
+    "error_kind": "text", "input_tokens": "int8", "output_tokens": "int8", "cache_read_tokens": "int8",
+    "cache_creation_tokens": "int8", "latency_ms": "float8", "ttfb_ms": "float8", "served_alias": "text",
+    "cost_usd": "float8", "session_id": "text", "end_user": "text", "tags": "text",
+}
+_INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) SELECT * FROM unnest("
+                 f"{', '.join(f'${i + 1}::{_PG_TYPES[c]}[]' for i, c in enumerate(USAGE_COLUMNS))}) "
+                 "ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
 _UPSERT_AGG = aggsql.upsert_sql("postgres")
 
 
@@ -93,25 +105,31 @@ class PostgresStore:
     async def insert_usage(self, rows: Sequence[UsageRecord]) -> int:
         if not rows:
             return 0
-        # One statement for the whole batch: unnest() keeps it a single round trip, and
-        # RETURNING counts what was really new.
-        cols = list(USAGE_COLUMNS)
-        columns = list(zip(*(usage_values(r) for r in rows), strict=True))
-        types = [_PG_TYPES[c] for c in cols]
-        sql = (f"INSERT INTO usage ({', '.join(cols)}) "
-               f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(types))}) "
-               "ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
-        by_id = {r.request_id: r for r in rows}
+        inserted = 0
+        rolled: dict[Any, Agg] = {}
         async with self.pool.acquire() as conn, conn.transaction():
-            inserted = await conn.fetch(sql, *[list(c) for c in columns])
-            # Only the rows really inserted count in the aggregates (a replayed or retried batch).
-            fresh = [dict(zip(USAGE_COLUMNS, usage_values(by_id[r[0]]), strict=True)) for r in inserted]
-            values = aggsql.upsert_values("postgres", rollup(fresh))
-            if values:
-                await conn.executemany(_UPSERT_AGG, values)
-        if rows and min(float(r.ts) for r in rows) < time.time() - SETTLE:
+            for i in range(0, len(rows), SLICE_ROWS):  # in slices: see SLICE_ROWS (usage/store.py)
+                if i:
+                    await asyncio.sleep(SLICE_PAUSE)
+                part = rows[i:i + SLICE_ROWS]
+                # unnest() keeps a slice one round trip, and RETURNING says what was really new:
+                # only those rows count in the aggregates (a replayed or retried batch).
+                values = [usage_values(r) for r in part]
+                columns = [list(c) for c in zip(*values, strict=True)]
+                new = {r[0] for r in await conn.fetch(_INSERT_USAGE, *columns)}
+                inserted += len(new)
+                fresh = []
+                for v in values:  # the first row of an id, as PostgreSQL keeps it
+                    if v[0] in new:
+                        new.discard(v[0])
+                        fresh.append(dict(zip(USAGE_COLUMNS, v, strict=True)))
+                rollup(fresh, into=rolled)
+            upserts = aggsql.upsert_values("postgres", rolled)
+            if upserts:
+                await conn.executemany(_UPSERT_AGG, upserts)
+        if min(float(r.ts) for r in rows) < time.time() - SETTLE:
             self.generation += 1
-        return len(inserted)
+        return inserted
 
     async def usage_groups(self, group: aggsql.Group, segments: Sequence[Segment], *, percentiles: bool = True,
                            only: Sequence[Any] | None = None) -> dict[Any, Agg]:
@@ -258,11 +276,3 @@ async def _backfill_batch(pool: asyncpg.Pool, progress: BackfillProgress) -> boo
     progress.advance(len(rows), done, last, upto)
     return False
 
-
-_PG_TYPES = {
-    "request_id": "text", "ts": "float8", "key_name": "text", "endpoint": "text", "alias": "text",
-    "rule": "text", "provider": "text", "upstream_model": "text", "stream": "bool", "status": "int8",
-    "error_kind": "text", "input_tokens": "int8", "output_tokens": "int8", "cache_read_tokens": "int8",
-    "cache_creation_tokens": "int8", "latency_ms": "float8", "ttfb_ms": "float8", "served_alias": "text",
-    "cost_usd": "float8", "session_id": "text", "end_user": "text", "tags": "text",
-}

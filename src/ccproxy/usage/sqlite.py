@@ -32,6 +32,8 @@ from ccproxy.usage.store import (
     BACKFILL_BATCH,
     CONVERT_BATCH,
     KEY_COLUMNS,
+    SLICE_PAUSE,
+    SLICE_ROWS,
     UPDATABLE_KEY_COLUMNS,
     USAGE_COLUMNS,
     BackfillProgress,
@@ -70,18 +72,8 @@ def _json_batch(values: list[tuple[Any, ...]]) -> bytes | None:
     return None if b"\\u0000" in batch else batch
 
 
-# The writer works in slices of SLICE_ROWS rows (about a quarter of a millisecond of CPU each) with
-# SLICE_PAUSE seconds between them. A batch written in one go kept the second core busy for
-# milliseconds, and requests running meanwhile on the event loop were slowed enough to multiply the
-# gateway's 1-connection p99; in short slices they were not (measured in bench/README.md, "Where the
-# time goes"). The pause costs no CPU, and the writer still keeps up with far more rows per second
-# than one process serves.
-SLICE_ROWS = 32
-SLICE_PAUSE = 0.0005
-
-
 def _insert_paced(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> dict[Any, Agg]:
-    """Insert `rows` (fresh ones: not stored yet) slice by slice; their aggregates, summed."""
+    """Insert `rows` (fresh ones: not stored yet) slice by slice (SLICE_ROWS); their aggregates."""
     rolled: dict[Any, Agg] = {}
     for i in range(0, len(rows), SLICE_ROWS):
         if i:
@@ -92,11 +84,7 @@ def _insert_paced(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> dict
             conn.execute(_INSERT_USAGE_BATCH, (batch,))
         else:
             conn.executemany(_INSERT_USAGE, part)
-        for k, a in rollup(dict(zip(USAGE_COLUMNS, v, strict=True)) for v in part).items():
-            if k in rolled:
-                rolled[k] += a
-            else:
-                rolled[k] = a
+        rollup((dict(zip(USAGE_COLUMNS, v, strict=True)) for v in part), into=rolled)
     return rolled
 
 

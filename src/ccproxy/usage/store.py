@@ -102,6 +102,16 @@ def key_update_values(changes: dict[str, Any]) -> list[Any]:
     return out
 
 
+# Both stores write a batch in slices of SLICE_ROWS rows (about a quarter of a millisecond of
+# database CPU each) with SLICE_PAUSE seconds between them. A batch written in one go kept the
+# second core busy for milliseconds (SQLite's thread, PostgreSQL's server process), and requests
+# running meanwhile on the event loop were slowed enough to multiply the gateway's 1-connection
+# p99; in short slices they were not (measured in bench/README.md, "The SQLite writer"). The pause
+# costs no CPU, and a store still writes far more rows per second than one process serves.
+SLICE_ROWS = 32
+SLICE_PAUSE = 0.0005
+
+
 def usage_values(r: UsageRecord) -> tuple[Any, ...]:
     return (r.request_id, float(r.ts), r.key_name, r.endpoint, r.alias, r.rule, r.provider,
             r.upstream_model, bool(r.stream), int(r.status), r.error_kind, int(r.input_tokens),

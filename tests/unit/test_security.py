@@ -369,7 +369,8 @@ SAFE_SQL_PARTS = {
     "MIGRATIONS_TABLE", "_SELECT_KEY", "cols", "ts", "', '.join(USAGE_COLUMNS)", "', '.join(KEY_COLUMNS)",
     "', '.join(cols)", "', '.join(columns)", "', '.join(('?' for _ in USAGE_COLUMNS))",
     "', '.join(('?' for _ in KEY_COLUMNS))", "', '.join((f'${i + 1}' for i in range(len(KEY_COLUMNS))))",
-    "', '.join((f'${i + 1}::{t}[]' for i, t in enumerate(types)))", "i + 1", "t",
+    "i + 1", "t",
+    "_UNNEST_ARRAYS",  # PostgreSQL's usage insert: `$i::type[]` for each usage column, from _PG_TYPES
     "t['id']", "t['float']", "t['int']", "t['bool']", "t['text']", "t['json']",
     "'FALSE' if flavor == 'postgres' else '0'",
     "_ROW_FIELDS",  # SQLite's batch insert: json_extract(value, '$[i]') for each usage column index

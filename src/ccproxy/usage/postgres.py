@@ -45,8 +45,8 @@ _PG_TYPES = {
     "cache_creation_tokens": "int8", "latency_ms": "float8", "ttfb_ms": "float8", "served_alias": "text",
     "cost_usd": "float8", "session_id": "text", "end_user": "text", "tags": "text",
 }
-_INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) SELECT * FROM unnest("
-                 f"{', '.join(f'${i + 1}::{_PG_TYPES[c]}[]' for i, c in enumerate(USAGE_COLUMNS))}) "
+_UNNEST_ARRAYS = ", ".join(f"${i + 1}::{_PG_TYPES[c]}[]" for i, c in enumerate(USAGE_COLUMNS))
+_INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) SELECT * FROM unnest({_UNNEST_ARRAYS}) "
                  "ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
 _UPSERT_AGG = aggsql.upsert_sql("postgres")
 

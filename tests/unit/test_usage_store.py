@@ -10,7 +10,7 @@ from ccproxy.usage.migrations import MIGRATIONS
 from ccproxy.usage.query import aggregate, percentile, recent
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.sqlite import SQLiteStore
-from ccproxy.usage.store import KeyExists, KeyRow
+from ccproxy.usage.store import SLICE_ROWS, KeyExists, KeyRow
 
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 
@@ -146,8 +146,6 @@ def test_percentile_matches_percentile_cont() -> None:
 def several_slices_batch() -> list[UsageRecord]:
     """A batch longer than three slices (`SLICE_ROWS`): the seed rows amid filler rows, and request
     ids that come twice, in one slice and across two."""
-    from ccproxy.usage.store import SLICE_ROWS
-
     filler = [UsageRecord(f"fill-{i}", NOW - 600 + i, f"k{i % 3}", "/v1/chat/completions", alias="a",
                           status=200 if i % 5 else 500, latency_ms=float(i), input_tokens=i)
               for i in range(3 * SLICE_ROWS)]

@@ -5,8 +5,9 @@
    header, or the key's name.
 2. Otherwise the requested model name is looked up among the aliases (exact, then globs).
 3. The alias's deployments are ordered, deployments in cooldown last: with session affinity (the
-   default for an alias with several deployments; `ccproxy.affinity`) by the session's weighted
-   rendezvous score, so a conversation's turns reuse one backend's prompt cache; with
+   default for an alias with several deployments; `ccproxy.affinity`) the session's deployment
+   first, placed once by weighted rendezvous hashing with bounded loads, so a conversation's turns
+   reuse one backend's prompt cache; with
    `affinity: none` by least in-flight per unit of weight. Then come the deployments of each alias
    in its `fallbacks`.
 4. The pipeline tries them with `next_target`: deployments in cooldown are skipped while any other
@@ -16,7 +17,8 @@ A deployment goes into cooldown after `max_failures` consecutive failures (for `
 or at once for as long as a backend's `Retry-After` asks (capped at MAX_RETRY_AFTER); it comes back
 on its own when the time is up.
 
-The router keeps per-deployment health (in flight, consecutive failures, cooldown); nothing else.
+The router keeps per-deployment health (in flight, consecutive failures, cooldown) and where each
+session was placed; nothing else.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ccproxy import errors
-from ccproxy.affinity import SessionPins, rendezvous_score, session_key
+from ccproxy.affinity import SessionPlacements, place_session, rendezvous_score, session_key
 from ccproxy.attribution import attribute
 from ccproxy.config import AliasConfig, Config, Deployment, RuleConfig, resolve_alias
 from ccproxy.core import ChatRequest
@@ -133,13 +135,15 @@ def _dep_id(d: Deployment) -> str:
 
 
 class Router:
-    def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None):
+    def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None,
+                 placements: SessionPlacements | None = None):
         self.config = config
         # each alias's deployments, built once per config (an alias's provider+model is a Deployment)
         self._deployments = {name: tuple(a.all_deployments()) for name, a in config.models.items()}
         # Health survives hot reloads: the new router takes the old router's dict.
         self.health: dict[tuple[str, str], DeploymentHealth] = health if health is not None else {}
-        self.pins = SessionPins()
+        # Where sessions were placed survives hot reloads too: their prompt caches are still there.
+        self.placements = placements if placements is not None else SessionPlacements()
 
     def aliases(self) -> list[str]:
         return list(self.config.models)
@@ -185,23 +189,28 @@ class Router:
 
     def _by_session(self, alias: str, deps: list[Deployment], now: float, route: Route, req: ChatRequest,
                     traits: RequestTraits) -> list[Deployment]:
-        """Deployments in the session's rendezvous order, healthy ones first; a session that had to
-        move off a cooling deployment stays where it moved (its prompt cache is there now)."""
+        """The session's deployment first (where it was placed, while that one is healthy; else
+        placed now, `affinity.place_session`), then the rest in its rendezvous order, cooling ones last."""
         session, source = session_key(req, traits.session)
         ranked = sorted(deps, key=lambda d: rendezvous_score(session, _dep_id(d), d.weight), reverse=True)
         ordered = sorted(ranked, key=lambda d: self._state(d).cooling(now))  # stable: keeps the ranking
-        pinned = self.pins.get(alias, session)
-        if pinned is not None:
-            first = next((d for d in ordered if _dep_id(d) == pinned and not self._state(d).cooling(now)), None)
-            if first is not None:
-                ordered.remove(first)
-                ordered.insert(0, first)
-        chosen = _dep_id(ordered[0])
-        if chosen != _dep_id(ranked[0]) and chosen != pinned:
-            self.pins.pin(alias, session, chosen)  # moved off its first choice: stay moved
-        if route.affinity is None:
-            route.affinity = {"session": session[:16], "source": source, "deployment": chosen,
-                              "moved": chosen != _dep_id(ranked[0])}
+        candidates = [d for d in ordered if not self._state(d).cooling(now)] or ordered
+        placed = self.placements.get(alias, session)
+        first = next((d for d in candidates if _dep_id(d) == placed), None)
+        if first is not None:
+            how = "kept"
+        else:
+            chosen, how = place_session(self.placements, alias, session,
+                                        [(_dep_id(d), d.weight) for d in candidates], now)
+            first = next(d for d in candidates if _dep_id(d) == chosen)
+            if placed is not None:
+                how = "moved off a deployment in cooldown or removed"
+        ordered.remove(first)
+        ordered.insert(0, first)
+        if route.affinity is None:  # the routed alias; a fallback's choice is not recorded (rarely served)
+            self.placements.place(alias, session, _dep_id(first), now)
+            route.affinity = {"session": session[:16], "source": source, "deployment": _dep_id(first),
+                              "placement": how}
         return ordered
 
     def _with_targets(self, route: Route, req: ChatRequest, traits: RequestTraits) -> Route:

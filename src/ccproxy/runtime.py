@@ -1,8 +1,9 @@
 """The part of the gateway a config reload replaces, and the reload itself.
 
 `Runtime` holds the config, the router, the price book and the providers. A reload builds and
-starts a new one (`replace_runtime`: unchanged providers and the deployments' health carry over; if the new
-one cannot start, the old one keeps serving), the gateway swaps it in atomically, and `Retirer`
+starts a new one (`replace_runtime`: unchanged providers, the deployments' health and the
+sessions' placements carry over; if the new one cannot start, the old one keeps serving), the
+gateway swaps it in atomically, and `Retirer`
 closes the old one once nothing uses it: chat requests pin the runtime they started with
 (`Runtime.active`) and finish on it however long they stream; other endpoints use it for a moment
 only (RETIRE_GRACE).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 from ccproxy import redact
+from ccproxy.affinity import SessionPlacements
 from ccproxy.config import Config
 from ccproxy.pricing import PriceBook
 from ccproxy.providers import make_provider
@@ -28,10 +30,10 @@ class Runtime:
     """Config + router + providers: the part a hot reload replaces."""
 
     def __init__(self, config: Config, health: dict[tuple[str, str], DeploymentHealth] | None = None,
-                 reuse: dict[str, Provider] | None = None):
+                 reuse: dict[str, Provider] | None = None, placements: SessionPlacements | None = None):
         redact.use_config(config)  # its secrets never leave the gateway (errors, logs)
         self.config = config
-        self.router = Router(config, health)
+        self.router = Router(config, health, placements)
         self.prices = PriceBook(config)  # warns once per model that `price: auto` cannot price
         self.active = 0  # chat requests pinned to this runtime; a retired runtime closes when it is 0
         reuse = reuse or {}
@@ -70,7 +72,7 @@ class NullServices:
 async def replace_runtime(old: Runtime, config: Config) -> Runtime:
     """A started runtime for `config`, reusing `old`'s unchanged providers and its deployments'
     health. If it cannot start, what it opened is closed and the error raised: `old` keeps serving."""
-    new = Runtime(config, old.router.health, old.providers)
+    new = Runtime(config, old.router.health, old.providers, old.router.placements)
     try:
         await new.start()
     except BaseException:

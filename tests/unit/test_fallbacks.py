@@ -462,6 +462,8 @@ async def test_reload_in_flight_requests_finish_on_the_old_runtime(upstream: Ups
     new_cfg["providers"]["up"]["max_connections"] = 10  # a changed provider: a new session
     await client.gw.reload(parse_config(new_cfg, "fallbacks.yaml"))
     assert client.gw.runtime is not old
+    assert client.gw.runtime.router.health is old.router.health  # what the gateway learnt carries over
+    assert client.gw.runtime.router.placements is old.router.placements
     assert served_by(await client.chat("swap")) == "ok-new"
     resp = await pending
     assert served_by(resp) == "slow-ok"  # finished on the old runtime, old provider still open

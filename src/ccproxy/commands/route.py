@@ -141,8 +141,7 @@ def format_explain(out: dict[str, Any], source: str) -> str:
     affinity = out.get("affinity")
     if affinity is not None:
         lines.append(f"session affinity: session {affinity['session']!r} ({affinity['source']}) -> deployment "
-                     f"{affinity['deployment']!r}" + (" (moved off a deployment in cooldown)" if affinity["moved"]
-                                                      else ""))
+                     f"{affinity['deployment']!r} ({affinity['placement']})")
     elif sum(t["alias"] == out["alias"] for t in out["targets"]) > 1:
         lines.append("  (deployments of one alias are ordered per request: least in flight per unit of weight, "
                      "those in cooldown last)")

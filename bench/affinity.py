@@ -8,10 +8,14 @@ client times the first content token. The same workload (same prompts, same sess
 decoding) runs twice, once per mode, each time on freshly started servers with identical settings:
 
 - `--interrupt_requests False`: a second request waits for the first instead of cancelling it;
-- `--cache true` (llama-cpp-python's LlamaRAMCache, 2 GiB): after each answer the server keeps the
-  KV state keyed by its tokens and reloads the longest matching one, so one server can hold the
-  prefixes of several sessions (without it, only the last prompt's KV survives, and two sessions on
-  one server evict each other). `--no-prompt-cache` measures without it.
+- `--cache true` (llama-cpp-python's LlamaRAMCache, 2 GiB unless `--cache-bytes`): after each answer
+  the server keeps the KV state keyed by its tokens and reloads the longest matching one, so one
+  server can hold the prefixes of several sessions (without it, only the last prompt's KV survives,
+  and two sessions on one server evict each other). `--no-prompt-cache` measures without it.
+
+`--think` makes each agent pause between turns (its tools run, its user reads), as agents do; with
+no pause the sessions run in lockstep, and least-in-flight balancing (`none`) then tends to send a
+session back to the server it just left by itself.
 
 A turn whose prefix is cached on the deployment that serves it computes only the new tokens; a turn
 sent elsewhere computes the whole prefix again. The deployment that served each turn comes from the
@@ -61,13 +65,13 @@ class BenchLlama(LlamaServer):
     """The tests' llama.cpp server, plus the settings a shared server needs: requests queue instead of
     interrupting each other, and (unless turned off) the RAM prompt cache."""
 
-    def __init__(self, workdir: Path, prompt_cache: bool, n_ctx: int, n_batch: int) -> None:
+    def __init__(self, workdir: Path, prompt_cache: bool, n_ctx: int, n_batch: int, cache_bytes: int) -> None:
         super().__init__(workdir, n_ctx=n_ctx, n_threads=1)
-        self.prompt_cache, self.n_batch = prompt_cache, n_batch
+        self.prompt_cache, self.n_batch, self.cache_bytes = prompt_cache, n_batch, cache_bytes
 
     def command(self) -> list[str]:
         return [*super().command(), "--interrupt_requests", "False", "--n_batch", str(self.n_batch),
-                *(["--cache", "true"] if self.prompt_cache else [])]
+                *(["--cache", "true", "--cache_size", str(self.cache_bytes)] if self.prompt_cache else [])]
 
     def prefill_log(self) -> list[tuple[int, int]]:
         """(prompt tokens reused, prompt tokens computed) per request after the first, in order."""
@@ -90,15 +94,19 @@ def system_prompt(rng: random.Random, n_words: int, index: int) -> str:
             "Reference notes:\n" + "\n".join(lines))
 
 
-def workload(seed: int, sessions: int, turns: int, n_words: int) -> list[dict[str, Any]]:
-    """The sessions, identical for both modes: id, system prompt, one user message per turn."""
+def workload(seed: int, sessions: int, turns: int, n_words: int, think: float = 0.0) -> list[dict[str, Any]]:
+    """The sessions, identical for both modes: id, system prompt, one user message per turn, and the
+    pause before each turn after the first (uniform in [think / 2, think] seconds: the agent runs
+    its tools, the user reads)."""
     rng = random.Random(seed)
     out = []
     for i in range(sessions):
+        pauses = random.Random(f"{seed}-{i}-think")
         out.append({
             "id": str(uuid.UUID(int=random.Random(f"{seed}-{i}").getrandbits(128), version=4)),
             "system": system_prompt(rng, n_words, i),
             "users": [f"Turn {t + 1}: name one {rng.choice(WORDS)} tip." for t in range(turns)],
+            "think": [round(pauses.uniform(think / 2, think), 2) for _ in range(turns - 1)],
         })
     return out
 
@@ -134,6 +142,8 @@ async def run_session(http: Any, gw_url: str, s: dict[str, Any], args: argparse.
     messages: list[dict[str, Any]] = [{"role": "system", "content": s["system"]}]
     out = []
     for turn, user in enumerate(s["users"], 1):
+        if turn > 1:
+            await asyncio.sleep(s["think"][turn - 2])
         messages.append({"role": "user", "content": user})
         body = {"model": ALIAS, "messages": messages, "stream": True, "max_tokens": args.max_tokens,
                 "temperature": 0, "seed": args.seed}
@@ -167,7 +177,8 @@ def warm(server: BenchLlama) -> None:
 
 async def run_mode(mode: str, work: list[dict[str, Any]], args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     import aiohttp
-    servers = [BenchLlama(logs / f"{mode}-llama{i + 1}", args.prompt_cache, args.n_ctx, args.n_batch) for i in range(2)]
+    servers = [BenchLlama(logs / f"{mode}-llama{i + 1}", args.prompt_cache, args.n_ctx, args.n_batch, args.cache_bytes)
+               for i in range(2)]
     gw = None
     try:
         for s in servers:
@@ -218,6 +229,12 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
             "placement": sessions, "prompt_tokens_sent": sent, "prompt_tokens_computed": computed}
 
 
+def cache_text(meta: dict[str, Any]) -> str:
+    if not meta["prompt_cache"]:
+        return "off"
+    return f"{meta.get('cache_bytes', 2 << 30) / 1e6:,.0f} MB"
+
+
 def ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.0f} ms"
 
@@ -226,7 +243,8 @@ def report(results: dict[str, Any]) -> str:
     meta, summary = results["meta"], results["summary"]
     lines = [f"Session affinity: {meta['sessions']} concurrent sessions x {meta['turns']} turns, "
              f"system prompt {meta['prefix_tokens']:,} tokens, 2 llama.cpp servers (1 thread each, "
-             f"prompt cache {'on' if meta['prompt_cache'] else 'off'}), session from {meta['session_source']}", "",
+             f"prompt cache {cache_text(meta)}), session from {meta['session_source']}, "
+             f"pause before turns 2+ up to {meta.get('think_s', 0):g} s", "",
              "| mode | turn 1 p50 | turn 1 p90 | turns 2-5 p50 | turns 2-5 p90 | turns 2-5 mean "
              "| prompt tokens computed / sent (llama.cpp) | wall |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -263,11 +281,17 @@ def main() -> int:
                     help="send no x-claude-code-session-id: the gateway hashes system prompt + first user message")
     ap.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
                     help="llama.cpp servers without --cache true (only the last prompt's KV survives)")
+    ap.add_argument("--cache-bytes", type=int, default=2 << 30,
+                    help="each server's RAM prompt cache (llama-cpp-python --cache_size; default its 2 GiB); "
+                         "the least recently used states are dropped beyond it")
+    ap.add_argument("--think", type=float, default=0.0,
+                    help="seconds an agent pauses before each turn after the first: uniform in [THINK/2, THINK] "
+                         "(default 0: the next turn leaves as soon as the answer is in)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list (default session,none)")
     ap.add_argument("--output", default=str(ROOT / "bench/results/affinity.json"))
     args = ap.parse_args()
 
-    work = workload(args.seed, args.sessions, args.turns, args.prefix_words)
+    work = workload(args.seed, args.sessions, args.turns, args.prefix_words, args.think)
     modes = [m for m in args.modes.split(",") if m]
     runs: dict[str, Any] = {}
     try:
@@ -288,7 +312,7 @@ def main() -> int:
                         "sessions": args.sessions, "turns": args.turns, "prefix_words": args.prefix_words,
                         "prefix_tokens": next(iter(runs.values()))["prefix_tokens"] if runs else None,
                         "max_tokens": args.max_tokens, "seed": args.seed, "n_batch": args.n_batch,
-                        "prompt_cache": args.prompt_cache,
+                        "prompt_cache": args.prompt_cache, "cache_bytes": args.cache_bytes, "think_s": args.think,
                         "session_source": "hash of system prompt + first user message" if args.no_session_header
                         else "x-claude-code-session-id", "cpus": os.cpu_count()},
                "summary": summary, "runs": runs}

@@ -68,15 +68,15 @@ def rendezvous_score(session: str, deployment: str, weight: float) -> float:
 
 
 class SessionPlacements:
-    """Where each session was placed (bounded, least recently seen forgotten first), and how many
-    active sessions -- seen within `idle` seconds -- each deployment holds.
+    """Where each session was placed (the `limit` most recently seen), and how
+    many active sessions -- seen within `idle` seconds -- each deployment holds.
 
     A session stays where it was placed, whatever the load: only a new session, or one whose
     deployment is cooling or gone, is placed again. The table outlives config reloads (the new
     router takes the old one's) and is per process: with several workers or replicas, a process
     that has not seen a session yet places it by its own count of active sessions."""
 
-    def __init__(self, limit: int = 50_000, idle: float = SESSION_IDLE) -> None:
+    def __init__(self, limit: int = 10_000, idle: float = SESSION_IDLE) -> None:
         self.limit = limit
         self.idle = idle
         self._where: OrderedDict[tuple[str, str], str] = OrderedDict()  # (alias, session) -> deployment id

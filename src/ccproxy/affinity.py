@@ -107,6 +107,14 @@ class SessionPlacements:
         self._expire(now)
         return self._load.get((alias, deployment), 0)
 
+    def active_by_deployment(self, now: float) -> dict[str, int]:
+        """Active sessions per deployment id, over all aliases (for `/ready` and the dashboard)."""
+        self._expire(now)
+        out: dict[str, int] = {}
+        for (_, dep), n in self._load.items():
+            out[dep] = out.get(dep, 0) + n
+        return out
+
     def _expire(self, now: float) -> None:
         seen = self._seen
         while seen:

@@ -131,7 +131,11 @@ def rule_matches(rule: RuleConfig, t: RequestTraits) -> str | None:
 
 
 def _dep_id(d: Deployment) -> str:
-    return f"{d.provider}/{d.model}"
+    return _dep_id_of(d.provider, d.model)
+
+
+def _dep_id_of(provider: str, model: str) -> str:
+    return f"{provider}/{model}"
 
 
 class Router:
@@ -264,12 +268,14 @@ class Router:
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = time.monotonic()
+        sessions = self.placements.active_by_deployment(now)
         out = []
         for (provider, model), h in sorted(self.health.items()):
             out.append({"provider": provider, "model": model, "in_flight": h.in_flight,
                         "cooling": h.cooling(now), "consecutive_failures": h.failures,
                         "cooldown_seconds_left": round(max(0.0, h.cooldown_until - now), 1),
-                        "requests": h.total, "errors": h.errors})
+                        "requests": h.total, "errors": h.errors,
+                        "sessions": sessions.get(_dep_id_of(provider, model), 0)})
         return out
 
     def explain(self, req: ChatRequest, traits: RequestTraits, route: Route | None = None) -> dict[str, Any]:

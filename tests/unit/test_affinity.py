@@ -225,3 +225,14 @@ def test_only_the_routed_alias_records_the_session(clock: Clock) -> None:
     assert route.affinity is not None and route.affinity["deployment"] == f"{route.targets[0].deployment.provider}/m"
     assert router.placements.get("pool", "s") is not None
     assert router.placements.get("spare", "s") is None  # a fallback, ordered for the session but not its load
+
+
+def test_the_health_snapshot_counts_each_deployments_active_sessions(clock: Clock) -> None:
+    router = make_router(PAIR)
+    homes = [first_provider(router, request(), {"session-id": f"s{i}"}) for i in range(4)]
+    for h in ("a", "b"):
+        router.started(Deployment(provider=h, model="m"))
+    snap = {d["provider"]: d["sessions"] for d in router.snapshot()}
+    assert snap == {"a": homes.count("a"), "b": homes.count("b")} == {"a": 2, "b": 2}
+    clock.now += SESSION_IDLE + 1
+    assert {d["provider"]: d["sessions"] for d in router.snapshot()} == {"a": 0, "b": 0}

@@ -461,6 +461,7 @@ async def test_live_panel(client: httpx.AsyncClient, gw: Gateway) -> None:
         await t.release(50)
     gw.runtime.router.health[("up", "m1")] = DeploymentHealth(in_flight=2, cooldown_until=time.monotonic() + 30,
                                                               total=5, errors=3)
+    gw.runtime.router.placements.place("coding", "a-session", "up/m1", time.monotonic())
     r = await client.get("/ui/api/live", headers=bearer(ADMIN))
     assert r.status_code == 200, r.text
     live = r.json()
@@ -473,6 +474,7 @@ async def test_live_panel(client: httpx.AsyncClient, gw: Gateway) -> None:
     m1 = deps[("up", "m1")]
     assert m1["aliases"] == ["coding", "also-coding"] and m1["state"] == "cooldown" and not m1["ready"]
     assert 29 <= m1["cooldown_seconds_left"] <= 30 and (m1["in_flight"], m1["requests"], m1["errors"]) == (2, 5, 3)
+    assert m1["sessions"] == 1 and deps[("up", "gone")]["sessions"] == 0
     assert deps[("up", "gone")]["state"] == "model missing"
     assert deps[("down", "gpt-x")]["state"] == "unreachable" and deps[("down", "gpt-x")]["aliases"] == ["fast"]
     # keys: exact numbers from the in-memory limiter (9 requests, 450 tokens, 1 in flight)

@@ -484,7 +484,7 @@ class Dashboard:
                         "provider": d.provider, "model": d.model, "aliases": [], "state": state,
                         "ready": state == "ready", "cooldown_seconds_left": cooldown,
                         "in_flight": int(h.get("in_flight", 0)), "requests": int(h.get("requests", 0)),
-                        "errors": int(h.get("errors", 0))}
+                        "errors": int(h.get("errors", 0)), "sessions": int(h.get("sessions", 0))}
                 if alias not in row["aliases"]:
                     row["aliases"].append(alias)
         try:

@@ -270,11 +270,11 @@
       td(p.name), td(p.type), el("td", null, [p.reachable ? badge("yes", "ok") : badge("no", "bad")]),
       td(num(p.models), "num"), td(p.error || ""),
     ]));
-    fillTable("deployments", live.deployments, 8, (d) => el("tr", null, [
+    fillTable("deployments", live.deployments, 9, (d) => el("tr", null, [
       td(d.provider), td(d.model), td(d.aliases.join(", ")),
       el("td", null, [badge(d.state, d.state === "ready" ? "ok" : d.state === "cooldown" ? "warn" : "bad")]),
       td(d.cooldown_seconds_left > 0 ? oneFmt.format(d.cooldown_seconds_left) + " s" : "–", "num"),
-      td(num(d.in_flight), "num"), td(num(d.requests), "num"), td(num(d.errors), "num"),
+      td(num(d.in_flight), "num"), td(num(d.sessions), "num"), td(num(d.requests), "num"), td(num(d.errors), "num"),
     ]));
     $("#keys-measured").textContent = live.keys_measured_by === "limiter"
       ? "exact, from this replica's limiter" : "last 60 s, from the usage store";

@@ -6,16 +6,16 @@ previous one ran: llama.cpp and vLLM keep a slot's KV cache, hosted APIs bill ca
 fraction of the price. So an alias with several deployments orders them per session by weighted
 rendezvous hashing (highest random weight, https://en.wikipedia.org/wiki/Rendezvous_hashing):
 each (session, deployment) pair gets a score from a hash, scaled by the deployment's weight, and
-the deployments are tried highest score first. Adding or removing a deployment moves only the sessions that
-scored highest on it.
+the deployments are tried highest score first. Adding or removing a deployment moves only the
+sessions that scored highest on it.
 
 Hashing alone spreads sessions evenly only on average: four sessions on two deployments split
 three to one or four to none more often than two and two. So a new session takes the first
 deployment of its order that holds less than its share of the alias's active sessions
 (`place_session`), and then stays there (`SessionPlacements`), whatever the load, for as long as
-that deployment is healthy. A session
-whose deployment cools down is placed again and stays on the new one after the first comes back:
-its cache is warm there now, and bouncing back would pay for the prefix twice.
+that deployment is healthy. A session whose deployment cools down is placed again and stays on the
+new one after the first comes back: its cache is warm there now, and bouncing back would pay for
+the prefix twice.
 
 The session is what the client says it is (the one the usage row records, `ccproxy.attribution`:
 Claude Code's `x-claude-code-session-id` or the session in its `metadata.user_id`, Codex's
@@ -68,8 +68,8 @@ def rendezvous_score(session: str, deployment: str, weight: float) -> float:
 
 
 class SessionPlacements:
-    """Where each session was placed (the `limit` most recently seen), and how
-    many active sessions -- seen within `idle` seconds -- each deployment holds.
+    """Where each session was placed (the `limit` most recently seen), and how many active
+    sessions -- seen within `idle` seconds -- each deployment holds.
 
     A session stays where it was placed, whatever the load: only a new session, or one whose
     deployment is cooling or gone, is placed again. The table outlives config reloads (the new
@@ -136,7 +136,7 @@ class SessionPlacements:
         return len(self._where)
 
 
-def place_session(placements: SessionPlacements, alias: str, session: str, ranked: list[tuple[str, float]],
+def place_session(placements: SessionPlacements, alias: str, ranked: list[tuple[str, float]],
                   now: float) -> tuple[str, str]:
     """(deployment id, how) for a session that has no usable placement: the first deployment of
     its rendezvous order `ranked` ((id, weight) pairs, healthy ones only) still under its share of

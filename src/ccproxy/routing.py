@@ -7,9 +7,8 @@
 3. The alias's deployments are ordered, deployments in cooldown last: with session affinity (the
    default for an alias with several deployments; `ccproxy.affinity`) the session's deployment
    first, placed once by weighted rendezvous hashing with bounded loads, so a conversation's turns
-   reuse one backend's prompt cache; with
-   `affinity: none` by least in-flight per unit of weight. Then come the deployments of each alias
-   in its `fallbacks`.
+   reuse one backend's prompt cache; with `affinity: none` by least in-flight per unit of weight.
+   Then come the deployments of each alias in its `fallbacks`.
 4. The pipeline tries them with `next_target`: deployments in cooldown are skipped while any other
    remains, and tried last (better a likely failure than a certain one).
 
@@ -204,8 +203,7 @@ class Router:
         if first is not None:
             how = "kept"
         else:
-            chosen, how = place_session(self.placements, alias, session,
-                                        [(_dep_id(d), d.weight) for d in candidates], now)
+            chosen, how = place_session(self.placements, alias, [(_dep_id(d), d.weight) for d in candidates], now)
             first = next(d for d in candidates if _dep_id(d) == chosen)
             if placed is not None:
                 how = "moved off a deployment in cooldown or removed"

@@ -210,7 +210,9 @@ def test_session_affinity_keeps_turns_on_one_llama_and_moves_for_good(gateway, l
         served = Conversation(gw, system=system).turns(5)
         assert len(set(served)) == 1, served
         homes.append(served[0])
-    assert set(homes) == {"l1", "l2"}, homes  # the hash spreads these two (fixed prompts: deterministic)
+    # one session on each server already: bounded loads put these two one per server as well, whatever
+    # their hashes say (the second finds its first choice at its share of four sessions, two)
+    assert set(homes) == {"l1", "l2"}, homes
 
     second_llama.kill()  # l2 crashes: its session moves to l1 within the turn, no error for the client
     assert mover.turns(2) == ["l1", "l1"]

@@ -8,14 +8,15 @@ client times the first content token. The same workload (same prompts, same sess
 decoding) runs twice, once per mode, each time on freshly started servers with identical settings:
 
 - `--interrupt_requests False`: a second request waits for the first instead of cancelling it;
-- `--cache true` (llama-cpp-python's LlamaRAMCache, 2 GiB unless `--cache-bytes`): after each answer
-  the server keeps the KV state keyed by its tokens and reloads the longest matching one, so one
-  server can hold the prefixes of several sessions (without it, only the last prompt's KV survives,
-  and two sessions on one server evict each other). `--no-prompt-cache` measures without it.
+- `--cache true` (llama-cpp-python's LlamaRAMCache, `--cache-bytes`, by default about three
+  sessions' states): after each answer the server keeps the KV state keyed by its tokens and
+  reloads the longest matching one, so one server can hold the prefixes of several sessions, as a
+  real server's bounded prefix cache does (without it, only the last prompt's KV survives, and two
+  sessions on one server evict each other). `--no-prompt-cache` measures without it.
 
-`--think` makes each agent pause between turns (its tools run, its user reads), as agents do; with
-no pause the sessions run in lockstep, and least-in-flight balancing (`none`) then tends to send a
-session back to the server it just left by itself.
+`--think` (20 s) makes each agent pause between turns (its tools run, its user reads), as agents
+do; with no pause the sessions run in lockstep, and least-in-flight balancing (`none`) then tends
+to send a session back to the server it just left by itself.
 
 A turn whose prefix is cached on the deployment that serves it computes only the new tokens; a turn
 sent elsewhere computes the whole prefix again. The deployment that served each turn comes from the
@@ -94,7 +95,7 @@ def system_prompt(rng: random.Random, n_words: int, index: int) -> str:
             "Reference notes:\n" + "\n".join(lines))
 
 
-def workload(seed: int, sessions: int, turns: int, n_words: int, think: float = 0.0) -> list[dict[str, Any]]:
+def workload(seed: int, sessions: int, turns: int, n_words: int, think: float) -> list[dict[str, Any]]:
     """The sessions, identical for both modes: id, system prompt, one user message per turn, and the
     pause before each turn after the first (uniform in [think / 2, think] seconds: the agent runs
     its tools, the user reads)."""
@@ -273,20 +274,22 @@ def main() -> int:
                     help="words of reference notes per system prompt (3,400 is about 4,000 SmolLM2 tokens)")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--n-ctx", type=int, default=8192)
-    ap.add_argument("--n-batch", type=int, default=512,
-                    help="llama.cpp n_batch (512, its default); the prompt cache copies n_batch x vocabulary "
-                         "logits with every saved and loaded state")
+    ap.add_argument("--n-batch", type=int, default=64,
+                    help="llama.cpp n_batch (default 64; llama.cpp's own is 512); the prompt cache copies "
+                         "n_batch x vocabulary logits with every saved and loaded state")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-session-header", action="store_true",
                     help="send no x-claude-code-session-id: the gateway hashes system prompt + first user message")
     ap.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
                     help="llama.cpp servers without --cache true (only the last prompt's KV survives)")
-    ap.add_argument("--cache-bytes", type=int, default=2 << 30,
-                    help="each server's RAM prompt cache (llama-cpp-python --cache_size; default its 2 GiB); "
-                         "the least recently used states are dropped beyond it")
-    ap.add_argument("--think", type=float, default=0.0,
+    ap.add_argument("--cache-bytes", type=int, default=300_000_000,
+                    help="each server's RAM prompt cache (llama-cpp-python --cache_size, whose own default is "
+                         "2 GiB); the least recently used states are dropped beyond it. The default holds three "
+                         "states of the default workload (~93 MB each): a server's share of two sessions, plus "
+                         "the state being saved")
+    ap.add_argument("--think", type=float, default=20.0,
                     help="seconds an agent pauses before each turn after the first: uniform in [THINK/2, THINK] "
-                         "(default 0: the next turn leaves as soon as the answer is in)")
+                         "(default 20; 0: the next turn leaves as soon as the answer is in, in lockstep)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list (default session,none)")
     ap.add_argument("--output", default=str(ROOT / "bench/results/affinity.json"))
     args = ap.parse_args()

@@ -8,10 +8,12 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from ccproxy.budgets import period_bounds
 from ccproxy.cli import main
+from ccproxy.commands import keys as keys_cmd
 from ccproxy.keys import principal_of
 from ccproxy.usage.record import UsageRecord
 from ccproxy.usage.sqlite import SQLiteStore
@@ -90,3 +92,21 @@ def test_usage_by_key_shows_spend_against_budget(tmp_path: Path) -> None:
     assert rows["bob"]["budget_usd"] is None and rows["bob"]["period_spend_usd"] is None
     table = invoke("usage", "--by", "key", "--since", "7d", "--config", cfg)[1]
     assert "PERIOD_SPEND_USD" in table.splitlines()[0]
+
+
+def test_usage_by_key_reads_totals_and_budgets_in_one_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(tmp_path)
+    opened = []
+    real = keys_cmd.open_store
+    monkeypatch.setattr(keys_cmd, "open_store", lambda config: opened.append(config) or real(config))
+
+    async def seed() -> None:
+        s = SQLiteStore(tmp_path / "u.db")
+        await s.start()
+        await s.insert_usage([UsageRecord("a", time.time() - 5, "ops", "/v1/messages", status=200, cost_usd=1.0)])
+        await s.close()
+
+    asyncio.run(seed())
+    code, out, _ = invoke("usage", "--by", "key", "--format", "json", "--config", cfg)
+    assert code == 0 and json.loads(out)[0]["period_spend_usd"] == 1.0
+    assert len(opened) == 1  # one snapshot of the database, not a second open for the budgets

@@ -14,6 +14,7 @@ from ccproxy.budgets import BUDGET_FIELDS, budget_status
 from ccproxy.commands.keys import CONFIG_HELP, cli_config, table, with_store
 from ccproxy.keys import fmt_time, parse_duration
 from ccproxy.usage.query import GROUPS, aggregate, parse_by, recent
+from ccproxy.usage.store import Store
 
 FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", "p50_ms", "p95_ms", "ttfb_p50_ms",
           "tokens_per_second")
@@ -65,12 +66,17 @@ def usage(by: str, since: str, recent_n: int | None, fmt: str, config_path: str 
             rows = [{**r, "ts": fmt_time(r["ts"])} for r in rows]
         click.echo(_render(rows, list(RECENT_FIELDS), fmt))
         return
-    rows = with_store(config, lambda s: aggregate(s, by, since_seconds))
+
+    async def report(store: Store) -> tuple[list[dict[str, Any]], dict[str, dict[str, object]]]:
+        """The totals and, per key, its budget period's spend: one open of the database."""
+        rows = await aggregate(store, by, since_seconds)
+        return rows, (await budget_status(store, config) if by == "key" and rows else {})
+
+    rows, status = with_store(config, report)
     if not rows and fmt == "table":
         click.echo(f"no requests in the last {since}")
         return
     fields = [by, *(FIELDS if fmt == "table" else JSON_FIELDS)]
-    status = with_store(config, lambda s: budget_status(s, config)) if by == "key" else {}
     if status:  # keys with a budget: spend of the current period against it (budgets.py)
         empty = dict.fromkeys(BUDGET_FIELDS)
         rows = [{**r, **status.get(r["key"], empty)} for r in rows]

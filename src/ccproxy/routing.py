@@ -196,8 +196,11 @@ class Router:
         placed now, `affinity.place_session`), then the rest in its rendezvous order, cooling ones last."""
         session, source = session_key(req, traits.session)
         ranked = sorted(deps, key=lambda d: rendezvous_score(session, _dep_id(d), d.weight), reverse=True)
-        ordered = sorted(ranked, key=lambda d: self._state(d).cooling(now))  # stable: keeps the ranking
-        candidates = [d for d in ordered if not self._state(d).cooling(now)] or ordered
+        healthy: list[Deployment] = []
+        cooling: list[Deployment] = []
+        for d in ranked:  # each keeps the ranking
+            (cooling if self._state(d).cooling(now) else healthy).append(d)
+        candidates = healthy or cooling
         placed = self.placements.get(alias, session)
         first = next((d for d in candidates if _dep_id(d) == placed), None)
         if first is not None:
@@ -207,13 +210,11 @@ class Router:
             first = next(d for d in candidates if _dep_id(d) == chosen)
             if placed is not None:
                 how = "moved off a deployment in cooldown or removed"
-        ordered.remove(first)
-        ordered.insert(0, first)
         if route.affinity is None:  # the routed alias; a fallback's choice is not recorded (rarely served)
             self.placements.place(alias, session, _dep_id(first), now)
             route.affinity = {"session": session[:16], "source": source, "deployment": _dep_id(first),
                               "placement": how}
-        return ordered
+        return [first, *(d for d in healthy + cooling if d is not first)]
 
     def _with_targets(self, route: Route, req: ChatRequest, traits: RequestTraits) -> Route:
         now = time.monotonic()

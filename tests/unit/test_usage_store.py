@@ -160,7 +160,7 @@ def several_slices_batch() -> list[UsageRecord]:
 async def test_a_batch_of_several_slices_stores_and_counts_each_row_once(tmp_path: Path) -> None:
     """Stored slice by slice, with rows stored before, a batch ends as a row-at-a-time insert of
     its first row per request id does: the same rows and the same aggregates. A value with a NUL
-    (SQLite's JSON functions would cut it) sends its slice row by row."""
+    is stored whole (bound parameters carry it; the earlier JSON form would have cut it)."""
     batch = several_slices_batch()
     batch[-5].end_user = "nul\x00inside"
     one, sliced = SQLiteStore(tmp_path / "one.db"), SQLiteStore(tmp_path / "sliced.db")

@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 from ccproxy.usage import aggsql
 from ccproxy.usage.agg import MINUTE_KEEP, SETTLE, Agg, Segment, hist_from_bytes, hist_to_bytes, rollup
 from ccproxy.usage.migrations import MIGRATIONS, MIGRATIONS_TABLE, create_table_sql
@@ -48,28 +46,22 @@ log = logging.getLogger("ccproxy.usage")
 
 T = TypeVar("T")
 
-_INSERT_USAGE = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
-                 f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)}) ON CONFLICT (request_id) DO NOTHING")
-# Many rows in one statement, each row one JSON array (https://sqlite.org/json1.html#jeach;
-# `WHERE true` keeps ON CONFLICT from parsing as a join constraint, https://sqlite.org/lang_upsert.html).
-# `executemany` steps once per row, and the sqlite3 module lets go of the GIL around every step:
-# while the event loop keeps the GIL busy, each retake waits for the loop to yield it (up to the
-# switch interval), so a batch took seconds and twice the CPU, and the loop lost time to every
-# handover (measured in bench/README.md, "Where the time goes"). One statement, one handover.
-_ROW_FIELDS = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(USAGE_COLUMNS)))
-_INSERT_USAGE_BATCH = (f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) SELECT {_ROW_FIELDS} "
-                       f"FROM json_each(?) WHERE true ON CONFLICT (request_id) DO NOTHING")
+_INSERT_USAGE = f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES "
+_ROW_PARAMS = f"({', '.join('?' for _ in USAGE_COLUMNS)})"
+_ON_CONFLICT = " ON CONFLICT (request_id) DO NOTHING"
 
 
-def _json_batch(values: list[tuple[Any, ...]]) -> bytes | None:
-    """The rows as one JSON array for `_INSERT_USAGE_BATCH`, or None when a value would not come
-    back intact: a string with a NUL (SQLite's JSON functions end a string there) or a value JSON
-    cannot carry. Those rows go one statement each."""
-    try:
-        batch = orjson.dumps(values)
-    except orjson.JSONEncodeError:
-        return None
-    return None if b"\\u0000" in batch else batch
+@functools.lru_cache(maxsize=SLICE_ROWS)
+def _insert_rows_sql(n: int) -> str:
+    """One INSERT of `n` rows (a multi-row VALUES, https://sqlite.org/lang_insert.html).
+
+    Not `executemany`: it steps once per row and the sqlite3 module lets go of the GIL around every
+    step; while the event loop keeps the GIL busy each retake waits for the loop to yield it (up to
+    the switch interval), so a batch took seconds and twice the CPU, and the loop lost time to every
+    handover. One statement per slice is one handover. Not a JSON array through `json_each` either
+    (the earlier form): `json_extract` per column parses the row's JSON again, twice the CPU per row
+    of bound parameters (bench/README.md, "Where the time goes")."""
+    return _INSERT_USAGE + ", ".join([_ROW_PARAMS] * n) + _ON_CONFLICT
 
 
 def _insert_paced(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> dict[Any, Agg]:
@@ -79,11 +71,7 @@ def _insert_paced(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> dict
         if i:
             time.sleep(SLICE_PAUSE)
         part = rows[i:i + SLICE_ROWS]
-        batch = _json_batch(part)
-        if batch is not None:
-            conn.execute(_INSERT_USAGE_BATCH, (batch,))
-        else:
-            conn.executemany(_INSERT_USAGE, part)
+        conn.execute(_insert_rows_sql(len(part)), [v for row in part for v in row])
         rollup((dict(zip(USAGE_COLUMNS, v, strict=True)) for v in part), into=rolled)
     return rolled
 

@@ -131,19 +131,27 @@ async def refuse_websocket(receive: Receive, send: Send) -> None:
         await send({"type": "websocket.close", "code": 1008})
 
 
+# A request still running this long after admission gets a task watching for its client's
+# disconnect. Most LLM requests run for seconds and get one; a quick answer (a cached or tiny one,
+# a token count) is sent before it would start. A client that leaves is noticed at most this much
+# later.
+WATCH_AFTER = 0.05
+
+
 class DisconnectWatcher:
     """Cancels the request's task when the client disconnects, so the backend call is aborted
-    (freeing its slot) instead of generating for nobody."""
+    (freeing its slot) instead of generating for nobody. Made by `DisconnectWatchers.watch`; it
+    watches from WATCH_AFTER seconds later until `stop()`."""
 
-    def __init__(self, receive: Receive):
+    def __init__(self, receive: Receive, watchers: DisconnectWatchers, owner: asyncio.Task[Any] | None):
         self._receive = receive
+        self._watchers = watchers
+        self._owner = owner
         self.gone = False
         self._task: asyncio.Task[None] | None = None
-        self._owner: asyncio.Task[Any] | None = None
 
-    def start(self) -> None:
-        self._owner = asyncio.current_task()
-        self._task = asyncio.get_running_loop().create_task(self._watch())
+    def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._task = loop.create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
@@ -155,6 +163,45 @@ class DisconnectWatcher:
                 return
 
     def stop(self) -> None:
+        self._watchers.pending.pop(self, None)
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+
+class DisconnectWatchers:
+    """The gateway's disconnect watchers waiting for their WATCH_AFTER, started by one timer for all
+    of them: a task per request (its `receive()` and its cancellation), or a timer per request, cost
+    a quick answer more than the rest of its bookkeeping (bench/README.md, "Where the time goes");
+    registering here is a dict insert. Every watcher waits the same time, so the dict (insertion order) is in the
+    order they are due."""
+
+    def __init__(self) -> None:
+        self.pending: dict[DisconnectWatcher, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, receive: Receive) -> DisconnectWatcher:
+        """A watcher for the current task's request; it starts watching WATCH_AFTER seconds from now."""
+        loop = asyncio.get_running_loop()
+        w = DisconnectWatcher(receive, self, asyncio.current_task())
+        if loop is not self._loop:  # a new event loop (tests): what waited belongs to a finished one
+            self.pending.clear()
+            self._loop, self._timer = loop, None
+        self.pending[w] = loop.time() + WATCH_AFTER
+        if self._timer is None:
+            self._timer = loop.call_at(loop.time() + WATCH_AFTER, self._sweep)
+        return w
+
+    def _sweep(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._timer = None
+        now = loop.time()
+        while self.pending:
+            w, due = next(iter(self.pending.items()))
+            if due > now:
+                self._timer = loop.call_at(due, self._sweep)
+                return
+            del self.pending[w]
+            w._begin(loop)

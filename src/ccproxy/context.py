@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ccproxy.asgi import DisconnectWatchers
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.metrics import Metrics
@@ -82,6 +83,9 @@ class FlowContext(GatewayCore, Protocol):
 
     @property
     def tracing(self) -> Tracing | None: ...
+
+    @property
+    def watchers(self) -> DisconnectWatchers: ...
 
     def observe(self, record: UsageRecord, admitted: bool) -> None:
         """Metrics for one finished request (never raises)."""

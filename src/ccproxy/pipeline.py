@@ -199,8 +199,7 @@ class ChatFlow:
                     hold = await budgets.admit(principal, self.worst_case_usd(plan), self.adapter.name)
                 self.admitted = True
                 self.resp_headers.update(ticket.headers)
-                watcher = DisconnectWatcher(receive)
-                watcher.start()
+                watcher = self.gw.watchers.watch(receive)
                 served = await self.serve(send, plan, watcher)
                 usage, last = served.usage, served.last
             except ClientGone:

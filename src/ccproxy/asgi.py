@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from ccproxy import errors
+from ccproxy import deadlines, errors
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,7 +52,7 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int, timeo
     size = 0
     more = True
     try:
-        async with asyncio.timeout(timeout):
+        async with deadlines.timeout(timeout):
             while more:
                 msg = await receive()
                 if msg["type"] == "http.disconnect":

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from ccproxy import errors, logs
+from ccproxy import deadlines, errors, logs
 from ccproxy.asgi import (
     ClientGone,
     DisconnectWatcher,
@@ -392,7 +392,7 @@ class ChatFlow:
                 while True:
                     if queue.empty():
                         try:
-                            async with asyncio.timeout(PING_INTERVAL if self.started else hold):
+                            async with deadlines.timeout(PING_INTERVAL if self.started else hold):
                                 item = await queue.get()
                         except TimeoutError:
                             await writer.ping()

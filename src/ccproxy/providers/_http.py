@@ -8,7 +8,6 @@ provider and never carry its key or URL credentials.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email.utils
 import logging
@@ -21,7 +20,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from ccproxy import errors
+from ccproxy import deadlines, errors
 from ccproxy.config import ProviderConfig
 from ccproxy.core import StreamEvent
 from ccproxy.providers.base import ProviderDefaults
@@ -128,14 +127,14 @@ async def post(session: aiohttp.ClientSession, url: str, *, provider: str, confi
     """POST and wait for the response headers within the first-byte timeout."""
     with mapped_errors(provider):
         try:
-            async with asyncio.timeout(config.timeouts.first_byte):
+            async with deadlines.timeout(config.timeouts.first_byte):
                 resp = await session.post(url, data=body, headers=outgoing_headers(headers))
         except TimeoutError:
             raise errors.UpstreamTimeout(f"provider '{provider}' sent no first byte within "
                                          f"{config.timeouts.first_byte:g} s", provider=provider) from None
         if resp.status >= 400:
             try:
-                async with asyncio.timeout(config.timeouts.idle):
+                async with deadlines.timeout(config.timeouts.idle):
                     await raise_for_status(resp, provider)
             finally:
                 resp.release()
@@ -145,7 +144,7 @@ async def post(session: aiohttp.ClientSession, url: str, *, provider: str, confi
 async def read_body(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig) -> bytes:
     with mapped_errors(provider):
         try:
-            async with asyncio.timeout(config.timeouts.idle):
+            async with deadlines.timeout(config.timeouts.idle):
                 return await resp.read()
         finally:
             resp.release()
@@ -172,7 +171,7 @@ async def _next_chunk(resp: aiohttp.ClientResponse, provider: str, idle: float) 
     while True:
         step = min(BROKEN_POLL_SECONDS, idle - waited)
         try:
-            async with asyncio.timeout(step):
+            async with deadlines.timeout(step):
                 return await resp.content.readany()
         except TimeoutError:
             waited += step
@@ -261,7 +260,7 @@ class HttpProvider(ProviderDefaults):
     async def _get_json(self, url: str, headers: dict[str, str] | None = None) -> Any:
         """GET a small JSON document (model lists) within the first-byte timeout."""
         with mapped_errors(self.name):
-            async with asyncio.timeout(self.config.timeouts.first_byte):
+            async with deadlines.timeout(self.config.timeouts.first_byte):
                 async with self.session.get(url, headers=headers) as resp:
                     await raise_for_status(resp, self.name)
                     return self._json(await resp.read())

@@ -8,7 +8,6 @@ response headers and again for the first body chunk, `idle` between later chunks
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from ccproxy import errors
+from ccproxy import deadlines, errors
 from ccproxy.config import ProviderConfig
 from ccproxy.core import ChatRequest, ChatResponse, StreamEvent
 from ccproxy.dialects import anthropic as dialect
@@ -75,7 +74,7 @@ class AnthropicProvider(_http.HttpProvider):
             for _ in range(_MAX_MODEL_PAGES):
                 params = {"limit": "1000", **({"after_id": after} if after else {})}
                 with _http.mapped_errors(self.name):
-                    async with asyncio.timeout(self.config.timeouts.first_byte):
+                    async with deadlines.timeout(self.config.timeouts.first_byte):
                         async with self.session.get(self._base + "/v1/models", headers=self._headers,
                                                     params=params) as resp:
                             await _http.raise_for_status(resp, self.name)

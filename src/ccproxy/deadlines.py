@@ -1,0 +1,134 @@
+"""Time limits on the request path, kept by one coarse timer per event loop.
+
+`asyncio.timeout` arms an event-loop timer each time (under uvloop a libuv timer handle, made,
+started, stopped and closed), and a request passes through several: its body read, the backend's
+first byte, the answer's body, each wait for a stream chunk. Together they were a visible share of
+a quick request's CPU (bench/README.md, "Where the time goes"). `timeout(delay)` here behaves as
+`asyncio.timeout(delay)` does (https://docs.python.org/3/library/asyncio-task.html#timeouts): when
+the time is up the task is cancelled and the `async with` raises TimeoutError, while a cancellation
+from elsewhere (a client that left, shutdown) passes through untouched. But entering one is a set
+insert: limits sit in slots of TICK seconds, swept by one timer that runs only while some limit is
+pending. A limit fires up to TICK late, which none of the request path's limits (seconds) notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from types import TracebackType
+
+TICK = 0.05  # seconds
+
+__all__ = ["TICK", "Timeout", "timeout"]
+
+
+class _Wheel:
+    """The pending limits of one event loop, by the tick they are due at."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.slots: dict[int, set[Timeout]] = {}
+        self.pending = 0
+        self.swept = math.floor(loop.time() / TICK)  # the ticks up to this one have fired
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, limit: Timeout, when: float) -> int:
+        if self.timer is None:  # idle until now: nothing waits in the ticks that passed
+            self.swept = math.floor(self.loop.time() / TICK)
+            self.timer = self.loop.call_at((self.swept + 1) * TICK, self.sweep)
+        tick = max(math.ceil(when / TICK), self.swept + 1)
+        slot = self.slots.get(tick)
+        if slot is None:
+            slot = self.slots[tick] = set()
+        slot.add(limit)
+        self.pending += 1
+        return tick
+
+    def remove(self, limit: Timeout, tick: int) -> None:
+        slot = self.slots.get(tick)
+        if slot is not None and limit in slot:
+            slot.remove(limit)
+            self.pending -= 1
+
+    def sweep(self) -> None:
+        now = math.floor(self.loop.time() / TICK)
+        for tick in range(self.swept + 1, now + 1):
+            slot = self.slots.pop(tick, None)
+            if slot:
+                self.pending -= len(slot)
+                for limit in slot:
+                    limit._expire()
+        self.swept = now
+        if self.pending > 0:
+            self.timer = self.loop.call_at((now + 1) * TICK, self.sweep)
+        else:
+            self.slots.clear()  # empty sets of limits that ended before their time
+            self.timer = None
+
+
+_wheel: _Wheel | None = None  # the running loop's (one gateway, one loop; tests start new loops)
+
+
+def _wheel_of(loop: asyncio.AbstractEventLoop) -> _Wheel:
+    global _wheel
+    wheel = _wheel
+    if wheel is None or wheel.loop is not loop:
+        wheel = _wheel = _Wheel(loop)
+    return wheel
+
+
+_ENTERED, _EXPIRING, _EXPIRED, _EXITED = range(4)
+
+
+class Timeout:
+    """One limit: `async with timeout(seconds):` (see the module docstring)."""
+
+    __slots__ = ("_cancelling", "_delay", "_state", "_task", "_tick", "_wheel")
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        self._state = -1
+        self._task: asyncio.Task[object] | None = None
+        self._wheel: _Wheel | None = None
+        self._tick = 0
+        self._cancelling = 0
+
+    def expired(self) -> bool:
+        return self._state in (_EXPIRING, _EXPIRED)
+
+    async def __aenter__(self) -> Timeout:
+        if self._state != -1:
+            raise RuntimeError("Timeout has already been entered")
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("Timeout should be used inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._state = _ENTERED
+        wheel = self._wheel = _wheel_of(loop)
+        self._tick = wheel.add(self, loop.time() + self._delay)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._state == _EXPIRING:
+            self._state = _EXPIRED
+            assert self._task is not None
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc  # our cancellation, and no other one came meanwhile
+        elif self._state == _ENTERED:
+            self._state = _EXITED
+            assert self._wheel is not None
+            self._wheel.remove(self, self._tick)
+
+    def _expire(self) -> None:
+        if self._state == _ENTERED:
+            assert self._task is not None
+            self._task.cancel()
+            self._state = _EXPIRING
+
+
+def timeout(delay: float) -> Timeout:
+    """`async with timeout(seconds):` as `asyncio.timeout(seconds)`, fired by the coarse wheel."""
+    return Timeout(delay)

@@ -146,15 +146,36 @@ class _NoTicket:
 @dataclass(slots=True)
 class _KeyState:
     requests: deque[float] = field(default_factory=deque)
-    tokens: dict[int, int] = field(default_factory=dict)  # whole second -> tokens
+    # whole second -> tokens, oldest first (`add` keeps it so): pruning stops at the first second
+    # in the window and the newest is the last, instead of a pass over the window per request
+    tokens: dict[int, int] = field(default_factory=dict)
+    used: int = 0  # the sum of `tokens`
     in_flight: int = 0
 
     def prune(self, now: float, window: int) -> None:
         while self.requests and self.requests[0] <= now - window:
             self.requests.popleft()
         floor = math.floor(now) - window
-        for s in [s for s in self.tokens if s <= floor]:
-            del self.tokens[s]
+        tokens = self.tokens
+        while tokens:
+            s = next(iter(tokens))
+            if s > floor:
+                break
+            self.used -= tokens.pop(s)
+
+    def add(self, second: int, n: int) -> int:
+        """Count `n` tokens at `second`, or at the newest second held when the clock went back (so
+        the seconds stay in order; they are then counted a little longer, never less). Returns
+        the second they were counted at."""
+        tokens = self.tokens
+        if tokens:
+            second = max(second, next(reversed(tokens)))
+        tokens[second] = tokens.get(second, 0) + n
+        self.used += n
+        return second
+
+    def newest(self) -> int:
+        return next(reversed(self.tokens))
 
     def idle(self) -> bool:
         return not self.requests and not self.tokens and not self.in_flight
@@ -194,7 +215,7 @@ class MemoryLimiter:
         st.prune(now, self.window)
         sec = math.floor(now)
         reserve = min(max(0, reserve_tokens), p.tpm) if p.tpm else 0
-        used = sum(st.tokens.values())
+        used = st.used
         failed: list[str] = []
         retry = 0.0
         if p.max_concurrent and st.in_flight >= p.max_concurrent:
@@ -217,7 +238,7 @@ class MemoryLimiter:
         if p.rpm:
             st.requests.append(now)
         if p.tpm:
-            st.tokens[sec] = st.tokens.get(sec, 0) + reserve
+            sec = st.add(sec, reserve)
             used += reserve
         st.in_flight += 1
         headers = rate_headers(p, dialect, self._status(p, st, now, used), now)
@@ -228,7 +249,7 @@ class MemoryLimiter:
             rpm_remaining=(p.rpm or 0) - len(st.requests),
             rpm_reset=max(0.0, st.requests[-1] + self.window - now) if st.requests else 0.0,
             tpm_remaining=(p.tpm or 0) - used,
-            tpm_reset=max(0.0, max(st.tokens) + self.window - now) if st.tokens else 0.0,
+            tpm_reset=max(0.0, st.newest() + self.window - now) if st.tokens else 0.0,
         )
 
     def _release(self, name: str, second: int, reserved: int, actual: int, has_tpm: bool) -> None:
@@ -240,9 +261,11 @@ class MemoryLimiter:
         if has_tpm and delta:
             now = self.clock()
             if second > math.floor(now) - self.window and second in st.tokens:
-                st.tokens[second] = max(0, st.tokens[second] + delta)
+                held = st.tokens[second]
+                st.tokens[second] = max(0, held + delta)
+                st.used += st.tokens[second] - held
             elif delta > 0:
-                st.tokens[math.floor(now)] = st.tokens.get(math.floor(now), 0) + delta
+                st.add(math.floor(now), delta)
         if st.idle():
             del self._keys[name]
 

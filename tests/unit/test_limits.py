@@ -95,6 +95,56 @@ async def test_tpm_reserve_and_reconcile(limiter: MemoryLimiter, clock: Clock) -
         await limiter.admit(p, 1, "openai")
 
 
+async def test_tpm_window_matches_a_plain_sum_over_many_admissions_and_releases(clock: Clock) -> None:
+    """The tokens held are kept as a running total, pruned oldest first: after every step they
+    equal the plain sum of the window's seconds the limiter reports in its headers."""
+    import random
+
+    rnd = random.Random(7)
+    limiter = MemoryLimiter(clock=clock, metrics=Metrics())
+    p = Principal("k", tpm=5_000)
+    held: dict[int, int] = {}  # the reference: second -> tokens
+    open_tickets = []
+    for _ in range(3_000):
+        clock.t += rnd.choice([0.0, 0.01, 0.3, 1.0, 7.0])
+        now_s = int(clock.t)
+        held = {s: n for s, n in held.items() if s > now_s - 60}
+        if open_tickets and rnd.random() < 0.5:
+            t, sec, reserved = open_tickets.pop(rnd.randrange(len(open_tickets)))
+            actual = rnd.randrange(0, 400)
+            await t.release(actual)
+            if sec > now_s - 60 and sec in held:
+                held[sec] = max(0, held[sec] + actual - reserved)
+            elif actual > reserved:
+                held[now_s] = held.get(now_s, 0) + actual - reserved
+            continue
+        want = rnd.randrange(0, 300)
+        if sum(held.values()) + want > p.tpm:
+            with pytest.raises(RateLimited) as e:
+                await limiter.admit(p, want, "openai")
+            assert e.value.headers["x-ratelimit-remaining-tokens"] == str(max(0, p.tpm - sum(held.values())))
+            continue
+        t = await limiter.admit(p, want, "openai")
+        held[now_s] = held.get(now_s, 0) + want
+        assert t.headers["x-ratelimit-remaining-tokens"] == str(p.tpm - sum(held.values()))
+        open_tickets.append((t, now_s, want))
+
+
+async def test_tpm_with_the_clock_going_back_counts_no_less(limiter: MemoryLimiter, clock: Clock) -> None:
+    p = Principal("k", tpm=100)
+    clock.t = T0 + 10
+    await limiter.admit(p, 40, "openai")
+    clock.t = T0 + 5  # the clock stepped back: counted at T0 + 10 with the rest
+    t = await limiter.admit(p, 40, "openai")
+    assert t.headers["x-ratelimit-remaining-tokens"] == "20"
+    clock.t = T0 + 69.5  # T0 + 10 has not left the window yet: both still count
+    with pytest.raises(RateLimited):
+        await limiter.admit(p, 30, "openai")
+    clock.t = T0 + 70
+    t = await limiter.admit(p, 100, "openai")
+    assert t.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
 async def test_tpm_reserve_larger_than_limit_is_clamped(limiter: MemoryLimiter) -> None:
     p = Principal("k", tpm=100)
     t = await limiter.admit(p, 5000, "openai")

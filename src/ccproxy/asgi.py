@@ -52,7 +52,7 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int, timeo
     size = 0
     more = True
     try:
-        async with deadlines.timeout(timeout):
+        with deadlines.timeout(timeout):
             while more:
                 msg = await receive()
                 if msg["type"] == "http.disconnect":

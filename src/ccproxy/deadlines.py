@@ -5,10 +5,11 @@ started, stopped and closed), and a request passes through several: its body rea
 first byte, the answer's body, each wait for a stream chunk. Together they were a visible share of
 a quick request's CPU (bench/README.md, "Where the time goes"). `timeout(delay)` here behaves as
 `asyncio.timeout(delay)` does (https://docs.python.org/3/library/asyncio-task.html#timeouts): when
-the time is up the task is cancelled and the `async with` raises TimeoutError, while a cancellation
-from elsewhere (a client that left, shutdown) passes through untouched. But entering one is a set
-insert: limits sit in slots of TICK seconds, swept by one timer that runs only while some limit is
-pending. A limit fires up to TICK late, which none of the request path's limits (seconds) notices.
+the time is up the task is cancelled and the `with` block raises TimeoutError, while a cancellation
+from elsewhere (a client that left, shutdown) passes through untouched. But it is a plain context
+manager and entering one is a set insert: limits sit in slots of TICK seconds, swept by one timer
+that runs only while some limit is pending. A limit fires up to TICK late, which none of the
+request path's limits (seconds) notices.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class _Wheel:
         if slot is not None and limit in slot:
             slot.remove(limit)
             self.pending -= 1
+            if not slot:  # a set keeps its table when emptied: drop it (minutes of slots would stay)
+                del self.slots[tick]
 
     def sweep(self) -> None:
         now = math.floor(self.loop.time() / TICK)
@@ -62,7 +65,6 @@ class _Wheel:
         if self.pending > 0:
             self.timer = self.loop.call_at((now + 1) * TICK, self.sweep)
         else:
-            self.slots.clear()  # empty sets of limits that ended before their time
             self.timer = None
 
 
@@ -81,7 +83,8 @@ _ENTERED, _EXPIRING, _EXPIRED, _EXITED = range(4)
 
 
 class Timeout:
-    """One limit: `async with timeout(seconds):` (see the module docstring)."""
+    """One limit: `with timeout(seconds):` (see the module docstring). A plain context manager
+    (entering awaits nothing), used in a task as `asyncio.timeout` is."""
 
     __slots__ = ("_cancelling", "_delay", "_state", "_task", "_tick", "_wheel")
 
@@ -96,7 +99,7 @@ class Timeout:
     def expired(self) -> bool:
         return self._state in (_EXPIRING, _EXPIRED)
 
-    async def __aenter__(self) -> Timeout:
+    def __enter__(self) -> Timeout:
         if self._state != -1:
             raise RuntimeError("Timeout has already been entered")
         loop = asyncio.get_running_loop()
@@ -110,8 +113,8 @@ class Timeout:
         self._tick = wheel.add(self, loop.time() + self._delay)
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self._state == _EXPIRING:
             self._state = _EXPIRED
             assert self._task is not None
@@ -130,5 +133,5 @@ class Timeout:
 
 
 def timeout(delay: float) -> Timeout:
-    """`async with timeout(seconds):` as `asyncio.timeout(seconds)`, fired by the coarse wheel."""
+    """`with timeout(seconds):` as `async with asyncio.timeout(seconds):`, fired by the coarse wheel."""
     return Timeout(delay)

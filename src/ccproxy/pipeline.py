@@ -392,7 +392,7 @@ class ChatFlow:
                 while True:
                     if queue.empty():
                         try:
-                            async with deadlines.timeout(PING_INTERVAL if self.started else hold):
+                            with deadlines.timeout(PING_INTERVAL if self.started else hold):
                                 item = await queue.get()
                         except TimeoutError:
                             await writer.ping()

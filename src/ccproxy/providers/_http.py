@@ -8,13 +8,13 @@ provider and never carry its key or URL credentials.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any, Protocol
 
 import aiohttp
@@ -41,26 +41,37 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
                                  auto_decompress=True, skip_auto_headers=("User-Agent",))
 
 
-@contextlib.contextmanager
-def mapped_errors(provider: str) -> Iterator[None]:
-    """Convert aiohttp/asyncio failures into the gateway's errors, naming only the provider."""
-    try:
-        yield
-    except errors.GatewayError:
-        raise
-    except TimeoutError:
-        raise errors.UpstreamTimeout(f"provider '{provider}' did not answer in time", provider=provider) from None
-    except aiohttp.ClientConnectorError as e:
-        # Not the OS text: aiohttp's reads "Connect call failed ('host', port)", and the host stays private.
-        errno = e.os_error.errno if isinstance(e.os_error, OSError) else None
-        reason = os.strerror(errno) if isinstance(errno, int) and errno > 0 else "connection failed"
-        raise errors.UpstreamError(f"provider '{provider}' is unreachable ({reason.lower()}); is the backend "
-                                   f"running? `ccproxy check` tests every backend", provider=provider) from None
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
-            ConnectionResetError):
-        raise errors.UpstreamError(f"the connection to provider '{provider}' broke", provider=provider) from None
-    except aiohttp.ClientError as e:
-        raise errors.UpstreamError(f"provider '{provider}' failed: {type(e).__name__}", provider=provider) from None
+class mapped_errors:  # noqa: N801 - used as a function: `with mapped_errors(provider):`
+    """Convert aiohttp/asyncio failures into the gateway's errors, naming only the provider.
+    (A class, not a `contextlib.contextmanager`: it is entered twice per request, and a generator
+    per use cost more than the rest of it.)"""
+
+    __slots__ = ("provider",)
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if e is None or isinstance(e, errors.GatewayError) or not isinstance(e, Exception):
+            return  # nothing, ours already, or a cancellation: as it is
+        provider = self.provider
+        if isinstance(e, TimeoutError):
+            raise errors.UpstreamTimeout(f"provider '{provider}' did not answer in time", provider=provider) from None
+        if isinstance(e, aiohttp.ClientConnectorError):
+            # Not the OS text: aiohttp's reads "Connect call failed ('host', port)", and the host stays private.
+            errno = e.os_error.errno if isinstance(e.os_error, OSError) else None
+            reason = os.strerror(errno) if isinstance(errno, int) and errno > 0 else "connection failed"
+            raise errors.UpstreamError(f"provider '{provider}' is unreachable ({reason.lower()}); is the backend "
+                                       f"running? `ccproxy check` tests every backend", provider=provider) from None
+        if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+                          ConnectionResetError)):
+            raise errors.UpstreamError(f"the connection to provider '{provider}' broke", provider=provider) from None
+        if isinstance(e, aiohttp.ClientError):
+            raise errors.UpstreamError(f"provider '{provider}' failed: {type(e).__name__}", provider=provider) from None
 
 
 def error_message(body: bytes) -> str:
@@ -109,17 +120,27 @@ async def raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
                                 status=resp.status, provider=provider, retry_after=parse_retry_after(resp.headers))
 
 
-@contextlib.contextmanager
-def reading(provider: str) -> Iterator[None]:
+class reading:  # noqa: N801 - used as a function: `with reading(provider):`
     """Around the parsing of a backend's answer: a shape the parser did not foresee (it reads fields
     through ccproxy.dialects.answer, so this is a last line) is the backend's malformed answer, a
-    502 that moves on to the next deployment, never the gateway's 500."""
-    try:
-        yield
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as e:
-        log.warning("provider %r sent an answer the parser could not read: %s", provider, type(e).__name__)
-        raise errors.UpstreamError(f"provider '{provider}' sent a malformed answer ({type(e).__name__})",
-                                   provider=provider) from None
+    502 that moves on to the next deployment, never the gateway's 500. (A class for the reason
+    `mapped_errors` is one.)"""
+
+    __slots__ = ("provider",)
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if isinstance(e, (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError)):
+            provider = self.provider
+            log.warning("provider %r sent an answer the parser could not read: %s", provider, type(e).__name__)
+            raise errors.UpstreamError(f"provider '{provider}' sent a malformed answer ({type(e).__name__})",
+                                       provider=provider) from None
 
 
 async def post(session: aiohttp.ClientSession, url: str, *, provider: str, config: ProviderConfig,
@@ -127,14 +148,14 @@ async def post(session: aiohttp.ClientSession, url: str, *, provider: str, confi
     """POST and wait for the response headers within the first-byte timeout."""
     with mapped_errors(provider):
         try:
-            async with deadlines.timeout(config.timeouts.first_byte):
+            with deadlines.timeout(config.timeouts.first_byte):
                 resp = await session.post(url, data=body, headers=outgoing_headers(headers))
         except TimeoutError:
             raise errors.UpstreamTimeout(f"provider '{provider}' sent no first byte within "
                                          f"{config.timeouts.first_byte:g} s", provider=provider) from None
         if resp.status >= 400:
             try:
-                async with deadlines.timeout(config.timeouts.idle):
+                with deadlines.timeout(config.timeouts.idle):
                     await raise_for_status(resp, provider)
             finally:
                 resp.release()
@@ -144,7 +165,7 @@ async def post(session: aiohttp.ClientSession, url: str, *, provider: str, confi
 async def read_body(resp: aiohttp.ClientResponse, provider: str, config: ProviderConfig) -> bytes:
     with mapped_errors(provider):
         try:
-            async with deadlines.timeout(config.timeouts.idle):
+            with deadlines.timeout(config.timeouts.idle):
                 return await resp.read()
         finally:
             resp.release()
@@ -171,7 +192,7 @@ async def _next_chunk(resp: aiohttp.ClientResponse, provider: str, idle: float) 
     while True:
         step = min(BROKEN_POLL_SECONDS, idle - waited)
         try:
-            async with deadlines.timeout(step):
+            with deadlines.timeout(step):
                 return await resp.content.readany()
         except TimeoutError:
             waited += step
@@ -260,7 +281,7 @@ class HttpProvider(ProviderDefaults):
     async def _get_json(self, url: str, headers: dict[str, str] | None = None) -> Any:
         """GET a small JSON document (model lists) within the first-byte timeout."""
         with mapped_errors(self.name):
-            async with deadlines.timeout(self.config.timeouts.first_byte):
+            with deadlines.timeout(self.config.timeouts.first_byte):
                 async with self.session.get(url, headers=headers) as resp:
                     await raise_for_status(resp, self.name)
                     return self._json(await resp.read())

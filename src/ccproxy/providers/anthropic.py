@@ -74,7 +74,7 @@ class AnthropicProvider(_http.HttpProvider):
             for _ in range(_MAX_MODEL_PAGES):
                 params = {"limit": "1000", **({"after_id": after} if after else {})}
                 with _http.mapped_errors(self.name):
-                    async with deadlines.timeout(self.config.timeouts.first_byte):
+                    with deadlines.timeout(self.config.timeouts.first_byte):
                         async with self.session.get(self._base + "/v1/models", headers=self._headers,
                                                     params=params) as resp:
                             await _http.raise_for_status(resp, self.name)

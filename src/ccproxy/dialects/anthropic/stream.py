@@ -22,6 +22,7 @@ from ccproxy.core import (
 from ccproxy.dialects import answer
 from ccproxy.dialects.anthropic.backend import _parse_usage, _stop_reason, upstream_error
 from ccproxy.dialects.anthropic.client import _is_int
+from ccproxy.dialects.lines import Lines
 
 
 class AnthropicStreamParser:
@@ -37,7 +38,7 @@ class AnthropicStreamParser:
     def __init__(self, provider: str | None = None):
         self.provider = provider
         self.done = False
-        self._buf = b""
+        self._lines = Lines()
         self._event: str | None = None
         self._data: list[str] = []
         self._usage = Usage()
@@ -50,16 +51,11 @@ class AnthropicStreamParser:
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         if self.error is not None:
             raise self.error
-        self._buf += chunk
         out: list[StreamEvent] = []
         try:
-            while not self.done:
-                nl = self._buf.find(b"\n")
-                if nl < 0:
+            for raw in self._lines.feed(chunk):
+                if self.done:
                     break
-                raw, self._buf = self._buf[:nl], self._buf[nl + 1:]
-                if raw.endswith(b"\r"):
-                    raw = raw[:-1]
                 self._line(raw, out)
         except errors.UpstreamError as e:
             self.error = e
@@ -73,7 +69,7 @@ class AnthropicStreamParser:
         out: list[StreamEvent] = []
         if self._data and not self.done:  # complete data lines without the final blank line
             self._line(b"", out)
-        self._buf = b""
+        self._lines.rest = b""
         if not self.done:
             raise errors.UpstreamError(f"provider {self.provider!r} ended the stream before message_stop",
                                        provider=self.provider)

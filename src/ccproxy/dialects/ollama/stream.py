@@ -17,6 +17,7 @@ from ccproxy.core import (
     ToolCallDelta,
     ToolCallStart,
 )
+from ccproxy.dialects.lines import Lines
 from ccproxy.dialects.ollama.backend import _message, _stop_reason, _usage
 
 
@@ -27,7 +28,7 @@ class OllamaStreamParser:
     def __init__(self, provider: str | None = None):
         self.provider = provider
         self.done = False
-        self._buf = b""
+        self._lines = Lines()
         self._tool_calls = 0
         self._saw_tool_calls = False
         self.error: errors.UpstreamError | None = None  # after the events handed out before it
@@ -39,28 +40,23 @@ class OllamaStreamParser:
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         self._raise_pending()
-        self._buf += chunk
-        if b"\n" not in chunk:
-            return []
-        lines = self._buf.split(b"\n")
-        self._buf = lines.pop()
         events: list[StreamEvent] = []
-        for line in lines:
+        for line in self._lines.feed(chunk):
             try:
                 events.extend(self._line(line))
             except errors.UpstreamError as exc:
                 if not events:
                     raise
                 # hand out what came before the error line first; raise on the next call
-                self.error, self._buf = exc, b""
+                self.error, self._lines.rest = exc, b""
                 break
         return events
 
     def close(self) -> list[StreamEvent]:
         """Flush a last line without newline; raise if the stream never said `done`."""
         self._raise_pending()
-        events = self._line(self._buf)
-        self._buf = b""
+        events = self._line(self._lines.rest)
+        self._lines.rest = b""
         if not self.done:
             raise errors.UpstreamError(self._who() + "stream ended before the final done line",
                                        provider=self.provider)

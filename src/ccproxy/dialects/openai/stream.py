@@ -21,6 +21,7 @@ from ccproxy.core import (
     UsageUpdate,
 )
 from ccproxy.dialects import answer
+from ccproxy.dialects.lines import Lines
 from ccproxy.dialects.openai.backend import _parse_usage, _stop_reason, _tool_call
 from ccproxy.dialects.openai.client import new_tool_id
 
@@ -33,7 +34,7 @@ class OpenAIStreamParser:
     held back), as the stream parsers of the other dialects do when a chunk yields no events."""
 
     def __init__(self, req_stop: list[str] | None = None, provider: str | None = None):
-        self._buf = b""
+        self._lines = Lines()
         self._req_stop = req_stop
         self._provider = provider
         self._tool_ids: dict[int, str] = {}
@@ -44,16 +45,11 @@ class OpenAIStreamParser:
         self.error: errors.UpstreamError | None = None
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
-        self._buf += chunk
         events: list[StreamEvent] = []
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0:
-                return events
-            line = self._buf[:nl].rstrip(b"\r")
-            self._buf = self._buf[nl + 1:]
+        for line in self._lines.feed(chunk):
             if line.startswith(b"data:"):
                 self._line(line[5:].strip(), events)
+        return events
 
     def _line(self, data: bytes, events: list[StreamEvent]) -> None:
         if data == b"[DONE]":

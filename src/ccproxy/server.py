@@ -195,13 +195,25 @@ def _listen_socket(listen: str, backlog: int = 128, reuse_port: bool = False) ->
     return socket.create_server((host, int(port)), family=family, backlog=backlog, reuse_port=reuse_port)
 
 
+# The cyclic collector's first threshold once serving (Python's default: 700). A request allocates
+# hundreds of container objects and most die by reference counting within the request; at 700 a
+# young-generation collection ran every few requests and scanned the objects of every request in
+# flight, again in each older generation they were promoted to. At 10,000 most of them are gone
+# before it runs, and one young collection scans at most that many objects, rarely (its CPU share
+# and its pause measured in bench/README.md, "Where the time goes").
+GC_YOUNG_THRESHOLD = 10_000
+
+
 def freeze_heap() -> None:
     """Move what imports and start-up allocated (modules, config, pools: ~50,000 objects that live
-    as long as the process) out of the cyclic collector's sight. A full collection then scans only
-    what requests allocate: it took 8-26 ms per run before, a pause in some request's latency
-    (p99; bench/README.md, "Where the time goes")."""
+    as long as the process) out of the cyclic collector's sight, and let it run less often on what
+    requests allocate (GC_YOUNG_THRESHOLD). A full collection then scans only what requests
+    allocate: it took 8-26 ms per run before, a pause in some request's latency (p99;
+    bench/README.md, "Where the time goes")."""
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def build_gateway(config: Config) -> Gateway:

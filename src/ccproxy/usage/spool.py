@@ -149,7 +149,7 @@ class Journal:
         try:
             if seg is None or seg.appended >= self.rotate_rows:
                 seg = self._open()
-            os.write(seg.fd, orjson.dumps(record) + b"\n")
+            os.write(seg.fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         except OSError as e:
             self.broken = True
             log.error("usage: cannot write the usage journal in %s (%s); rows are kept in memory only, "

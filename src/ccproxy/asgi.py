@@ -173,8 +173,8 @@ class DisconnectWatchers:
     """The gateway's disconnect watchers waiting for their WATCH_AFTER, started by one timer for all
     of them: a task per request (its `receive()` and its cancellation), or a timer per request, cost
     a quick answer more than the rest of its bookkeeping (bench/README.md, "Where the time goes");
-    registering here is a dict insert. Every watcher waits the same time, so the dict (insertion order) is in the
-    order they are due."""
+    registering here is a dict insert. Every watcher waits the same time, so the dict (in insertion
+    order) is in the order they are due."""
 
     def __init__(self) -> None:
         self.pending: dict[DisconnectWatcher, float] = {}

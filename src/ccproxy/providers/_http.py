@@ -41,10 +41,10 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
                                  auto_decompress=True, skip_auto_headers=("User-Agent",))
 
 
-class mapped_errors:  # noqa: N801 - used as a function: `with mapped_errors(provider):`
-    """Convert aiohttp/asyncio failures into the gateway's errors, naming only the provider.
-    (A class, not a `contextlib.contextmanager`: it is entered twice per request, and a generator
-    per use cost more than the rest of it.)"""
+class _ProviderGuard:
+    """A context manager that turns what escapes its block into a provider's error (below). A class,
+    not a `contextlib.contextmanager`: they are entered several times per request, and a generator
+    per use cost more than the rest of them."""
 
     __slots__ = ("provider",)
 
@@ -53,6 +53,12 @@ class mapped_errors:  # noqa: N801 - used as a function: `with mapped_errors(pro
 
     def __enter__(self) -> None:
         return None
+
+
+class mapped_errors(_ProviderGuard):  # noqa: N801 - used as a function: `with mapped_errors(provider):`
+    """Convert aiohttp/asyncio failures into the gateway's errors, naming only the provider."""
+
+    __slots__ = ()
 
     def __exit__(self, exc_type: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -120,19 +126,12 @@ async def raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
                                 status=resp.status, provider=provider, retry_after=parse_retry_after(resp.headers))
 
 
-class reading:  # noqa: N801 - used as a function: `with reading(provider):`
+class reading(_ProviderGuard):  # noqa: N801 - used as a function: `with reading(provider):`
     """Around the parsing of a backend's answer: a shape the parser did not foresee (it reads fields
     through ccproxy.dialects.answer, so this is a last line) is the backend's malformed answer, a
-    502 that moves on to the next deployment, never the gateway's 500. (A class for the reason
-    `mapped_errors` is one.)"""
+    502 that moves on to the next deployment, never the gateway's 500."""
 
-    __slots__ = ("provider",)
-
-    def __init__(self, provider: str) -> None:
-        self.provider = provider
-
-    def __enter__(self) -> None:
-        return None
+    __slots__ = ()
 
     def __exit__(self, exc_type: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:

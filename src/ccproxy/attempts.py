@@ -10,6 +10,7 @@ moves on to the next deployment. Chat, streaming and embeddings all loop over th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -83,7 +84,14 @@ class Attempts:
                                       "upstream_model": target.deployment.model, "error": e.kind}})
 
     def end(self, target: Target, ok: bool, retry_after: float | None) -> None:
-        self._flow.runtime.router.finished(target.deployment, ok, retry_after)
+        """The attempt is over. If the request's task is being cancelled (its client left, or the
+        drain at shutdown ran out), the attempt neither failed nor succeeded: a user who interrupts
+        their agent three times must not put a healthy deployment in cooldown (nor move its
+        sessions). The gateway's own time limits are not this: they are caught inside the attempt
+        (the provider's `deadlines.timeout`) and end it as a failure."""
+        task = asyncio.current_task()
+        cut_off = task is not None and task.cancelling() > 0
+        self._flow.runtime.router.finished(target.deployment, None if cut_off else ok, retry_after)
         if self._span is not None:
             self._span.end()
             self._span = None

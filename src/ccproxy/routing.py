@@ -245,11 +245,14 @@ class Router:
                 return remaining.pop(i)
         return remaining.pop(0)
 
-    def finished(self, d: Deployment, ok: bool, retry_after: float | None = None) -> None:
+    def finished(self, d: Deployment, ok: bool | None, retry_after: float | None = None) -> None:
         """Bookkeeping after an attempt. `retry_after` (seconds, from a failed backend's Retry-After
-        header) puts the deployment in cooldown for that long at once."""
+        header) puts the deployment in cooldown for that long at once. `ok` None: the attempt was
+        cut off from outside (the client left, shutdown) and says nothing of the deployment."""
         h = self._state(d)
         h.in_flight = max(0, h.in_flight - 1)
+        if ok is None:
+            return
         if ok:
             h.failures = 0
             return

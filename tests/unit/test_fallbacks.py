@@ -475,3 +475,47 @@ async def test_reload_in_flight_requests_finish_on_the_old_runtime(upstream: Ups
         await asyncio.sleep(0.05)
     assert old_up._session is None  # type: ignore[attr-defined]  # closed once its last request ended
     assert client.gw.runtime.providers["up"] is not old_up
+
+
+async def _leaving_client_request(gw: Gateway, model: str, stream: bool, leave_after: float) -> list[dict[str, Any]]:
+    """One request straight through the ASGI app whose client disconnects after `leave_after` s,
+    as uvicorn reports it: `receive()` answers `http.disconnect`."""
+    body = json.dumps({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    delivered = False
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(leave_after)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "", "scheme": "http",
+             "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080),
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    await gw(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_clients_that_leave_do_not_count_against_the_deployment(upstream: Upstream, client: Client,
+                                                                       stream: bool) -> None:
+    """Three interrupted requests (flaky: max_failures 2) leave the deployment healthy: a client
+    going away says nothing about the backend, which was still answering."""
+    await client.open(make_config(upstream, slow={"provider": "flaky", "model": "slow-ok"}))
+    assert client.gw is not None
+    for _ in range(3):
+        sent = await _leaving_client_request(client.gw, "slow", stream, leave_after=0.15)
+        # cut off before the backend answered (0.6 s): nothing of an answer went out
+        assert not any(b"served by" in m.get("body", b"") for m in sent), sent
+    health = client.health("flaky", "slow-ok")
+    assert (health["cooling"], health["consecutive_failures"], health["errors"], health["in_flight"]) == \
+        (False, 0, 0, 0), health
+    assert served_by(await client.chat("slow", stream=stream)) == "slow-ok"  # and it still serves

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from ccproxy import asgi, errors, openapi
 from ccproxy.admin_api import AdminApi
-from ccproxy.asgi import ClientGone, DisconnectWatchers, Receive, Scope, Send, header_map
+from ccproxy.asgi import ClientGone, Receive, Scope, Send, header_map
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.context import GatewayServices
@@ -64,7 +64,6 @@ class Gateway(EndpointHandlers):
         metrics = self.services.metrics
         self.slots = GlobalSlots(metrics.in_flight if metrics is not None else None)
         self.started_at = time.time()
-        self.watchers = DisconnectWatchers()  # of the requests in flight (asgi.py)
         self._ready_cache: tuple[float, dict[str, ModelListing]] | None = None
         self._ready_probe: asyncio.Task[dict[str, ModelListing]] | None = None  # shared by concurrent callers
         self._retirer = Retirer()

@@ -133,25 +133,32 @@ async def refuse_websocket(receive: Receive, send: Send) -> None:
 
 # A request still running this long after admission gets a task watching for its client's
 # disconnect. Most LLM requests run for seconds and get one; a quick answer (a cached or tiny one,
-# a token count) is sent before it would start. A client that leaves is noticed at most this much
-# later.
+# a token count) is sent before it would start: a task per request (its `receive()` and its
+# cancellation) cost a quick answer more than the rest of its bookkeeping (bench/README.md, "Where
+# the time goes"), a wheel entry (`deadlines.later`) is a set insert. A client that leaves is
+# noticed at most this much (plus the wheel's tick) later.
 WATCH_AFTER = 0.05
 
 
 class DisconnectWatcher:
     """Cancels the request's task when the client disconnects, so the backend call is aborted
-    (freeing its slot) instead of generating for nobody. Made by `DisconnectWatchers.watch`; it
-    watches from WATCH_AFTER seconds later until `stop()`."""
+    (freeing its slot) instead of generating for nobody. Watches from WATCH_AFTER seconds after
+    `start()` until `stop()`."""
 
-    def __init__(self, receive: Receive, watchers: DisconnectWatchers, owner: asyncio.Task[Any] | None):
+    def __init__(self, receive: Receive):
         self._receive = receive
-        self._watchers = watchers
-        self._owner = owner
         self.gone = False
+        self._owner: asyncio.Task[Any] | None = None
+        self._pending: deadlines.Later | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._task = loop.create_task(self._watch())
+    def start(self) -> None:
+        self._owner = asyncio.current_task()
+        self._pending = deadlines.later(WATCH_AFTER, self._begin)
+
+    def _begin(self) -> None:
+        self._pending = None
+        self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
@@ -163,45 +170,9 @@ class DisconnectWatcher:
                 return
 
     def stop(self) -> None:
-        self._watchers.pending.pop(self, None)
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
-
-
-class DisconnectWatchers:
-    """The gateway's disconnect watchers waiting for their WATCH_AFTER, started by one timer for all
-    of them: a task per request (its `receive()` and its cancellation), or a timer per request, cost
-    a quick answer more than the rest of its bookkeeping (bench/README.md, "Where the time goes");
-    registering here is a dict insert. Every watcher waits the same time, so the dict (in insertion
-    order) is in the order they are due."""
-
-    def __init__(self) -> None:
-        self.pending: dict[DisconnectWatcher, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def watch(self, receive: Receive) -> DisconnectWatcher:
-        """A watcher for the current task's request; it starts watching WATCH_AFTER seconds from now."""
-        loop = asyncio.get_running_loop()
-        w = DisconnectWatcher(receive, self, asyncio.current_task())
-        if loop is not self._loop:  # a new event loop (tests): what waited belongs to a finished one
-            self.pending.clear()
-            self._loop, self._timer = loop, None
-        self.pending[w] = loop.time() + WATCH_AFTER
-        if self._timer is None:
-            self._timer = loop.call_at(loop.time() + WATCH_AFTER, self._sweep)
-        return w
-
-    def _sweep(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        self._timer = None
-        now = loop.time()
-        while self.pending:
-            w, due = next(iter(self.pending.items()))
-            if due > now:
-                self._timer = loop.call_at(due, self._sweep)
-                return
-            del self.pending[w]
-            w._begin(loop)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ccproxy.asgi import DisconnectWatchers
 from ccproxy.auth import Authenticator
 from ccproxy.config import Config
 from ccproxy.metrics import Metrics
@@ -83,9 +82,6 @@ class FlowContext(GatewayCore, Protocol):
 
     @property
     def tracing(self) -> Tracing | None: ...
-
-    @property
-    def watchers(self) -> DisconnectWatchers: ...
 
     def observe(self, record: UsageRecord, admitted: bool) -> None:
         """Metrics for one finished request (never raises)."""

@@ -9,31 +9,38 @@ the time is up the task is cancelled and the `with` block raises TimeoutError, w
 from elsewhere (a client that left, shutdown) passes through untouched. But it is a plain context
 manager and entering one is a set insert: limits sit in slots of TICK seconds, swept by one timer
 that runs only while some limit is pending. A limit fires up to TICK late, which none of the
-request path's limits (seconds) notices.
+request path's limits (seconds) notices. `later(delay, callback)` puts any other delayed step of a
+request on the same wheel (the disconnect watcher's start, `asgi.DisconnectWatcher`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol
 
 TICK = 0.05  # seconds
 
-__all__ = ["TICK", "Timeout", "timeout"]
+__all__ = ["TICK", "Later", "Timeout", "later", "timeout"]
+
+
+class _Due(Protocol):
+    def _fire(self) -> None: ...
 
 
 class _Wheel:
-    """The pending limits of one event loop, by the tick they are due at."""
+    """What is pending on one event loop (limits, `later` callbacks), by the tick it is due at."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.slots: dict[int, set[Timeout]] = {}
+        self.slots: dict[int, set[_Due]] = {}
         self.pending = 0
         self.swept = math.floor(loop.time() / TICK)  # the ticks up to this one have fired
         self.timer: asyncio.TimerHandle | None = None
 
-    def add(self, limit: Timeout, when: float) -> int:
+    def add(self, limit: _Due, when: float) -> int:
         if self.timer is None:  # idle until now: nothing waits in the ticks that passed
             self.swept = math.floor(self.loop.time() / TICK)
             self.timer = self.loop.call_at((self.swept + 1) * TICK, self.sweep)
@@ -45,7 +52,7 @@ class _Wheel:
         self.pending += 1
         return tick
 
-    def remove(self, limit: Timeout, tick: int) -> None:
+    def remove(self, limit: _Due, tick: int) -> None:
         slot = self.slots.get(tick)
         if slot is not None and limit in slot:
             slot.remove(limit)
@@ -60,7 +67,7 @@ class _Wheel:
             if slot:
                 self.pending -= len(slot)
                 for limit in slot:
-                    limit._expire()
+                    limit._fire()
         self.swept = now
         if self.pending > 0:
             self.timer = self.loop.call_at((now + 1) * TICK, self.sweep)
@@ -125,7 +132,7 @@ class Timeout:
             assert self._wheel is not None
             self._wheel.remove(self, self._tick)
 
-    def _expire(self) -> None:
+    def _fire(self) -> None:
         if self._state == _ENTERED:
             assert self._task is not None
             self._task.cancel()
@@ -135,3 +142,30 @@ class Timeout:
 def timeout(delay: float) -> Timeout:
     """`with timeout(seconds):` as `async with asyncio.timeout(seconds):`, fired by the coarse wheel."""
     return Timeout(delay)
+
+
+class Later:
+    """A callback the wheel runs `delay` seconds from now (up to TICK late), unless cancelled first."""
+
+    __slots__ = ("_callback", "_tick", "_wheel")
+
+    def __init__(self, delay: float, callback: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._callback = callback
+        wheel = _wheel_of(loop)
+        self._wheel: _Wheel | None = wheel
+        self._tick = wheel.add(self, loop.time() + delay)
+
+    def cancel(self) -> None:
+        if self._wheel is not None:
+            self._wheel.remove(self, self._tick)
+            self._wheel = None
+
+    def _fire(self) -> None:
+        self._wheel = None
+        self._callback()
+
+
+def later(delay: float, callback: Callable[[], None]) -> Later:
+    """Run `callback` on the running event loop `delay` seconds from now, through the coarse wheel."""
+    return Later(delay, callback)

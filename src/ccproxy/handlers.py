@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ccproxy import __version__, errors, openapi
-from ccproxy.asgi import DisconnectWatchers, Receive, Scope, Send, send_bytes, send_json
+from ccproxy.asgi import Receive, Scope, Send, send_bytes, send_json
 from ccproxy.dialects import adapters
 from ccproxy.endpoints import Endpoint, Handler, openapi_paths
 from ccproxy.pipeline import ChatFlow, DialectAdapter, model_allowed, send_error
@@ -50,7 +50,6 @@ class EndpointHandlers:
     _ready_probe: asyncio.Task[dict[str, ModelListing]] | None
     _openapi_doc: bytes | None
     tracing: Tracing | None
-    watchers: DisconnectWatchers
 
     if TYPE_CHECKING:
         def _adapter_for(self, path: str, headers: dict[str, str]) -> DialectAdapter: ...

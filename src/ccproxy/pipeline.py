@@ -199,7 +199,8 @@ class ChatFlow:
                     hold = await budgets.admit(principal, self.worst_case_usd(plan), self.adapter.name)
                 self.admitted = True
                 self.resp_headers.update(ticket.headers)
-                watcher = self.gw.watchers.watch(receive)
+                watcher = DisconnectWatcher(receive)
+                watcher.start()
                 served = await self.serve(send, plan, watcher)
                 usage, last = served.usage, served.last
             except ClientGone:

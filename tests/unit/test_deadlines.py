@@ -54,14 +54,14 @@ async def test_a_cancellation_from_elsewhere_racing_the_limit_is_not_swallowed()
 
     task = asyncio.create_task(body())
     await asyncio.sleep(0.01)
-    entered[0]._expire()  # what the sweep does when the limit is due ...
+    entered[0]._fire()  # what the sweep does when the limit is due ...
     task.cancel()  # ... and a second cancellation before the task runs
     with pytest.raises(asyncio.CancelledError):
         await task
 
     lone = asyncio.create_task(body())  # the same without the second one: a TimeoutError
     await asyncio.sleep(0.01)
-    entered[1]._expire()
+    entered[1]._fire()
     with pytest.raises(TimeoutError):
         await lone
 

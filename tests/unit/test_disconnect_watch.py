@@ -1,14 +1,15 @@
-"""The disconnect watchers (asgi.DisconnectWatchers): a request answered within WATCH_AFTER never
+"""The disconnect watcher (asgi.DisconnectWatcher): a request answered within WATCH_AFTER never
 gets a watching task; one still running then does, and a client that leaves cancels it; all of
-them are started by one timer."""
+them are started through the deadlines wheel's one timer."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from ccproxy import asgi
-from ccproxy.asgi import WATCH_AFTER, DisconnectWatchers
+from ccproxy import deadlines
+from ccproxy.asgi import WATCH_AFTER, DisconnectWatcher
+from ccproxy.deadlines import TICK
 
 
 class Client:
@@ -24,20 +25,30 @@ class Client:
         return {"type": "http.disconnect"}
 
 
+def watch(client: Client) -> DisconnectWatcher:
+    w = DisconnectWatcher(client.receive)
+    w.start()
+    return w
+
+
+def pending() -> int:
+    return deadlines._wheel.pending if deadlines._wheel is not None else 0
+
+
 async def test_a_request_answered_before_watch_after_never_receives() -> None:
-    watchers, client = DisconnectWatchers(), Client()
-    w = watchers.watch(client.receive)
+    client = Client()
+    w = watch(client)
     await asyncio.sleep(WATCH_AFTER / 5)
     w.stop()
-    await asyncio.sleep(WATCH_AFTER * 2)
-    assert client.calls == 0 and not watchers.pending
+    await asyncio.sleep(WATCH_AFTER * 2 + TICK)
+    assert client.calls == 0 and pending() == 0
 
 
 async def test_a_request_still_running_is_cancelled_when_its_client_leaves() -> None:
-    watchers, client = DisconnectWatchers(), Client()
+    client = Client()
 
     async def request() -> str:
-        w = watchers.watch(client.receive)
+        w = watch(client)
         try:
             await asyncio.sleep(10)  # the backend call
             return "answered"
@@ -47,60 +58,37 @@ async def test_a_request_still_running_is_cancelled_when_its_client_leaves() -> 
             w.stop()
 
     task = asyncio.create_task(request())
-    await asyncio.sleep(WATCH_AFTER * 2)
+    await asyncio.sleep(WATCH_AFTER * 2 + TICK)
     assert client.calls == 1  # watching now
     client.left.set()
     assert await asyncio.wait_for(task, 2) == "cancelled"
 
 
-async def test_one_timer_starts_every_watcher_in_order_and_only_those_due() -> None:
-    watchers = DisconnectWatchers()
+async def test_one_timer_starts_every_watcher_and_only_those_due() -> None:
     calls: list[asyncio.TimerHandle] = []
     loop = asyncio.get_running_loop()
     real_call_at = loop.call_at
 
     def counting_call_at(when: float, cb: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
         h = real_call_at(when, cb, *args, **kw)
-        if cb == watchers._sweep:
-            calls.append(h)
+        calls.append(h)  # every loop timer: the wheel's, and this test's own sleeps
         return h
 
     early, late = [Client() for _ in range(50)], Client()
-    made: list[asgi.DisconnectWatcher] = []
+    made: list[DisconnectWatcher] = []
     loop.call_at = counting_call_at  # type: ignore[method-assign]
     try:
         for c in early:
-            made.append(watchers.watch(c.receive))
-        await asyncio.sleep(WATCH_AFTER / 2)
-        made.append(watchers.watch(late.receive))
-        assert len(calls) == 1  # fifty-one watchers, one timer
-        await asyncio.sleep(WATCH_AFTER * 0.6)  # the first fifty are due, the last one not yet
+            made.append(watch(c))
+        await asyncio.sleep(WATCH_AFTER + 2 * TICK)  # the first fifty are due ...
+        made.append(watch(late))  # ... the last one is not
         await asyncio.sleep(0)  # their tasks' first step
         assert [c.calls for c in early] == [1] * 50 and late.calls == 0
-        assert len(watchers.pending) == 1 and len(calls) == 2  # re-armed for the last one
-        await asyncio.sleep(WATCH_AFTER)
-        assert late.calls == 1 and not watchers.pending
+        # the wheel's timer, re-armed once per tick, and two sleeps: not a timer per watcher (51)
+        assert len(calls) <= (WATCH_AFTER + 2 * TICK) / TICK + 4, len(calls)
+        await asyncio.sleep(WATCH_AFTER + 2 * TICK)
+        assert late.calls == 1 and pending() == 0
     finally:
         del loop.call_at
         for w in made:  # (their owner is this test: a disconnect would cancel it)
             w.stop()
-
-
-def test_watchers_on_a_new_event_loop_start_afresh() -> None:
-    """A gateway object used from a second event loop (tests do) does not keep the first loop's
-    watchers or timer."""
-    watchers = DisconnectWatchers()
-
-    async def watch_one() -> asgi.DisconnectWatcher:
-        return watchers.watch(Client().receive)
-
-    asyncio.run(watch_one())  # the loop closes with its watcher still waiting
-    client = Client()
-
-    async def watch_and_wait() -> None:
-        watchers.watch(client.receive)
-        await asyncio.sleep(WATCH_AFTER * 2)
-        await asyncio.sleep(0)
-
-    asyncio.run(watch_and_wait())
-    assert client.calls == 1 and len(watchers.pending) == 0

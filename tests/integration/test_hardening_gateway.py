@@ -232,6 +232,12 @@ def test_client_disconnect_cancels_the_llama_cpp_generation(gateway, llama_serve
     with urllib.request.urlopen(req, timeout=120) as r:
         assert r.status == 200
     assert time.monotonic() - t0 < 30.0, "llama.cpp was still busy with the abandoned generation"
+    # the client leaving says nothing about the backend: not a failure of the deployment
+    ready = urllib.request.Request(gw.url + "/health/ready", headers={"authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(ready, timeout=30) as r:
+        deployment = orjson.loads(r.read())["deployments"][0]
+    assert (deployment["errors"], deployment["consecutive_failures"], deployment["cooling"]) == (0, 0, False), \
+        deployment
 
 
 # =========================================================================== backend failure mid-stream

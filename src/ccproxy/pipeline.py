@@ -402,8 +402,7 @@ class ChatFlow:
                         item = queue.get_nowait()
                     if item is _END:
                         ok = True
-                        await writer.commit()
-                        await writer.flush()
+                        await writer.commit()  # its closing frames go out with the end (end_message)
                         break
                     if isinstance(item, BaseException):
                         raise item
@@ -424,7 +423,7 @@ class ChatFlow:
                     # Bytes already reached the client: never retry; end with an in-band error.
                     self.record.status = e.status
                     self.record.error_kind = e.kind
-                    await writer.error(e)
+                    writer.error(e)
                     watcher.stop()
                     usage = Usage(input_tokens=self.prompt_estimate, output_tokens=self.output_events)
                     return Served(usage, writer.end_message())

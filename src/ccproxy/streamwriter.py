@@ -1,8 +1,9 @@
 """Writing one streaming response: the headers go out with the first output (`commit`, after which
 no other deployment may be tried), then the dialect renderer's frames, keep-alive pings while the
 backend is silent, and an in-band error event when the backend fails after the first byte. The last
-empty body message is not sent here: `end_message` is what the flow sends once the row and the log
-line are written.
+body message is not sent here: `end_message` is what the flow sends once the row and the log line
+are written, and it carries the frames still pending (the answer's closing events), so they and the
+end of the chunked body leave in one socket write instead of two.
 
 `event` only renders: the frames wait in `_pending` until `flush`, which the flow calls whenever no
 further event is ready, so the events of one backend read leave in one body message (one `send`,
@@ -15,7 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ccproxy import errors
 from ccproxy.asgi import Send, start_stream
@@ -34,12 +35,11 @@ class StreamWriter:
         self._renderer: StreamRenderer | None = None
         self._pending: list[bytes] = []
 
-    def _body(self, data: bytes) -> dict[str, Any]:
-        """The body message for `data`; the first one sets the row's time to first byte."""
+    def _first_byte(self) -> None:
+        """A body is about to leave: the first one sets the row's time to first byte."""
         record = self._flow.record
         if record.ttfb_ms is None:
             record.ttfb_ms = round((time.perf_counter() - self._flow.t0) * 1000, 3)
-        return {"type": "http.response.body", "body": data, "more_body": True}
 
     async def out(self, data: bytes) -> None:
         """Send the pending frames and `data` now."""
@@ -48,7 +48,8 @@ class StreamWriter:
             data = b"".join(self._pending)
             self._pending.clear()
         if data:
-            await self._send(self._body(data))
+            self._first_byte()
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def flush(self) -> None:
         await self.out(b"")
@@ -80,11 +81,17 @@ class StreamWriter:
         if data:
             self._pending.append(data)
 
-    async def error(self, exc: errors.GatewayError) -> None:
-        """The backend failed after the first byte: the frames so far, then the dialect's in-band error."""
+    def error(self, exc: errors.GatewayError) -> None:
+        """The backend failed after the first byte: the dialect's in-band error follows the frames
+        so far (it leaves with `end_message`)."""
         assert self._renderer is not None
-        await self.out(self._renderer.error(exc))
+        self._pending.append(self._renderer.error(exc))
 
     def end_message(self) -> Callable[[], Awaitable[None]]:
-        """The response's last (empty) body message, to send after the row and the log line."""
-        return functools.partial(self._send, {"type": "http.response.body", "body": b"", "more_body": False})
+        """The response's last body message (the frames still pending), to send after the row and
+        the log line."""
+        data = b"".join(self._pending)
+        self._pending.clear()
+        if data:
+            self._first_byte()
+        return functools.partial(self._send, {"type": "http.response.body", "body": data, "more_body": False})

@@ -1,8 +1,9 @@
 """A streamed answer leaves in one body message per backend read (streamwriter.py), never later.
 
 The events one read of the backend's stream holds are sent together (one `send`, one socket write),
-which halved the cost of a streamed request; and an event is never held back waiting for the next:
-the backend below only sends its second part once the client has the first.
+which halved the cost of a streamed request; the last read's events leave with the end of the body
+(one write, not one for the frames and one for the chunked body's end); and an event is never held
+back waiting for the next: the backend below only sends its second part once the client has the first.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ async def gateway() -> AsyncIterator[tuple[Gateway, Backend]]:
 
 
 async def stream(gw: Gateway, path: str, body: dict[str, Any], on_body: Any = None) -> list[bytes]:
-    """POST `body` as a stream; the body messages the gateway sent (the last, empty one included)."""
+    """POST `body` as a stream; the bodies of the messages the gateway sent, up to its last
+    (`more_body` false), which must come last."""
     raw = orjson.dumps({**body, "stream": True})
     scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
              "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json"),
@@ -112,6 +114,7 @@ async def stream(gw: Gateway, path: str, body: dict[str, Any], on_body: Any = No
         if msg["type"] == "http.response.start":
             assert msg["status"] == 200
         elif msg["type"] == "http.response.body":
+            assert not done.is_set(), "a body message after the last"
             got.append(msg.get("body", b""))
             if on_body is not None:
                 on_body(b"".join(got))
@@ -139,8 +142,8 @@ async def test_one_backend_read_is_one_body_message(gateway: tuple[Gateway, Back
     got = await stream(gw, path, {**req, "model": "echo"})
     whole = b"".join(got)
     assert all(w.strip().encode() in whole for w in WORDS) and end in whole
-    # the stream's frames in one message, then the closing empty one (one per event before)
-    assert [len(b) > 0 for b in got] == [True, False], [b[:60] for b in got]
+    # the whole stream in one message, the last (one per event before, then an empty closing one)
+    assert len(got) == 1, [b[:60] for b in got]
 
 
 @pytest.mark.parametrize(("path", "req", "end"), CASES)
@@ -156,4 +159,4 @@ async def test_an_event_is_never_held_for_the_next_read(gateway: tuple[Gateway, 
     got = await stream(gw, path, {**req, "model": "split"}, on_body)
     whole = b"".join(got)
     assert all(w.strip().encode() in whole for w in WORDS) and end in whole
-    assert len([b for b in got if b]) == 2  # the first read, then the second
+    assert len(got) == 2 and all(got), [b[:60] for b in got]  # the first read, then the second and the end

@@ -3,7 +3,10 @@
 One pooled `aiohttp.ClientSession` per provider, kept open; aiohttp is the client because it had
 by far the higher throughput in a bare proxy (figures: bench/README.md, "Design measurements").
 Transport failures are mapped to `ccproxy.errors` here, once, with messages that name the
-provider and never carry its key or URL credentials.
+provider and never carry its key or URL credentials. What a backend sends is bounded here too: an
+answer (or one line of a stream) over the provider's `max_answer_bytes` is refused, an error body
+is read up to ERROR_BODY_BYTES; aiohttp's `read()` has no bound, and a compressed body's length
+says nothing of its size unpacked.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import orjson
 from ccproxy import deadlines, errors
 from ccproxy.config import ProviderConfig
 from ccproxy.core import StreamEvent
+from ccproxy.dialects.lines import Lines
 from ccproxy.providers.base import ProviderDefaults
 from ccproxy.redact import redact
 from ccproxy.routing import MAX_RETRY_AFTER
@@ -113,10 +117,47 @@ def parse_retry_after(headers: Any) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+ERROR_BODY_BYTES = 64 * 1024  # of an error answer: enough for any message, the rest is not read
+
+
+def _too_large(provider: str, limit: int, what: str) -> errors.UpstreamError:
+    return errors.UpstreamError(f"provider '{provider}' sent {what} over {limit} bytes "
+                                f"(its max_answer_bytes)", provider=provider)
+
+
+async def read_limited(resp: aiohttp.ClientResponse, provider: str, limit: int) -> bytes:
+    """`resp`'s whole body, refused past `limit` bytes (unpacked: a gzip body is counted as it
+    inflates). A plain body with a Content-Length is checked before it is read."""
+    length = resp.content_length
+    if length is not None and "Content-Encoding" not in resp.headers:
+        if length > limit:
+            raise _too_large(provider, limit, "an answer")
+        return await resp.read()
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(provider, limit, "an answer")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _read_prefix(resp: aiohttp.ClientResponse, n: int) -> bytes:
+    """The first `n` bytes of `resp`'s body (all of it when shorter); the rest is left unread
+    (releasing the response then closes its connection)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < n and (chunk := await resp.content.readany()):
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)[:n]
+
+
 async def raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
     if resp.status < 400:
         return
-    body = await resp.read()
+    body = await _read_prefix(resp, ERROR_BODY_BYTES)
     if resp.status in (401, 403):
         # The backend refused the gateway's own credentials: a gateway configuration problem, not
         # the client's key (passing 401 through would make clients think their key is bad).
@@ -165,7 +206,7 @@ async def read_body(resp: aiohttp.ClientResponse, provider: str, config: Provide
     with mapped_errors(provider):
         try:
             with deadlines.timeout(config.timeouts.idle):
-                return await resp.read()
+                return await read_limited(resp, provider, config.max_answer_bytes)
         finally:
             resp.release()
 
@@ -206,10 +247,12 @@ async def _next_chunk(resp: aiohttp.ClientResponse, provider: str, idle: float) 
 class StreamParser(Protocol):
     """A backend stream parser of a dialect (`dialects/<name>/stream.py`): bytes split anywhere in,
     events out. `done` once the stream's own end marker came; `error` a failure found after events
-    that were handed out first (raised by the next call too); `close()` at the end of the body."""
+    that were handed out first (raised by the next call too); `close()` at the end of the body;
+    `lines` its framing (`held`: the bytes of a line still waiting for its newline)."""
 
     done: bool
     error: errors.UpstreamError | None
+    lines: Lines
 
     def feed(self, chunk: bytes) -> list[StreamEvent]: ...
 
@@ -223,6 +266,7 @@ async def read_stream(resp: aiohttp.ClientResponse, parser: StreamParser, provid
     connection, through `parser` until its end marker or the end of the body. The response is
     closed however the loop ends (closing, not releasing, aborts the backend request if we stop early)."""
     idle = config.timeouts.idle if first_wait is None else first_wait
+    limit = config.max_answer_bytes
     try:
         with mapped_errors(provider):
             while True:
@@ -232,6 +276,8 @@ async def read_stream(resp: aiohttp.ClientResponse, parser: StreamParser, provid
                 idle = config.timeouts.idle
                 with reading(provider):
                     events = parser.feed(chunk)
+                if parser.lines.held > limit:  # a line that never ends would be held whole
+                    raise _too_large(provider, limit, "a stream line")
                 for ev in events:
                     yield ev
                 if parser.error is not None:  # an error right after the events above
@@ -283,4 +329,4 @@ class HttpProvider(ProviderDefaults):
             with deadlines.timeout(self.config.timeouts.first_byte):
                 async with self.session.get(url, headers=headers) as resp:
                     await raise_for_status(resp, self.name)
-                    return self._json(await resp.read())
+                    return self._json(await read_limited(resp, self.name, self.config.max_answer_bytes))

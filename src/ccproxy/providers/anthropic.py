@@ -78,7 +78,8 @@ class AnthropicProvider(_http.HttpProvider):
                         async with self.session.get(self._base + "/v1/models", headers=self._headers,
                                                     params=params) as resp:
                             await _http.raise_for_status(resp, self.name)
-                            data = self._json(await resp.read())
+                            data = self._json(await _http.read_limited(resp, self.name,
+                                                                       self.config.max_answer_bytes))
                 page = data.get("data") if isinstance(data, dict) else None
                 if not isinstance(page, list):
                     raise errors.UpstreamError(f"provider '{self.name}' sent a model list without data",

@@ -38,7 +38,7 @@ class AnthropicStreamParser:
     def __init__(self, provider: str | None = None):
         self.provider = provider
         self.done = False
-        self._lines = Lines()
+        self.lines = Lines()
         self._event: str | None = None
         self._data: list[str] = []
         self._usage = Usage()
@@ -53,7 +53,7 @@ class AnthropicStreamParser:
             raise self.error
         out: list[StreamEvent] = []
         try:
-            for raw in self._lines.feed(chunk):
+            for raw in self.lines.feed(chunk):
                 if self.done:
                     break
                 self._line(raw, out)
@@ -69,7 +69,7 @@ class AnthropicStreamParser:
         out: list[StreamEvent] = []
         if self._data and not self.done:  # complete data lines without the final blank line
             self._line(b"", out)
-        self._lines.rest = b""
+        self.lines.clear()
         if not self.done:
             raise errors.UpstreamError(f"provider {self.provider!r} ended the stream before message_stop",
                                        provider=self.provider)

@@ -28,7 +28,7 @@ class OllamaStreamParser:
     def __init__(self, provider: str | None = None):
         self.provider = provider
         self.done = False
-        self._lines = Lines()
+        self.lines = Lines()
         self._tool_calls = 0
         self._saw_tool_calls = False
         self.error: errors.UpstreamError | None = None  # after the events handed out before it
@@ -41,22 +41,23 @@ class OllamaStreamParser:
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         self._raise_pending()
         events: list[StreamEvent] = []
-        for line in self._lines.feed(chunk):
+        for line in self.lines.feed(chunk):
             try:
                 events.extend(self._line(line))
             except errors.UpstreamError as exc:
                 if not events:
                     raise
                 # hand out what came before the error line first; raise on the next call
-                self.error, self._lines.rest = exc, b""
+                self.error = exc
+                self.lines.clear()
                 break
         return events
 
     def close(self) -> list[StreamEvent]:
         """Flush a last line without newline; raise if the stream never said `done`."""
         self._raise_pending()
-        events = self._line(self._lines.rest)
-        self._lines.rest = b""
+        events = self._line(self.lines.rest)
+        self.lines.clear()
         if not self.done:
             raise errors.UpstreamError(self._who() + "stream ended before the final done line",
                                        provider=self.provider)

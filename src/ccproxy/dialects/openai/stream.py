@@ -34,7 +34,7 @@ class OpenAIStreamParser:
     held back), as the stream parsers of the other dialects do when a chunk yields no events."""
 
     def __init__(self, req_stop: list[str] | None = None, provider: str | None = None):
-        self._lines = Lines()
+        self.lines = Lines()
         self._req_stop = req_stop
         self._provider = provider
         self._tool_ids: dict[int, str] = {}
@@ -46,7 +46,7 @@ class OpenAIStreamParser:
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         events: list[StreamEvent] = []
-        for line in self._lines.feed(chunk):
+        for line in self.lines.feed(chunk):
             if line.startswith(b"data:"):
                 self._line(line[5:].strip(), events)
         return events

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -19,11 +19,10 @@ from aiohttp import web
 
 from ccproxy import errors
 from ccproxy.app import Gateway
-from ccproxy.config import ProviderConfig, Timeouts, parse_config
-from ccproxy.core import ChatRequest, Message
+from ccproxy.config import ProviderConfig, parse_config
+from ccproxy.core import ChatRequest, Message, TextBlock
 from ccproxy.dialects.lines import Lines
 from ccproxy.providers.anthropic import AnthropicProvider
-from ccproxy.providers.base import Provider
 from ccproxy.providers.ollama import OllamaProvider
 from ccproxy.providers.openai import OpenAIProvider
 
@@ -89,19 +88,25 @@ async def backend() -> AsyncIterator[Backend]:
 
 
 def config(kind: str, url: str) -> ProviderConfig:
-    return ProviderConfig(type=kind, base_url=url + ("/v1" if kind == "openai" else ""),  # type: ignore[arg-type]
-                          max_answer_bytes=LIMIT, timeouts=Timeouts(first_byte=10, idle=10))
+    return ProviderConfig.model_validate({"type": kind, "base_url": url + ("/v1" if kind == "openai" else ""),
+                                          "max_answer_bytes": LIMIT, "timeouts": {"first_byte": 10, "idle": 10}})
 
 
-def provider(kind: str, url: str) -> Provider:
-    cls = {"openai": OpenAIProvider, "anthropic": AnthropicProvider, "ollama": OllamaProvider}[kind]
-    return cls("up", config(kind, url))  # type: ignore[abstract]
+AnyHttp = OpenAIProvider | AnthropicProvider | OllamaProvider
 
 
-REQ = ChatRequest(model="m", messages=[Message(role="user", content="hi")], max_tokens=5)
+def provider(kind: str, url: str) -> AnyHttp:
+    if kind == "anthropic":
+        return AnthropicProvider("up", config(kind, url))
+    if kind == "ollama":
+        return OllamaProvider("up", config(kind, url))
+    return OpenAIProvider("up", config(kind, url))
 
 
-async def complete(p: Provider) -> Any:
+REQ = ChatRequest(model="m", messages=[Message(role="user", content=[TextBlock("hi")])], max_tokens=5)
+
+
+async def complete(p: AnyHttp) -> Any:
     await p.start()
     try:
         return await asyncio.wait_for(p.complete(REQ, "m"), 15)
@@ -109,7 +114,7 @@ async def complete(p: Provider) -> Any:
         await p.close()
 
 
-async def stream(p: Provider) -> list[Any]:
+async def stream(p: AnyHttp) -> list[Any]:
     await p.start()
     try:
         async def run() -> list[Any]:
@@ -126,48 +131,39 @@ def assert_too_large(e: errors.UpstreamError, what: str) -> None:
 
 # ------------------------------------------------------------------ whole answers
 
-@pytest.mark.parametrize("how", ["content-length", "chunked", "gzip"])
-async def test_an_answer_over_the_limit_is_refused(backend: Backend, how: str) -> None:
-    body = orjson.dumps(ANSWER)
-
+def answering(body: bytes, how: str) -> Handler:
+    """A handler answering `body` with a Content-Length, chunked in 1,000-byte writes, or gzipped."""
     async def handler(request: web.Request) -> web.StreamResponse:
         await request.read()
         if how == "content-length":
             return web.Response(body=body, content_type="application/json")
-        if how == "gzip":  # ~0.5 KB on the wire, 128 KB unpacked
+        if how == "gzip":  # a body of a few KB at most on the wire, whatever its size unpacked
             return web.Response(body=gzip.compress(body), headers={"content-encoding": "gzip",
                                                                    "content-type": "application/json"})
-        resp = web.StreamResponse(headers={"content-type": "application/json"})
-        await resp.prepare(request)
-        for i in range(0, len(body), 4096):
-            await resp.write(body[i:i + 4096])
-        return resp
-
-    backend.handler = handler
-    with pytest.raises(errors.UpstreamError) as info:
-        await complete(provider("openai", backend.url))
-    assert_too_large(info.value, "an answer")
-
-
-@pytest.mark.parametrize("how", ["content-length", "chunked", "gzip"])
-async def test_an_answer_within_the_limit_is_read_whole(backend: Backend, how: str) -> None:
-    body = orjson.dumps({**SMALL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
-        "role": "assistant", "content": "y" * (LIMIT - 1024)}}]})
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        if how == "gzip":
-            return web.Response(body=gzip.compress(body), headers={"content-encoding": "gzip",
-                                                                   "content-type": "application/json"})
-        if how == "content-length":
-            return web.Response(body=body, content_type="application/json")
         resp = web.StreamResponse(headers={"content-type": "application/json"})
         await resp.prepare(request)
         for i in range(0, len(body), 1000):
             await resp.write(body[i:i + 1000])
         return resp
 
-    backend.handler = handler
+    return handler
+
+
+HOW = ["content-length", "chunked", "gzip"]
+
+
+@pytest.mark.parametrize("how", HOW)
+async def test_an_answer_over_the_limit_is_refused(backend: Backend, how: str) -> None:
+    backend.handler = answering(orjson.dumps(ANSWER), how)
+    with pytest.raises(errors.UpstreamError) as info:
+        await complete(provider("openai", backend.url))
+    assert_too_large(info.value, "an answer")
+
+
+@pytest.mark.parametrize("how", HOW)
+async def test_an_answer_within_the_limit_is_read_whole(backend: Backend, how: str) -> None:
+    backend.handler = answering(orjson.dumps({**SMALL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "y" * (LIMIT - 1024)}}]}), how)
     resp = await complete(provider("openai", backend.url))
     assert resp.content[0].text == "y" * (LIMIT - 1024)
 
@@ -260,7 +256,7 @@ async def test_the_client_gets_a_502_in_its_dialect(backend: Backend) -> None:
                                                   (b"anthropic-version", b"2023-06-01")],
                  "http_version": "1.1", "scheme": "http", "client": ("127.0.0.1", 1),
                  "server": ("127.0.0.1", 8081), "root_path": ""}
-        sent: list[dict[str, Any]] = []
+        sent: list[MutableMapping[str, Any]] = []
         got_body = asyncio.Event()
 
         async def receive() -> dict[str, Any]:
@@ -270,7 +266,7 @@ async def test_the_client_gets_a_502_in_its_dialect(backend: Backend) -> None:
             await asyncio.sleep(30)
             return {"type": "http.disconnect"}
 
-        async def send(msg: dict[str, Any]) -> None:
+        async def send(msg: MutableMapping[str, Any]) -> None:
             sent.append(msg)
 
         await asyncio.wait_for(gw(scope, receive, send), 15)

@@ -47,7 +47,7 @@ class ProviderConfig(_Strict):
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(256, ge=1)
     max_answer_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="the most of one backend answer held "
-                                  "at once: a whole answer that is not streamed, or one line of a stream")
+                                  "at once: a whole answer that is not streamed, or one event of a stream")
     # ollama
     keep_alive: str | int | None = None
     # embedded

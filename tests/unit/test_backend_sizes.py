@@ -1,4 +1,4 @@
-"""What a backend sends is bounded (providers/_http.py): an answer, or one line of a stream, over the
+"""What a backend sends is bounded (providers/_http.py): an answer, or one event of a stream, over the
 provider's `max_answer_bytes` is a 502 naming the limit, found while it arrives (a backend that
 never stops is cut off within the tests' 15 s, not held in memory until its 20 s of writing end);
 a gzip body counts unpacked; an error
@@ -212,7 +212,18 @@ async def test_a_stream_line_that_never_ends_is_cut_off(backend: Backend, kind: 
     backend.handler = handler
     with pytest.raises(errors.UpstreamError) as info:
         await stream(provider(kind, backend.url))
-    assert_too_large(info.value, "a stream line")
+    assert_too_large(info.value, "a stream event")
+
+
+async def test_an_sse_event_of_endless_data_lines_is_cut_off(backend: Backend) -> None:
+    """SSE joins an event's `data:` lines until a blank line: each line short, the event endless."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await backend.endless(request, b"event: content_block_delta\n", b"data: " + b"u" * 1000 + b"\n")
+
+    backend.handler = handler
+    with pytest.raises(errors.UpstreamError) as info:
+        await stream(provider("anthropic", backend.url))
+    assert_too_large(info.value, "a stream event")
 
 
 async def test_a_long_stream_of_short_lines_is_not_limited(backend: Backend) -> None:

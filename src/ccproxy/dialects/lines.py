@@ -6,7 +6,7 @@ each line copied it once per line, which on a chunk of many events cost more tha
 (bench/README.md, "Where the time goes"). The pieces of an unfinished line are kept in a list and
 joined once its newline comes: appending each chunk to a bytes buffer copied the buffer every time,
 quadratic in the line's length. `held` is how many bytes wait for a newline, so the reader can
-refuse a backend whose line never ends (providers/_http.py `read_stream`).
+refuse a backend whose line never ends (the parsers' `held`, providers/_http.py `read_stream`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One pooled `aiohttp.ClientSession` per provider, kept open; aiohttp is the clien
 by far the higher throughput in a bare proxy (figures: bench/README.md, "Design measurements").
 Transport failures are mapped to `ccproxy.errors` here, once, with messages that name the
 provider and never carry its key or URL credentials. What a backend sends is bounded here too: an
-answer (or one line of a stream) over the provider's `max_answer_bytes` is refused, an error body
+answer (or one event of a stream) over the provider's `max_answer_bytes` is refused, an error body
 is read up to ERROR_BODY_BYTES; aiohttp's `read()` has no bound, and a compressed body's length
 says nothing of its size unpacked.
 """
@@ -26,7 +26,6 @@ import orjson
 from ccproxy import deadlines, errors
 from ccproxy.config import ProviderConfig
 from ccproxy.core import StreamEvent
-from ccproxy.dialects.lines import Lines
 from ccproxy.providers.base import ProviderDefaults
 from ccproxy.redact import redact
 from ccproxy.routing import MAX_RETRY_AFTER
@@ -248,11 +247,14 @@ class StreamParser(Protocol):
     """A backend stream parser of a dialect (`dialects/<name>/stream.py`): bytes split anywhere in,
     events out. `done` once the stream's own end marker came; `error` a failure found after events
     that were handed out first (raised by the next call too); `close()` at the end of the body;
-    `lines` its framing (`held`: the bytes of a line still waiting for its newline)."""
+    `held` the bytes it keeps for an event not yet complete (an unfinished line, an SSE event's
+    data lines before its blank line)."""
 
     done: bool
     error: errors.UpstreamError | None
-    lines: Lines
+
+    @property
+    def held(self) -> int: ...
 
     def feed(self, chunk: bytes) -> list[StreamEvent]: ...
 
@@ -276,8 +278,8 @@ async def read_stream(resp: aiohttp.ClientResponse, parser: StreamParser, provid
                 idle = config.timeouts.idle
                 with reading(provider):
                     events = parser.feed(chunk)
-                if parser.lines.held > limit:  # a line that never ends would be held whole
-                    raise _too_large(provider, limit, "a stream line")
+                if parser.held > limit:  # an event that never ends would be held whole
+                    raise _too_large(provider, limit, "a stream event")
                 for ev in events:
                     yield ev
                 if parser.error is not None:  # an error right after the events above

@@ -41,12 +41,18 @@ class AnthropicStreamParser:
         self.lines = Lines()
         self._event: str | None = None
         self._data: list[str] = []
+        self._data_chars = 0  # in `_data`: an event's data lines are held until its blank line
         self._usage = Usage()
         self._stop_reason: StopReason = "end_turn"
         self._stop_sequence: str | None = None
         self._blocks: dict[int, tuple[str, int]] = {}  # block index -> (type, tool ordinal)
         self._tools = 0
         self.error: errors.UpstreamError | None = None
+
+    @property
+    def held(self) -> int:
+        """About the bytes waiting for the end of a line or of an event (the limit's measure)."""
+        return self.lines.held + self._data_chars
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         if self.error is not None:
@@ -79,7 +85,7 @@ class AnthropicStreamParser:
         if not raw:
             if self._data:
                 data, name = "\n".join(self._data), self._event
-                self._event, self._data = None, []
+                self._event, self._data, self._data_chars = None, [], 0
                 self._dispatch(name, data, out)
             self._event = None
             return
@@ -96,6 +102,7 @@ class AnthropicStreamParser:
             self._event = value
         elif field == "data":
             self._data.append(value)
+            self._data_chars += len(value)
 
     def _dispatch(self, name: str | None, data: str, out: list[StreamEvent]) -> None:
         if self.done:

@@ -38,6 +38,11 @@ class OllamaStreamParser:
             exc, self.error = self.error, None
             raise exc
 
+    @property
+    def held(self) -> int:
+        """The bytes of a line still waiting for its newline."""
+        return self.lines.held
+
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         self._raise_pending()
         events: list[StreamEvent] = []

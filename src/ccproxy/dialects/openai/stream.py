@@ -44,6 +44,11 @@ class OpenAIStreamParser:
         self.done = False
         self.error: errors.UpstreamError | None = None
 
+    @property
+    def held(self) -> int:
+        """The bytes of a line still waiting for its newline."""
+        return self.lines.held
+
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         events: list[StreamEvent] = []
         for line in self.lines.feed(chunk):

@@ -124,6 +124,18 @@ def _too_large(provider: str, limit: int, what: str) -> errors.UpstreamError:
                                 f"(its max_answer_bytes)", provider=provider)
 
 
+async def _read_upto(resp: aiohttp.ClientResponse, n: int) -> tuple[list[bytes], int]:
+    """`resp`'s body as it arrives (unpacked), in pieces, and their bytes: all of it, or, once more
+    than `n` bytes came, those; the rest is left unread (releasing the response then closes its
+    connection)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= n and (chunk := await resp.content.readany()):
+        parts.append(chunk)
+        size += len(chunk)
+    return parts, size
+
+
 async def read_limited(resp: aiohttp.ClientResponse, provider: str, limit: int) -> bytes:
     """`resp`'s whole body, refused past `limit` bytes (unpacked: a gzip body is counted as it
     inflates). A plain body with a Content-Length is checked before it is read."""
@@ -132,31 +144,17 @@ async def read_limited(resp: aiohttp.ClientResponse, provider: str, limit: int) 
         if length > limit:
             raise _too_large(provider, limit, "an answer")
         return await resp.read()
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await resp.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(provider, limit, "an answer")
-        parts.append(chunk)
+    parts, size = await _read_upto(resp, limit)
+    if size > limit:
+        raise _too_large(provider, limit, "an answer")
     return b"".join(parts)
-
-
-async def _read_prefix(resp: aiohttp.ClientResponse, n: int) -> bytes:
-    """The first `n` bytes of `resp`'s body (all of it when shorter); the rest is left unread
-    (releasing the response then closes its connection)."""
-    parts: list[bytes] = []
-    size = 0
-    while size < n and (chunk := await resp.content.readany()):
-        parts.append(chunk)
-        size += len(chunk)
-    return b"".join(parts)[:n]
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
     if resp.status < 400:
         return
-    body = await _read_prefix(resp, ERROR_BODY_BYTES)
+    parts, _ = await _read_upto(resp, ERROR_BODY_BYTES)
+    body = b"".join(parts)[:ERROR_BODY_BYTES]
     if resp.status in (401, 403):
         # The backend refused the gateway's own credentials: a gateway configuration problem, not
         # the client's key (passing 401 through would make clients think their key is bad).

@@ -35,20 +35,22 @@ class StreamWriter:
         self._renderer: StreamRenderer | None = None
         self._pending: list[bytes] = []
 
-    def _first_byte(self) -> None:
-        """A body is about to leave: the first one sets the row's time to first byte."""
-        record = self._flow.record
-        if record.ttfb_ms is None:
-            record.ttfb_ms = round((time.perf_counter() - self._flow.t0) * 1000, 3)
-
-    async def out(self, data: bytes) -> None:
-        """Send the pending frames and `data` now."""
+    def _take(self, data: bytes = b"") -> bytes:
+        """The pending frames and `data`, about to leave as one body; the first non-empty one sets
+        the row's time to first byte."""
         if self._pending:
             self._pending.append(data)
             data = b"".join(self._pending)
             self._pending.clear()
+        record = self._flow.record
+        if data and record.ttfb_ms is None:
+            record.ttfb_ms = round((time.perf_counter() - self._flow.t0) * 1000, 3)
+        return data
+
+    async def out(self, data: bytes) -> None:
+        """Send the pending frames and `data` now."""
+        data = self._take(data)
         if data:
-            self._first_byte()
             await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def flush(self) -> None:
@@ -90,8 +92,4 @@ class StreamWriter:
     def end_message(self) -> Callable[[], Awaitable[None]]:
         """The response's last body message (the frames still pending), to send after the row and
         the log line."""
-        data = b"".join(self._pending)
-        self._pending.clear()
-        if data:
-            self._first_byte()
-        return functools.partial(self._send, {"type": "http.response.body", "body": data, "more_body": False})
+        return functools.partial(self._send, {"type": "http.response.body", "body": self._take(), "more_body": False})

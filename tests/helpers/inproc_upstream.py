@@ -1,7 +1,8 @@
 """An OpenAI-compatible fake upstream served by aiohttp inside the test's own event loop.
 
-Unit tests of the gateway app subclass it and write only their `chat` handler; the server's start,
-address, `/v1/models` and the record of what the gateway sent exist here once."""
+Unit tests of the gateway app subclass it and write only their `chat` handler (or, for other
+dialects' paths, their own `add_routes`); the server's start, address, `/v1/models` and the record
+of what the gateway sent exist here once."""
 
 from __future__ import annotations
 
@@ -22,13 +23,20 @@ class InProcessUpstream:
         self._runner: web.AppRunner | None = None
 
     @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return self.root_url + "/v1"
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/chat/completions", self.chat)
+        router.add_get("/v1/models", self.models)
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
+        self.add_routes(app.router)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from helpers.inproc_upstream import InProcessUpstream
 
 from ccproxy import errors
 from ccproxy.app import Gateway
@@ -38,13 +39,15 @@ SMALL = {**ANSWER, "choices": [{"index": 0, "message": {"role": "assistant", "co
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Backend:
-    """One handler for every path."""
+class Backend(InProcessUpstream):
+    """One handler (`handler`) for every path."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.handler: Handler | None = None
-        self.url = ""
-        self._runner: web.AppRunner | None = None
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_route("*", "/{tail:.*}", self.handle)
 
     async def endless(self, request: web.Request, head: bytes, piece: bytes, status: int = 200,
                       content_type: str = "text/event-stream") -> web.StreamResponse:
@@ -66,25 +69,15 @@ class Backend:
         assert self.handler is not None
         return await self.handler(request)
 
-    async def __aenter__(self) -> Backend:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
 
 @pytest.fixture
 async def backend() -> AsyncIterator[Backend]:
-    async with Backend() as b:
+    b = Backend()
+    await b.start()
+    try:
         yield b
+    finally:
+        await b.close()
 
 
 def config(kind: str, url: str) -> ProviderConfig:
@@ -156,7 +149,7 @@ HOW = ["content-length", "chunked", "gzip"]
 async def test_an_answer_over_the_limit_is_refused(backend: Backend, how: str) -> None:
     backend.handler = answering(orjson.dumps(ANSWER), how)
     with pytest.raises(errors.UpstreamError) as info:
-        await complete(provider("openai", backend.url))
+        await complete(provider("openai", backend.root_url))
     assert_too_large(info.value, "an answer")
 
 
@@ -164,7 +157,7 @@ async def test_an_answer_over_the_limit_is_refused(backend: Backend, how: str) -
 async def test_an_answer_within_the_limit_is_read_whole(backend: Backend, how: str) -> None:
     backend.handler = answering(orjson.dumps({**SMALL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
         "role": "assistant", "content": "y" * (LIMIT - 1024)}}]}), how)
-    resp = await complete(provider("openai", backend.url))
+    resp = await complete(provider("openai", backend.root_url))
     assert resp.content[0].text == "y" * (LIMIT - 1024)
 
 
@@ -175,7 +168,7 @@ async def test_an_endless_answer_is_cut_off_at_the_limit(backend: Backend) -> No
 
     backend.handler = handler
     with pytest.raises(errors.UpstreamError) as info:
-        await complete(provider("openai", backend.url))
+        await complete(provider("openai", backend.root_url))
     assert_too_large(info.value, "an answer")
 
 
@@ -186,7 +179,7 @@ async def test_an_endless_error_body_is_read_only_to_its_first_bytes(backend: Ba
 
     backend.handler = handler
     with pytest.raises(errors.UpstreamStatus) as info:
-        await complete(provider("openai", backend.url))
+        await complete(provider("openai", backend.root_url))
     assert "answered 503" in info.value.message and "overloaded" in info.value.message
     assert len(info.value.message) < 400
 
@@ -211,7 +204,7 @@ async def test_a_stream_line_that_never_ends_is_cut_off(backend: Backend, kind: 
 
     backend.handler = handler
     with pytest.raises(errors.UpstreamError) as info:
-        await stream(provider(kind, backend.url))
+        await stream(provider(kind, backend.root_url))
     assert_too_large(info.value, "a stream event")
 
 
@@ -222,7 +215,7 @@ async def test_an_sse_event_of_endless_data_lines_is_cut_off(backend: Backend) -
 
     backend.handler = handler
     with pytest.raises(errors.UpstreamError) as info:
-        await stream(provider("anthropic", backend.url))
+        await stream(provider("anthropic", backend.root_url))
     assert_too_large(info.value, "a stream event")
 
 
@@ -241,7 +234,7 @@ async def test_a_long_stream_of_short_lines_is_not_limited(backend: Backend) -> 
         return resp
 
     backend.handler = handler
-    events = await stream(provider("openai", backend.url))
+    events = await stream(provider("openai", backend.root_url))
     assert sum(len(getattr(ev, "text", "")) for ev in events) == 900 * (4 * LIMIT // len(line))
 
 
@@ -256,7 +249,7 @@ async def test_the_client_gets_a_502_in_its_dialect(backend: Backend) -> None:
     backend.handler = handler
     gw = Gateway(parse_config({
         "keys": [{"name": "t", "key": KEY}],
-        "providers": {"up": {"type": "openai", "base_url": backend.url + "/v1", "max_answer_bytes": LIMIT}},
+        "providers": {"up": {"type": "openai", "base_url": backend.root_url + "/v1", "max_answer_bytes": LIMIT}},
         "models": {"m": {"provider": "up", "model": "m"}}}, "test.yaml"))
     await gw.startup()
     try:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from helpers.inproc_upstream import InProcessUpstream
 
 from ccproxy.app import Gateway
 from ccproxy.config import parse_config
@@ -37,14 +38,13 @@ TAIL = (sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         + b"data: [DONE]\n\n")
 
 
-class Backend:
+class Backend(InProcessUpstream):
     """`echo`: the whole stream in one write. `split`: the first word, then the rest only once
     `client_has_first` is set (by the test's client, when it has received the first word)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.client_has_first = asyncio.Event()
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -59,27 +59,15 @@ class Backend:
         await resp.write_eof()
         return resp
 
-    async def __aenter__(self) -> Backend:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[tuple[Gateway, Backend]]:
-    async with Backend() as backend:
+    backend = Backend()
+    await backend.start()
+    try:
         gw = Gateway(parse_config({
             "keys": [{"name": "t", "key": KEY}],
-            "providers": {"up": {"type": "openai", "base_url": backend.url}},
+            "providers": {"up": {"type": "openai", "base_url": backend.base_url}},
             "models": {"echo": {"provider": "up", "model": "echo"}, "split": {"provider": "up", "model": "split"}},
         }, "test.yaml"))
         await gw.startup()
@@ -87,6 +75,8 @@ async def gateway() -> AsyncIterator[tuple[Gateway, Backend]]:
             yield gw, backend
         finally:
             await gw.shutdown()
+    finally:
+        await backend.close()
 
 
 async def stream(gw: Gateway, path: str, body: dict[str, Any], on_body: Any = None) -> list[bytes]:
